@@ -1,0 +1,1 @@
+"""Batch ETL: async downloads, threaded disk I/O and multiprocess pandas transforms."""
