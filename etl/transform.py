@@ -110,9 +110,9 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
 def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:
     """Dead-letter rows as JSON Lines: source, row, step, reason and the raw input row."""
     lines = [
-        json.dumps({"source": chunk.source_name, "row": int(r._row), "step": r._step,
-                    "reason": r._reason, "raw": json.loads(r._raw)})  # fmt: skip
-        for r in rejects.itertuples(index=False)
+        json.dumps({"source": chunk.source_name, "row": int(r["_row"]), "step": r["_step"],
+                    "reason": r["_reason"], "raw": json.loads(r["_raw"]) if r["_raw"] else None})  # fmt: skip
+        for r in rejects.to_dict("records")
     ]
     data = ("\n".join(lines) + "\n").encode()
     return Part(f"rejected-{chunk.source_index:05d}-{chunk.index:06d}.jsonl", data, len(lines))
