@@ -99,6 +99,11 @@ class ChunkResult:
     seconds: float = 0.0
     """Time inside the worker: decode + steps + encode."""
     attempts: int = 1
+    decode_seconds: float = 0.0
+    """Arrow IPC bytes to a DataFrame."""
+    steps_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    """Output parts (and dead-letter rows) to bytes."""
 
     @property
     def nbytes(self) -> int:
