@@ -3,7 +3,8 @@
 Exit codes (also in ``--help`` and the README)::
 
     0    success
-    1    the job failed (nothing published; the previous output is intact)
+    1    the job failed (nothing published; the previous output is intact),
+         or ``validate --check-sources`` found a source that does not answer
     2    bad job file, override or command-line usage
     3    success, but some rows were rejected (skipped or quarantined)
     75   skipped: another run of this job holds the lock
@@ -15,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,19 @@ log = logging.getLogger("etl")
 
 EXIT_CODES_HELP = """exit codes:
   0    success
-  1    the job failed (nothing published; the previous output is intact)
+  1    the job failed (nothing published; the previous output is intact),
+       or validate --check-sources found a source that does not answer
   2    bad job file, override or command-line usage
   3    success, but some rows were rejected (skipped or quarantined)
   75   skipped: another run of this job holds the lock
   130  interrupted by SIGINT, 143 interrupted by SIGTERM
 """
 
-COMMANDS = ("run", "validate", "generate", "serve")
+COMMANDS = ("run", "validate", "crontab", "generate", "serve", "bench")
+# After SIGTERM/SIGINT: seconds to cancel downloads, stop workers and save state before the
+# process kills its children and exits anyway. Longer lets a big part finish writing; shorter
+# keeps `systemctl stop` / a second scheduled run from waiting (systemd kills after 90s).
+SHUTDOWN_GRACE_SECONDS = 20.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,9 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics-file", type=Path, help="write a Prometheus textfile (node_exporter) here")
     r.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     r.add_argument("--log-file", type=Path, help="write logs to this file instead of stderr")
+    r.add_argument("--dry-run", action="store_true",
+                   help="list the sources a run would fetch, process or skip, and the output; run nothing")  # fmt: skip
 
-    v = sub.add_parser("validate", help="check a job file without running it")
+    v = sub.add_parser("validate", help="check a job file without running it", epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     job_args(v)
+    v.add_argument("--check-sources", action="store_true",
+                   help="also send a HEAD request to each remote source (local ones must exist); exit 1 if any fails")  # fmt: skip
+
+    c = sub.add_parser("crontab", help="check a cron schedule and print a crontab line for the job")
+    job_args(c)
+    c.add_argument("--schedule", required=True, help='cron expression, e.g. "0 * * * *" or @hourly')
+    c.add_argument("--metrics-file", type=Path, help="pass --metrics-file PATH to the scheduled runs")
 
     g = sub.add_parser("generate", help="write a deterministic synthetic trips dataset")
     g.add_argument("--rows", type=int, required=True)
@@ -82,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     s.add_argument("--bandwidth", default=None, help="bytes/s per response, e.g. 10MB")
-    for sp in (r, v, g, s):
+    for sp in (r, v, c, g, s):
         sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    b = sub.add_parser("bench", help="run a job over a grid of settings (or --auto) and compare")  # etl/bench.py
+    job_args(b)
+    b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2", help="a key and its values (repeatable)")
+    b.add_argument("--repeat", type=int, default=3, help="runs per point (medians are quoted)")
+    b.add_argument("--out", type=Path, help="folder for bench.csv, bench.json and plots (default ./bench-<time>)")
+    b.add_argument("--include-download", action="store_true", help="fetch the sources in every run (no cache)")
+    b.add_argument("--auto", action="store_true", help="search workers, chunk rows, download concurrency")
+    b.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
@@ -111,6 +137,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                          fmt=args.format, bad_values=args.bad_values)  # fmt: skip
         print(f"wrote {len(paths)} files to {args.out}")
         return ExitCode.OK
+    if args.command == "bench":
+        from etl.bench import bench_command
+
+        return bench_command(args)
     if args.command == "serve":
         from etl.config import parse_size
         from etl.serve import run_forever
@@ -121,8 +151,78 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_and_check(args.config, args.overrides)
     if args.command == "validate":
         print(f"{args.config}: OK ({cfg.job.name})")
+        return check_sources(cfg) if args.check_sources else ExitCode.OK
+    if args.command == "crontab":
+        from etl.cron import crontab_line
+
+        print(crontab_line(cfg, args.config, args.schedule, args.metrics_file))
         return ExitCode.OK
+    if args.dry_run:
+        return dry_run(cfg, args.full_refresh)
     return run_command(cfg, args)
+
+
+def check_sources(cfg: JobConfig) -> int:
+    """HEAD every remote source, stat every local one; print each failure; 1 if any failed."""
+    from etl.download import redact_url
+    from etl.sources import expand_sources
+
+    sources = expand_sources(cfg)
+    problems = asyncio.run(_probe_all(cfg, sources))
+    for src, problem in zip(sources, problems):
+        if problem:
+            print(f"FAILED {redact_url(src.url)}: {problem}")
+    failed = sum(1 for p in problems if p)
+    print(f"{len(sources) - failed} of {len(sources)} sources OK")
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
+    import aiohttp
+
+    t = cfg.download.timeout
+    timeout = aiohttp.ClientTimeout(total=t.connect + t.read, sock_connect=t.connect, sock_read=t.read)
+    slots = asyncio.Semaphore(cfg.download.concurrency)
+    # One connection per probe: a server that sends a body after HEAD (some do) would
+    # otherwise corrupt the next response on a kept-alive connection.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True) as session:
+
+        async def probe(src: Any) -> str | None:
+            if not src.is_remote:
+                return None if Path(src.url).is_file() else "local file not found"
+            headers = {**cfg.download.headers, **dict(src.headers)}
+            async with slots:
+                try:
+                    async with session.head(src.url, headers=headers, allow_redirects=True) as resp:
+                        status = resp.status
+                    if status in (405, 501):  # no HEAD support: ask for one byte instead
+                        async with session.get(src.url, headers={**headers, "Range": "bytes=0-0"}) as resp:
+                            status = resp.status
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    from etl.download import redact_url
+
+                    return f"{type(e).__name__}: {e}".replace(src.url, redact_url(src.url))
+            return None if status < 400 else f"HTTP {status}"
+
+        return await asyncio.gather(*(probe(s) for s in sources))
+
+
+def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
+    """Print what a run would do (per source), the output and the mode; touch nothing."""
+    from etl.commits import Commits
+    from etl.download import redact_url
+    from etl.sources import expand_sources
+
+    sources = expand_sources(cfg)
+    plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
+    print(f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "
+          f"(mode {cfg.output.mode}, {cfg.output.format}){' [full refresh]' if full_refresh else ''}")  # fmt: skip
+    for src, what in zip(sources, plan):
+        print(f"  {src.index:5d}  {what:<45}  {redact_url(src.url)}")
+    skipped = sum(1 for w in plan if w.startswith(("skip", "resume")))
+    print(f"{len(sources) - skipped} to process, {skipped} to skip; state in {cfg.job_state_dir}")
+    return ExitCode.OK
 
 
 def load_and_check(path: Path, overrides: list[str]) -> JobConfig:
@@ -181,15 +281,27 @@ def _save(report: Any, state: Path, cfg: JobConfig, args: argparse.Namespace) ->
 
 
 async def _run_with_signals(coro: Any) -> Any:
-    """Run the job; SIGINT/SIGTERM cancel it (workers stopped, temp output discarded)."""
+    """Run the job; SIGINT/SIGTERM cancel it: downloads cancelled, workers stopped, committed
+    sources kept for the next run (etl/state.py), nothing published. If that takes longer
+    than ``SHUTDOWN_GRACE_SECONDS``, or a second signal comes, children are killed and the
+    process exits at once; the manifest is saved atomically, so the next run still resumes."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(coro)
     received: list[int] = []
+    # A thread, not loop.call_later: the loop itself may be what is stuck.
+    watchdog: list[threading.Timer] = []
 
     def stop(signum: int) -> None:
-        if not received:
-            log.warning("received %s: stopping", signal.Signals(signum).name, extra={"stage": "run"})
+        name = signal.Signals(signum).name
+        if received:
+            _hard_exit(received[0], f"received {name} again")
         received.append(signum)
+        log.warning("received %s: stopping (at most %.0fs)", name, SHUTDOWN_GRACE_SECONDS, extra={"stage": "run"})
+        late = f"stopping took longer than {SHUTDOWN_GRACE_SECONDS:.0f}s"
+        timer = threading.Timer(SHUTDOWN_GRACE_SECONDS, _hard_exit, args=(signum, late))
+        timer.daemon = True
+        timer.start()
+        watchdog.append(timer)
         task.cancel()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -201,8 +313,26 @@ async def _run_with_signals(coro: Any) -> Any:
             raise Interrupted(received[0]) from None
         raise
     finally:
+        for timer in watchdog:
+            timer.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
 
-__all__ = ["main", "ConfigError"]
+def _hard_exit(signum: int, why: str) -> None:
+    """Kill every descendant (workers, forkserver) and exit with the signal's code."""
+    import psutil
+
+    log.error("%s: killing workers and exiting now", why, extra={"stage": "run"})
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=5)
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
+__all__ = ["ConfigError", "main"]

@@ -33,12 +33,16 @@ def format_summary(s: Any) -> str:
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in s.stage_seconds.items())
     lines = [
         f"run {s.run_id} of job {s.job!r}: done in {s.wall_seconds:.2f}s",
-        f"  sources  {s.sources} ({s.files_read} read, {_mib(s.bytes_downloaded)} downloaded, {_mib(s.bytes_read)} read)",
+        f"  sources  {s.sources} ({getattr(s, 'sources_skipped', 0)} unchanged or resumed, {s.files_read} read, {_mib(s.bytes_downloaded)} downloaded, {_mib(s.bytes_read)} read)",
         f"  rows     {s.rows_in:,} in, {s.rows_out:,} out, {s.rows_rejected:,} rejected ({s.chunks} chunks, {s.workers} workers)",
         f"  output   {s.parts_written} parts published",
         f"  stages   {stages}",
         f"  speed    {s.rows_in / wall:,.0f} rows/s, {s.bytes_read / wall / 2**20:,.1f} MiB/s read",
     ]
+    if getattr(s, "stats", None):
+        from etl.stats import format_stats  # per-stage table and bottleneck (issue 7)
+
+        lines.append(format_stats(s.stats))
     return "\n".join(lines)
 
 
@@ -73,6 +77,11 @@ class RunReport:
         d["start_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start))
         d["end_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.end))
         d["duration_seconds"] = round(self.end - self.start, 3)
+        s = self.summary
+        d["sources"] = s.get("per_source", [])  # index, name, status, rows in/out/rejected, parts
+        d["rows"] = {k: s.get(f"rows_{k}", 0) for k in ("in", "out", "rejected")}
+        d["bytes"] = {"downloaded": s.get("bytes_downloaded", 0), "read": s.get("bytes_read", 0)}
+        d["stage_seconds"] = s.get("stage_seconds", {})
         return d
 
 

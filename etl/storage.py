@@ -172,30 +172,70 @@ def _hive_escape(text: str) -> str:
 class OutputWriter:
     """Collects one run's parts in a temp folder and publishes them, or discards them."""
 
-    def __init__(self, out: OutputConfig, run_id: str) -> None:
+    def __new__(cls, out: OutputConfig, *args: Any, **kwargs: Any) -> "OutputWriter":
+        # An object-store URL (a str; local paths are Path) gets the manifest-publishing
+        # writer of etl.objectstore, so the pipeline needs no branch of its own.
+        if cls is OutputWriter and isinstance(out.path, str):
+            from etl.objectstore import ObjectOutputWriter
+
+            return super().__new__(ObjectOutputWriter)
+        return super().__new__(cls)
+
+    def __init__(self, out: OutputConfig, run_id: str, adopt: Path | None = None) -> None:
+        """``adopt``: a temp folder a dead run of this job left (see ``etl.state``); its
+        files become this run's, so committed parts are not written again."""
         if not _RUN_ID.match(run_id):
             raise ValueError(f"run_id must match {_RUN_ID.pattern}, got {run_id!r}")
         self.out = out
         self.run_id = run_id
         self.target = Path(out.path)
-        self.tmp = _sibling(self.target, "tmp", run_id)
-        self._written: set[str] = set()
+        self.tmp = adopt if adopt is not None else _sibling(self.target, "tmp", run_id)
+        self._written: set[str] = set() if adopt is None else _files_under(adopt)
         self._lock = threading.Lock()
         self._finished = False
         if self.target.exists() and not self.target.is_dir():
             raise OutputError("output path exists and is not a folder", item=str(self.target))
         try:
-            self.tmp.mkdir(parents=True)
+            self.tmp.mkdir(parents=True, exist_ok=adopt is not None)
         except OSError as e:
             raise OutputError(f"cannot create temp folder: {e}", item=str(self.tmp)) from e
 
-    def write(self, part: Part) -> None:
-        """Write one part into the temp folder. Thread-safe; rewriting a part replaces it."""
-        self._store(self._final_relpath(part.relpath), part.data)
+    def write(self, part: Part) -> str:
+        """Write one part into the temp folder; returns its final relpath. Thread-safe;
+        rewriting a part replaces it."""
+        relpath = self._final_relpath(part.relpath)
+        self._store(relpath, part.data)
+        return relpath
 
-    def write_rejects(self, part: Part) -> None:
+    def write_rejects(self, part: Part) -> str:
         """Write dead-letter rows under ``_rejected/`` (published with the rest)."""
-        self._store(f"{REJECTS_DIR}/{self._final_relpath(part.relpath)}", part.data)
+        relpath = f"{REJECTS_DIR}/{self._final_relpath(part.relpath)}"
+        self._store(relpath, part.data)
+        return relpath
+
+    def add_existing(self, relpath: str, source: Path) -> None:
+        """Put an already-published file into the temp folder under ``relpath`` (a hard
+        link, or a copy across filesystems): overwrite runs carry unchanged sources' parts."""
+        if self._finished:
+            raise OutputError("write after publish or discard", item=relpath)
+        dest = self.tmp / relpath
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)
+            try:
+                os.link(source, dest)
+            except OSError:
+                shutil.copy2(source, dest)
+        except OSError as e:
+            raise OutputError(f"cannot carry over {source}: {e}", item=relpath) from e
+        with self._lock:
+            self._written.add(relpath)
+
+    def remove(self, relpath: str) -> None:
+        """Drop a part from the temp folder (an adopted source that changed since)."""
+        (self.tmp / relpath).unlink(missing_ok=True)
+        with self._lock:
+            self._written.discard(relpath)
 
     def publish(self) -> list[str]:
         """Make the run's output visible; returns the published relpaths, sorted.
@@ -226,10 +266,14 @@ class OutputWriter:
             log.warning("could not discard %s: %s (clean_leftovers will retry)", self.tmp, e)
 
     @staticmethod
-    def clean_leftovers(out: OutputConfig) -> list[Path]:
+    def clean_leftovers(out: OutputConfig, keep: Path | None = None) -> list[Path]:
         """Repair what dead runs left beside ``out.path``; returns the folders removed or
-        restored. Call it only while holding the job's lock: a live run's temp folder
-        looks the same as a dead one's."""
+        restored. ``keep`` is a temp folder the manifest adopts for resuming. Call it only
+        while holding the job's lock: a live run's temp folder looks the same as a dead one's."""
+        if isinstance(out.path, str):  # an object-store URL
+            from etl.objectstore import ObjectOutputWriter
+
+            return ObjectOutputWriter.clean_leftovers(out, keep)
         target = Path(out.path)
         if not target.parent.is_dir():
             return []
@@ -237,6 +281,8 @@ class OutputWriter:
         handled = []
         try:
             for tmp in sorted(target.parent.glob(f"{stem}.tmp-*")):
+                if keep is not None and tmp == keep:
+                    continue
                 _undo_append(target, tmp)
                 shutil.rmtree(tmp)
                 handled.append(tmp)
@@ -327,6 +373,14 @@ class OutputWriter:
 
 def _sibling(target: Path, kind: str, run_id: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{run_id}"
+
+
+def _files_under(folder: Path) -> set[str]:
+    """Relpaths of the finished files in an adopted temp folder."""
+    return {
+        str(p.relative_to(folder)) for p in folder.rglob("*")
+        if p.is_file() and not p.name.endswith(".inprogress") and p.name != APPEND_LIST
+    }  # fmt: skip
 
 
 def _undo_append(target: Path, tmp: Path) -> None:

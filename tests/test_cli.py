@@ -1,0 +1,378 @@
+"""Unattended runs, as cron starts them: lock, resume after kill -9 and signals, incremental
+reruns, dry run, source checks, logs without a terminal, the run report and the metrics file.
+
+Every test starts real ``python run.py`` processes; HTTP sources come from a real server on
+127.0.0.1. "Mid-run" is found by reading the run's JSON log for the manifest's first save
+(a source committed), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psutil
+import pyarrow.dataset as ds
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from etl.serve import start_server
+from tests.conftest import write_trips_csv
+from tests.http_server import Stall, serve_folder_in_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PY = str(ROOT / "run.py")
+WAIT = 120  # seconds a test waits for a process before failing (a hang, never a timing check)
+
+
+def job_toml(sources: list[str], *, out: str = "out", state: str = "state", mode: str = "overwrite",
+             executor: str = "thread") -> str:  # fmt: skip
+    urls = ", ".join(json.dumps(s) for s in sources)
+    return f"""
+[job]
+name = "cron"
+state_dir = "{state}"
+
+[sources]
+urls = [{urls}]
+
+[download]
+retry = {{attempts = 1}}
+timeout = {{read = 60}}
+
+[read]
+chunk_rows = 60
+
+[transform]
+executor = "{executor}"
+workers = 2
+on_error = "skip"
+steps = [
+  {{op = "cast", columns = {{fare = "float64", zone = "int64"}}}},
+  {{op = "filter", expr = "fare > 0"}},
+]
+
+[output]
+path = "{out}"
+partition_by = ["zone"]
+mode = "{mode}"
+"""
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    for k in range(4):
+        write_trips_csv(d / f"t{k}.csv", rows=300 + 11 * k, seed=k, start_id=10_000 * k)
+    return d
+
+
+def write(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, RUN_PY, *(args or ("run",)), "--config", str(cfg)]
+    if not args:
+        cmd.append("--quiet")
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=WAIT, env=env, stdin=subprocess.DEVNULL)
+
+
+def start(cfg: Path, *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, RUN_PY, "run", "--config", str(cfg), "--quiet", "--log-format", "json", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_commit(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """Read the run's JSON log until the manifest is first saved with a committed source."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # blocks on the pipe; EOF if the run ends first
+        entry = json.loads(line)
+        seen.append(entry)
+        if entry["message"].startswith("manifest saved"):
+            return seen
+    raise AssertionError(f"run ended (exit {proc.wait()}) before committing a source: {seen}")
+
+
+def rows_digest(out: Path) -> tuple[int, str]:
+    """Row count and a hash of the rows, independent of file and row order."""
+    df = ds.dataset(out, format="parquet", partitioning="hive").to_table().to_pandas()
+    df = df[sorted(df.columns)].astype(str).sort_values("trip_id").reset_index(drop=True)
+    return len(df), hashlib.sha256(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()
+
+
+def layout(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def leftovers(root: Path) -> list[Path]:
+    names = (".out.tmp-", ".out.old-")
+    return [p for p in root.rglob("*") if p.name.startswith(names) or p.name.endswith((".inprogress", ".tmp"))]
+
+
+def last_report(state: Path) -> dict[str, Any]:
+    reports = sorted((state / "cron" / "reports").glob("run-*.json"))
+    return json.loads(reports[-1].read_text())
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {s["name"]: s["status"] for s in report["sources"]}
+
+
+def clean_run(tmp_path: Path, sources: list[str]) -> tuple[tuple[int, str], list[str]]:
+    """The reference: the same job, fresh state and output, run once without interruption."""
+    cfg = write(tmp_path, job_toml(sources, out="clean-out", state="clean-state"), "clean.toml")
+    proc = run(cfg)
+    assert proc.returncode in (0, 3), proc.stderr
+    return rows_digest(tmp_path / "clean-out"), layout(tmp_path / "clean-out")
+
+
+@pytest.fixture
+def stalled_server(data: Path) -> Iterator[str]:
+    """Serves ``data``; the first request for t3.csv stalls after 4 KiB until the server stops."""
+    base, stop = serve_folder_in_thread(data, {"t3.csv": [Stall(after_bytes=4096)]})
+    yield base
+    stop()
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def test_second_run_while_locked_exits_75_and_touches_nothing(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    lock = tmp_path / "state" / "cron" / "lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running run holds it
+        proc = run(cfg)
+    assert proc.returncode == 75, proc.stderr
+    assert "skipped: already running" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state" / "cron" / "reports").exists()
+    assert run(cfg).returncode == 0  # the lock went with its holder
+
+
+def test_two_real_runs_at_once_second_is_skipped(tmp_path: Path, data: Path, stalled_server: str) -> None:
+    cfg = write(tmp_path, job_toml([f"{stalled_server}/t{k}.csv" for k in range(4)]))
+    first = start(cfg)
+    try:
+        wait_for_commit(first)  # it holds the lock and is stuck on t3.csv
+        second = run(cfg)
+        assert second.returncode == 75, second.stderr
+        assert f"pid {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(WAIT) == 143
+
+
+# ------------------------------------------------------------------ kill -9 / signals
+
+
+def test_kill_9_mid_run_then_rerun_equals_a_clean_run(tmp_path: Path, data: Path, stalled_server: str) -> None:
+    sources = [f"{stalled_server}/t{k}.csv" for k in range(4)]
+    cfg = write(tmp_path, job_toml(sources))
+    proc = start(cfg)
+    wait_for_commit(proc)
+    proc.kill()
+    proc.wait(WAIT)
+    manifest = json.loads((tmp_path / "state" / "cron" / "manifest.json").read_text())
+    committed = {e["name"] for e in manifest["pending"]["sources"].values()}
+    assert committed and "t3.csv" not in committed and not (tmp_path / "out").exists()
+
+    again = run(cfg)  # t3.csv's script is used up: served normally now
+    assert again.returncode == 0, again.stderr
+    report = last_report(tmp_path / "state")
+    assert {n for n, s in statuses(report).items() if s == "resumed"} == committed
+    assert statuses(report)["t3.csv"] == "processed"
+    assert (rows_digest(tmp_path / "out"), layout(tmp_path / "out")) == clean_run(tmp_path, sources)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_run_stops_workers_saves_state_and_rerun_completes(
+    tmp_path: Path, data: Path, stalled_server: str, signum: int, code: int
+) -> None:
+    sources = [f"{stalled_server}/t{k}.csv" for k in range(4)]
+    cfg = write(tmp_path, job_toml(sources, executor="process"))
+    proc = start(cfg)
+    wait_for_commit(proc)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children  # the forkserver and the transform workers
+    proc.send_signal(signum)
+    assert proc.wait(WAIT) == code
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    assert not (tmp_path / "out").exists()  # nothing half-published
+    report = last_report(tmp_path / "state")
+    assert report["status"] == "interrupted" and report["exit_code"] == code
+    manifest = json.loads((tmp_path / "state" / "cron" / "manifest.json").read_text())
+    assert manifest["pending"]["sources"] and Path(manifest["pending"]["tmp"]).is_dir()
+    assert json.loads((tmp_path / "state" / "cron" / "sources.json").read_text())["files"]
+
+    again = run(cfg)
+    assert again.returncode == 0, again.stderr
+    assert "resumed" in statuses(last_report(tmp_path / "state")).values()
+    assert rows_digest(tmp_path / "out") == clean_run(tmp_path, sources)[0]
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ incremental runs
+
+
+def test_unchanged_sources_are_skipped_and_output_stays_a_clean_runs(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    assert run(cfg).returncode == 0
+    first = rows_digest(tmp_path / "out"), layout(tmp_path / "out")
+    (data / "t1.csv").touch()  # new mtime, same bytes: the sha256 says unchanged
+    assert run(cfg).returncode == 0
+    assert set(statuses(last_report(tmp_path / "state")).values()) == {"unchanged"}
+    assert (rows_digest(tmp_path / "out"), layout(tmp_path / "out")) == first
+
+    write_trips_csv(data / "t2.csv", rows=120, seed=99, start_id=20_000)
+    assert run(cfg).returncode == 0
+    assert statuses(last_report(tmp_path / "state")) == {
+        "t0.csv": "unchanged", "t1.csv": "unchanged", "t2.csv": "processed", "t3.csv": "unchanged"
+    }  # fmt: skip
+    sources = [str(p) for p in sorted(data.glob("t*.csv"))]
+    assert (rows_digest(tmp_path / "out"), layout(tmp_path / "out")) == clean_run(tmp_path, sources)
+
+
+def test_removed_source_shifts_indexes_and_output_matches_a_clean_run(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    assert run(cfg).returncode == 0
+    (data / "t0.csv").unlink()  # every other source moves down one index
+    assert run(cfg).returncode == 0
+    assert set(statuses(last_report(tmp_path / "state")).values()) == {"unchanged"}
+    sources = [str(p) for p in sorted(data.glob("t*.csv"))]
+    assert (rows_digest(tmp_path / "out"), layout(tmp_path / "out")) == clean_run(tmp_path, sources)
+
+
+def test_full_refresh_processes_everything_again(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    assert run(cfg).returncode == 0
+    before = rows_digest(tmp_path / "out")
+    proc = run(cfg, "run", "--quiet", "--full-refresh")
+    assert proc.returncode == 0, proc.stderr
+    assert set(statuses(last_report(tmp_path / "state")).values()) == {"processed"}
+    assert rows_digest(tmp_path / "out") == before
+
+
+def test_append_rerun_never_appends_a_source_twice(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"], mode="append"))
+    assert run(cfg).returncode == 0
+    once = rows_digest(tmp_path / "out")
+    assert run(cfg).returncode == 0
+    assert rows_digest(tmp_path / "out") == once
+    write_trips_csv(data / "t4.csv", rows=50, seed=4, start_id=40_000)
+    assert run(cfg).returncode == 0
+    assert statuses(last_report(tmp_path / "state"))["t4.csv"] == "processed"
+    sources = [str(p) for p in sorted(data.glob("t*.csv"))]
+    assert rows_digest(tmp_path / "out") == clean_run(tmp_path, sources)[0]
+
+
+# ------------------------------------------------------------------------ commands
+
+
+def test_dry_run_lists_the_plan_and_runs_nothing(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    proc = run(cfg, "run", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(" process ") == 4 and str(tmp_path / "out") in proc.stdout
+    assert "mode overwrite" in proc.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()
+    assert run(cfg).returncode == 0
+    write_trips_csv(data / "t0.csv", rows=10, seed=5)
+    plan = run(cfg, "run", "--dry-run").stdout
+    assert plan.count("skip: unchanged") == 3 and "process: changed" in plan
+    assert "0 to process" not in plan and "1 to process, 3 to skip" in plan
+
+
+@contextmanager
+def static_server(folder: Path) -> Iterator[str]:
+    """``etl.serve`` (a static file host that answers HEAD properly) on a background loop."""
+    loop = asyncio.new_event_loop()
+    runner, base = loop.run_until_complete(start_server(folder))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield base
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+
+
+def test_validate_check_sources_names_each_failing_source(tmp_path: Path, data: Path) -> None:
+    with static_server(data) as base:
+        good = write(tmp_path, job_toml([f"{base}/t0.csv", f"{base}/t1.csv"]), "good.toml")
+        ok = run(good, "validate", "--check-sources")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "2 of 2 sources OK" in ok.stdout
+        bad = write(tmp_path, job_toml([f"{base}/t0.csv", f"{base}/missing.csv", "http://127.0.0.1:9/x.csv"]), "bad.toml")
+        proc = run(bad, "validate", "--check-sources")
+    assert proc.returncode == 1
+    assert f"FAILED {base}/missing.csv: HTTP 404" in proc.stdout
+    assert "FAILED http://127.0.0.1:9/x.csv" in proc.stdout and "1 of 3 sources OK" in proc.stdout
+    broken = write(tmp_path, job_toml(["data/t*.csv"]).replace('mode = "overwrite"', 'mode = "replace"'), "x.toml")
+    assert run(broken, "validate", "--check-sources").returncode == 2
+
+
+def test_help_documents_every_exit_code() -> None:
+    out = subprocess.run([sys.executable, RUN_PY, "run", "--help"], check=False, capture_output=True, text=True).stdout
+    for code in ("0 ", "1 ", "2 ", "3 ", "75 ", "130 ", "143 "):
+        assert f"\n  {code}" in out or f", {code}" in out
+
+
+# -------------------------------------------------------------------- logs, report
+
+
+def test_no_control_characters_under_env_i_without_a_terminal(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    proc = subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", sys.executable, RUN_PY, "--config", str(cfg)],
+        check=False, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL, cwd="/",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "rows" in proc.stderr  # the summary is there, as plain lines
+    bad = [c for c in proc.stdout + proc.stderr if ord(c) < 32 and c not in "\n\t"]
+    assert bad == [] and "\x1b" not in proc.stderr
+
+
+def test_report_and_metrics_file_parse(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    metrics = tmp_path / "textfile" / "etl_cron.prom"
+    proc = run(cfg, "run", "--quiet", "--metrics-file", str(metrics), "--log-format", "json")
+    assert proc.returncode in (0, 3), proc.stderr
+    for line in proc.stderr.splitlines():
+        entry = json.loads(line)
+        assert {"time", "level", "stage", "source", "message", "run_id"} <= entry.keys()
+    report = last_report(tmp_path / "state")
+    for key in ("run_id", "job", "config_hash", "start", "end", "status", "exit_code", "sources",
+                "rows", "bytes", "stage_seconds"):  # fmt: skip
+        assert key in report, key
+    assert report["status"].startswith("success") and report["exit_code"] == proc.returncode
+    assert [s["status"] for s in report["sources"]] == ["processed"] * 4
+    assert report["rows"]["out"] == rows_digest(tmp_path / "out")[0] == sum(s["rows_out"] for s in report["sources"])
+    assert set(report["stage_seconds"]) == {"download", "read", "transform", "write"}
+    families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
+    value = {f: families[f].samples[0].value for f in families}
+    assert value["etl_last_success_timestamp_seconds"] == pytest.approx(report["end"], abs=1e-3)
+    assert value["etl_run_success"] == 1 and value["etl_run_exit_code"] == proc.returncode
+    rows = {s.labels["kind"]: s.value for s in families["etl_rows"].samples}
+    assert rows == {k: report["rows"][k] for k in ("in", "out", "rejected")}
+    assert [p.name for p in metrics.parent.iterdir()] == ["etl_cron.prom"]  # no temp file left
