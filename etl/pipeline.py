@@ -30,15 +30,16 @@ from etl.errors import ETLError
 from etl.flow import BoundedQueue, QueueAborted
 from etl.progress import Progress
 from etl.records import Chunk, ChunkResult, Source, StagedFile
+from etl.resources import GatedChunks, MemoryGuard, plan_resources
 from etl.sources import expand_sources
+from etl.commits import Commits
+from etl.stats import MeteredExecutor, MeteredPut, RunStats
 from etl.storage import OutputWriter, read_chunks
-from etl.transform import WorkerSpec, default_workers, make_executor, transform_stage
+from etl.transform import WorkerSpec, make_executor, transform_stage
 
 log = logging.getLogger("etl.pipeline")
 
 FILES_QUEUE_ITEMS = 4  # staged files waiting for a reader: only paths, but more means more disk
-CHUNKS_QUEUE_BYTES = 256 << 20  # Arrow chunks waiting for a worker: memory vs. keeping workers fed
-RESULTS_QUEUE_BYTES = 256 << 20  # encoded parts waiting for a writer: compressed, so small
 
 
 @dataclass
@@ -71,6 +72,15 @@ class RunSummary:
     transform: dict[str, Any] = field(default_factory=dict)
     published: list[str] = field(default_factory=list)
     workers: int = 0
+    sources_skipped: int = 0
+    """Sources not processed: unchanged since the published output, or resumed (etl/state.py)."""
+    per_source: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Per-stage busy/wait/blocked, queue high-water marks, process-tree RSS and CPU (etl/stats.py)."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """Workers, chunk size, queue bounds and the measurements behind them (etl/resources.py)."""
+    memory: dict[str, Any] = field(default_factory=dict)
+    """Memory guard: peak sampled process-tree RSS, pauses, forced admits (etl/resources.py)."""
 
 
 @dataclass
@@ -95,22 +105,31 @@ class Run:
         start = time.perf_counter()
         sources = expand_sources(cfg)
         summary.sources = len(sources)
-        workers = cfg.transform.workers if isinstance(cfg.transform.workers, int) else default_workers()
-        if cfg.transform.executor == "serial":
-            workers = 1
-        in_flight = cfg.transform.in_flight if isinstance(cfg.transform.in_flight, int) else 2 * workers
-        summary.workers = workers
-        OutputWriter.clean_leftovers(cfg.output)
-        writer = OutputWriter(cfg.output, self.opts.run_id)
+        plan = await asyncio.to_thread(plan_resources, cfg, sources)  # measures a chunk: seconds, off the loop
+        read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
+        self.cfg = cfg = cfg.model_copy(update={"read": read})
+        workers, in_flight = plan.workers, plan.in_flight
+        summary.workers, summary.plan = workers, plan.as_dict()
+        self.guard = MemoryGuard(plan.budget)
+        slots = {"download": 1, "read": cfg.read.threads, "transform": workers, "write": cfg.output.writer_threads}
+        self.stats = RunStats(slots)
+        self.stats.start()
+        self.commits = Commits(cfg, self.opts.run_id, self.opts.full_refresh)
+        adopt = self.commits.recover(sources)  # before clean_leftovers: it may keep a temp folder
+        OutputWriter.clean_leftovers(cfg.output, keep=adopt)
+        writer = OutputWriter(cfg.output, self.opts.run_id, adopt=adopt)
+        self.commits.begin(writer)
         executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output), workers)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
-        self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", max(2, in_flight), CHUNKS_QUEUE_BYTES)
-        self.results_q: BoundedQueue[ChunkResult] = BoundedQueue("results", max(2, in_flight), RESULTS_QUEUE_BYTES)
+        self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
+        self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(
+            "results", plan.results_queue_items, plan.results_queue_bytes)
         queues = (self.files_q, self.chunks_q, self.results_q)
         # Pools live outside the stage coroutines: shutting one down waits for its threads,
         # which must never happen on the loop while a thread waits on the loop (a queue put).
         self.read_pool = ThreadPoolExecutor(cfg.read.threads, thread_name_prefix="read")
         self.write_pool = ThreadPoolExecutor(cfg.output.writer_threads, thread_name_prefix="write")
+        guard_task = asyncio.create_task(self.guard.run())
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._stage("download", self._download(sources), queues))
@@ -121,23 +140,34 @@ class Run:
             for q in queues:
                 q.abort()
             await self._join_pools()
-            writer.discard()
+            stopped = isinstance(e, asyncio.CancelledError)  # a signal: the next run resumes
+            if not self.commits.failed(interrupted=stopped):
+                writer.discard()
             err = _first_error(e)
             if err is e:
                 raise
             raise err from err.__cause__
         finally:
+            guard_task.cancel()
+            summary.memory = self.guard.as_dict()
             executor.close()
             self.progress.close()
+            self.stats.stop()
         await self._join_pools()
+        self.commits.publishing()
         try:
             summary.published = writer.publish()
         except BaseException:
+            self.commits.failed()
             writer.discard()  # publish already undid its own moves; drop the temp folder now
             raise
+        self.commits.published()
+        summary.per_source = self.commits.report()
+        summary.sources_skipped = sum(s["status"] != "processed" for s in summary.per_source)
         summary.wall_seconds = time.perf_counter() - start
         summary.stage_seconds = {k: round(v.seconds, 3) for k, v in self.times.items()}
         summary.queues = [q.stats.as_dict() for q in queues]
+        summary.stats = self.stats.finish(summary.wall_seconds, summary.queues)
         return summary
 
     async def _join_pools(self) -> None:
@@ -148,6 +178,7 @@ class Run:
     async def _stage(self, name: str, coro: Any, queues: tuple[BoundedQueue[Any], ...]) -> None:
         t = self.times[name]
         t.start = time.perf_counter()
+        self.stats.meters[name].start()
         try:
             await coro
         except BaseException:
@@ -156,27 +187,42 @@ class Run:
             raise
         finally:
             t.end = time.perf_counter()
+            self.stats.meters[name].stop()
 
     async def _download(self, sources: list[Source]) -> None:
         cfg = self.cfg
         bar = self.progress.stage("download", "files", total=len(sources))
-        stats = await download_stage(
-            sources, cfg.download, cfg.job_state_dir / "staging", self.files_q,
-            state_file=cfg.job_state_dir / "sources.json", full_refresh=self.opts.full_refresh,
-            progress=bar,
-        )  # fmt: skip
+        meter = self.stats.meters["download"]
+        files_out = MeteredPut(self.files_q, meter, from_work=True, size=lambda f: f.size)
+        with meter.working():
+            stats = await download_stage(
+                sources, cfg.download, cfg.job_state_dir / "staging", files_out,  # type: ignore[arg-type]
+                state_file=cfg.job_state_dir / "sources.json", full_refresh=self.opts.full_refresh,
+                progress=bar,
+            )  # fmt: skip
         self.summary.download = stats.as_dict()
         self.summary.bytes_downloaded = stats.bytes
+        meter.count_in(len(sources), stats.bytes)
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         bar = self.progress.stage("read", "chunks")
         slots = asyncio.Semaphore(self.cfg.read.threads)
+        meter = self.stats.meters["read"]
 
         def read_file(staged: StagedFile) -> None:
-            for chunk in read_chunks(staged, self.cfg.read):
-                self.chunks_q.put_threadsafe(chunk)
-                bar.update(items=1, nbytes=chunk.nbytes)
+            if not self.commits.check(staged):
+                return  # unchanged or already committed: its parts are in place
+            meter.count_in(1, staged.size)
+            chunks = 0
+            with meter.working():
+                for chunk in read_chunks(staged, self.cfg.read):
+                    with meter.blocked():
+                        self.chunks_q.put_threadsafe(chunk)
+                    chunks += 1
+                    meter.count_out(1, chunk.nbytes, chunk.rows)
+                    bar.update(items=1, nbytes=chunk.nbytes)
+            self.commits.read_done(staged.source, chunks)
             self.summary.files_read += 1
             self.summary.bytes_read += staged.size
 
@@ -197,7 +243,13 @@ class Run:
 
     async def _transform(self, executor: Any, in_flight: int) -> None:
         bar = self.progress.stage("transform", "rows")
-        stats = await transform_stage(self.chunks_q, self.results_q, executor, self.cfg.transform, in_flight, bar)
+        meter = self.stats.meters["transform"]
+        results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
+        stats = await transform_stage(
+            GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]
+            results_in, MeteredExecutor(executor, meter),  # type: ignore[arg-type]
+            self.cfg.transform, in_flight, bar, ipc=executor.ipc_stats,
+        )  # fmt: skip
         s = self.summary
         s.chunks, s.rows_in, s.rows_out, s.rows_rejected = stats.chunks, stats.rows_in, stats.rows_out, stats.rows_rejected
         s.transform = stats.as_dict()
@@ -206,12 +258,19 @@ class Run:
         loop = asyncio.get_running_loop()
         bar = self.progress.stage("write", "parts")
 
+        meter = self.stats.meters["write"]
+
         def write(result: ChunkResult) -> None:
-            for part in result.parts:
-                writer.write(part)
-                bar.update(items=1, nbytes=len(part.data))
-            if result.rejects is not None:
-                writer.write_rejects(result.rejects)
+            meter.count_in(1, result.nbytes)
+            done: list[tuple[str, int, int]] = []  # (relpath, rows, bytes) for the manifest
+            with meter.working():
+                for part in result.parts:
+                    done.append((writer.write(part), part.rows, len(part.data)))
+                    bar.update(items=1, nbytes=len(part.data))
+                    meter.count_out(1, len(part.data), part.rows)
+                if (rej := result.rejects) is not None:
+                    done.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
+            self.commits.written(result, done)
             self.summary.parts_written += len(result.parts)
 
         slots = asyncio.Semaphore(self.cfg.output.writer_threads)
