@@ -258,8 +258,17 @@ class TransformConfig(Model):
 
 
 class OutputConfig(Model):
-    path: Path
-    """Output folder; published only when every chunk succeeded."""
+    path: Path | str
+    """Output folder, or an object-store URL (``s3://bucket/prefix``, a ``str``); published
+    only when every chunk succeeded."""
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_or_url(cls, v: Any) -> Any:
+        # A URL stays a string: Path("s3://b/k") would collapse the "//".
+        if isinstance(v, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v) and not v.lower().startswith("file://"):
+            return v
+        return Path(v) if isinstance(v, str) else v
     format: Literal["parquet", "csv"] = "parquet"
     """File format of the parts."""
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
@@ -442,6 +451,8 @@ def _resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
             "job": cfg.job.model_copy(update={"state_dir": rel(cfg.job.state_dir)}),
             "sources": cfg.sources.model_copy(update={"urls_file": urls_file}),
             "transform": cfg.transform.model_copy(update={"steps": steps}),
-            "output": cfg.output.model_copy(update={"path": rel(cfg.output.path)}),
+            "output": cfg.output.model_copy(
+                update={"path": rel(cfg.output.path) if isinstance(cfg.output.path, Path) else cfg.output.path}
+            ),
         }
     )

@@ -59,6 +59,7 @@ from tenacity import (
 from etl.config import DownloadConfig
 from etl.errors import ChecksumMismatch, ETLError, SourceError
 from etl.flow import BoundedQueue
+from etl.objectstore import is_object_url, stage_object
 from etl.records import Source, StagedFile
 
 log = logging.getLogger("etl.download")
@@ -305,7 +306,13 @@ class _Fetcher:
             self.progress.update(items=items, nbytes=nbytes)
 
     async def stage_one(self, src: Source) -> None:
-        if not src.is_remote:
+        if is_object_url(src.url):  # s3:// and other fsspec URLs: streamed in a thread
+            async with self.slots:
+                staged = await stage_object(src, self.staging_dir, self.cfg.chunk_bytes)
+                self.stats.bytes += staged.size
+                self.report(nbytes=staged.size)
+                await self.out.put(staged)
+        elif not src.is_remote:
             await self.out.put(await _stage_local(src))
         else:
             async with self.slots, self.host_slot(src.url):

@@ -7,7 +7,8 @@ and line, the rule, and the value.
 
 What each key accepts:
 
-* ``sources.urls``: ``http(s)://`` URLs, ``file://`` URLs and local paths (relative to
+* ``sources.urls``: ``http(s)://`` URLs, ``file://`` URLs, object-store URLs (``s3://``,
+  globs and ``prefix/`` listings: see ``etl.objectstore``) and local paths (relative to
   the job file's folder; ``~`` expanded). Numeric ranges ``part-{000..007}.csv`` expand
   in URLs and paths (zero padding kept; several ranges give their product, leftmost
   slowest). Local paths may be globs (``data/*.csv``, ``**`` recursive), matched in
@@ -38,9 +39,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+from etl import objectstore
 from etl.config import JobConfig
 from etl.download import redact_url
 from etl.errors import ConfigError
+from etl.objectstore import is_object_url
 from etl.records import Format, Source
 
 MAX_SOURCES = 1_000_000  # guards against a typo like {0..99999999}; raise it if a job needs more
@@ -141,6 +144,9 @@ def _expand(text: str, base_dir: Path, where: str, file: str) -> list[str]:
     for one in expanded:
         if _is_remote(one):
             out.append(_lower_scheme(one))
+            continue
+        if is_object_url(one):  # s3://bucket/key, globs and prefixes listed at start-up
+            out += objectstore.expand(one, where=where, file=file)
             continue
         path = _local_path(one, base_dir)
         if _GLOB_CHARS.search(path) and not os.path.isfile(path):  # data[1].csv may be a real name
