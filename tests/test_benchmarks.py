@@ -1,0 +1,127 @@
+"""The transform benchmark at a tiny size: every engine runs and they all agree.
+
+No timing is asserted (speed is what the benchmark prints); these tests check that the
+benchmark measures what it says and that a wrong engine would be caught.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.engines import check_output, differences
+
+ROWS, FILES = 20_000, 2
+
+
+def expected_rows(data: Path) -> int:
+    """The job's filter, computed straight from the CSVs with pyarrow (no engine involved)."""
+    opts = pacsv.ConvertOptions(
+        include_columns=["pickup_at", "dropoff_at", "trip_distance", "fare_amount"],
+        column_types={"trip_distance": "string", "fare_amount": "string"},
+        null_values=[""], strings_can_be_null=True,
+    )
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # the notes hold quoted newlines
+    kept = 0
+    for path in sorted(data.glob("trips-*.csv.gz")):
+        t = pacsv.read_csv(path, parse_options=parse, convert_options=opts)
+        dist = pc.cast(pc.utf8_trim_whitespace(t["trip_distance"]), "float64")
+        fare = pc.cast(pc.utf8_trim_whitespace(t["fare_amount"]), "float64")
+        ok = pc.and_kleene(pc.and_kleene(pc.greater_equal(fare, 0), pc.greater(dist, 0)),
+                           pc.greater(t["dropoff_at"], t["pickup_at"]))  # fmt: skip
+        kept += pc.sum(pc.fill_null(ok, False)).as_py()
+    return kept
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    base = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run_transform.py", "--rows", str(ROWS), "--files", str(FILES),
+         "--repeat", "1", "--data-dir", str(base / "data"), "--results", str(base / "results"),
+         "--name", "smoke"],
+        cwd=REPO, check=False, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((base / "results" / "smoke.json").read_text())
+    return result, base / "data" / f"rows{ROWS}-files{FILES}"
+
+
+def test_every_engine_runs_and_agrees_with_an_independent_count(bench: tuple[dict, Path]) -> None:
+    result, data = bench
+    names = [r["engine"] for r in result["results"]]
+    for required in ("etl process", "etl serial", "etl thread", "plain pandas", "by-hand Pool"):
+        assert any(n.startswith(required) for n in names), names
+    assert any(n.startswith("dask") for n in names) == (importlib.util.find_spec("dask") is not None)
+    assert ("duckdb" in names) == (importlib.util.find_spec("duckdb") is not None)
+    assert result["problems"] == []
+    want = expected_rows(data)
+    assert 0 < want < ROWS  # the filter drops some rows: a no-op filter would not pass
+    for r in result["results"]:
+        assert not r["failed"], r
+        assert r["check"]["rows"] == want, r["engine"]
+        assert r["check"]["months"] == 6, r["engine"]
+        assert r["check"]["fare_sum"] == pytest.approx(result["results"][0]["check"]["fare_sum"], rel=1e-9)
+
+
+def test_figures_and_markdown_are_written(bench: tuple[dict, Path]) -> None:
+    result, data = bench
+    md = (data.parent.parent / "results" / "smoke.md").read_text()
+    for r in result["results"]:
+        assert r["engine"] in md
+        assert r["cpu"] > 0 and r["peak_rss"] > 0 and r["rows_per_s"] > 0
+    assert result["machine"]["cores"] >= 1 and result["machine"]["pandas"]
+    assert "etl process throughput vs plain pandas" in md
+
+
+def test_cpu_of_orphaned_grandchildren_is_counted(tmp_path: Path) -> None:
+    """A grandchild that outlives its parent still counts (pool workers, forkservers do)."""
+    burner = textwrap.dedent("""
+        import os, time
+        if os.fork() == 0:
+            t = time.process_time()
+            while time.process_time() - t < 0.5:
+                pass
+            os._exit(0)
+    """)  # the parent exits at once; the orphan burns 0.5 s of CPU
+    probe = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from benchmarks.common import become_subreaper, measure
+        become_subreaper()
+        m = measure([sys.executable, "-c", {burner!r}])
+        print(json.dumps({{"cpu": m.cpu, "rc": m.returncode}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["rc"] == 0
+    assert figures["cpu"] >= 0.45  # the orphan's CPU, which a plain wait() would lose
+
+
+def test_a_wrong_engine_output_is_a_mismatch(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for month, fares in (("2024-01", [1.0, 2.0]), ("2024-02", [3.0])):
+        folder = tmp_path / f"month={month}"
+        folder.mkdir()
+        t = pa.table({"fare_amount": fares, "duration_min": [5.0] * len(fares),
+                      "borough": ["Queens"] * len(fares)})  # fmt: skip
+        pq.write_table(t, folder / "part-0.parquet")
+    got = check_output(tmp_path)
+    assert got == {"rows": 3, "fare_sum": 6.0, "duration_sum": 15.0, "unmatched_zone": 0, "months": 2}
+    assert differences(got, got) == []
+    assert differences({**got, "rows": 2}, got) == ["rows 2 != 3"]
+    assert differences({**got, "fare_sum": 6.5}, got)
