@@ -543,7 +543,15 @@ def _date(x: Value) -> Value:
 def _strftime(x: Value, fmt: str) -> Value:
     if not _is_temporal(x.type):
         raise _OpError(f"needs a timestamp or date, got {x.type}; parse it first (parse_datetime)")
+    naive = pa.types.is_date(x.type) or (pa.types.is_timestamp(x.type) and x.type.tz is None)
+    if fmt in _DATE_PREFIX and naive:
+        # A prefix of the ISO date text: about 15x faster than pc.strftime, which formats
+        # value by value.
+        return pc.utf8_slice_codeunits(x.cast(pa.date32()).cast(pa.string()), 0, _DATE_PREFIX[fmt])
     return pc.strftime(x, format=fmt)
+
+
+_DATE_PREFIX = {"%Y": 4, "%Y-%m": 7, "%Y-%m-%d": 10}  # strftime formats that are ISO-date prefixes
 
 
 def _isnull(x: Value) -> Value:

@@ -66,6 +66,7 @@ _SAFE_DIGITS = 18  # integer text with at most this many digits always fits int6
 _INT_TEXT = r"^[+-]?[0-9]+$"
 _FLOAT_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:inf|infinity|nan)$"
 _FIRST_DAY = pa.scalar(dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc), pa.timestamp("us", "UTC"))
+_PANDAS_ONLY_DIRECTIVES = ("%f", "%z", "%Z", "%p", "%I")  # formats Arrow's strptime reads differently
 _TRUE = pa.array(["true", "t", "yes", "y", "1"])
 _FALSE = pa.array(["false", "f", "no", "n", "0"])
 
@@ -266,6 +267,26 @@ def _only(text: pa.Array, pattern: str) -> pa.Array:
 
 
 def _parse_text(text: pa.Array, target: pa.DataType) -> pa.Array:
+    fast = _cast_all_or_none(text, target)
+    return fast if fast is not None else _parse_text_checked(text, target)
+
+
+def _cast_all_or_none(text: pa.Array, target: pa.DataType) -> pa.Array | None:
+    """Arrow's vector cast when every value parses: the common case, about 10x faster than
+    the checked path. None when any value does not, so the checked path finds and names it."""
+    if pa.types.is_boolean(target):
+        return None
+    try:
+        if pa.types.is_floating(target):
+            return text.cast(pa.float64()).cast(target, safe=False)
+        if pc.any(pc.match_substring(text, "x", ignore_case=True)).as_py():
+            return None  # Arrow reads "0x1F" as 31; the checked path calls it a bad value
+        return _in_range(text.cast(pa.int64()), target)
+    except (pa.ArrowInvalid, OverflowError):
+        return None
+
+
+def _parse_text_checked(text: pa.Array, target: pa.DataType) -> pa.Array:
     if pa.types.is_boolean(target):
         low = pc.utf8_lower(text)
         false = pc.if_else(pc.is_in(low, _FALSE), False, pa.scalar(None, pa.bool_()))
@@ -327,7 +348,11 @@ def _fits(value: pa.Scalar, target: pa.DataType) -> bool:
 def _to_timestamp(arr: pa.Array, fmt: str | None, utc: bool) -> pa.Array:
     """Any text/timestamp/date column to timestamp[us, UTC], then naive unless ``utc``."""
     aware = pa.timestamp("us", "UTC")
-    if pa.types.is_string(arr.type):
+    if pa.types.is_string(arr.type) and fmt and not any(d in fmt for d in _PANDAS_ONLY_DIRECTIVES):
+        # Arrow's strptime: about 3x faster than pandas, and no round trip through pandas.
+        result = pc.strptime(arr, format=fmt, unit="us", error_is_null=True).cast(aware, safe=False)
+        result = pc.if_else(pc.greater_equal(result, _FIRST_DAY), result, pa.scalar(None, aware))
+    elif pa.types.is_string(arr.type):
         parsed = pd.to_datetime(arr.to_pandas(), format=fmt or "ISO8601", errors="coerce", utc=True)
         result = pa.array(parsed, from_pandas=True).cast(aware, safe=False)
         in_range = pc.greater_equal(result, _FIRST_DAY)  # pandas takes "-0" as year 0; Python cannot
