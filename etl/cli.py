@@ -164,7 +164,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def check_sources(cfg: JobConfig) -> int:
     """HEAD every remote source, stat every local one; print each failure; 1 if any failed."""
-    from etl.download import redact_url
+    from etl.redact import redact_url
     from etl.sources import expand_sources
 
     sources = expand_sources(cfg)
@@ -200,7 +200,7 @@ async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
                         async with session.get(src.url, headers={**headers, "Range": "bytes=0-0"}) as resp:
                             status = resp.status
                 except (aiohttp.ClientError, TimeoutError) as e:
-                    from etl.download import redact_url
+                    from etl.redact import redact_url
 
                     return f"{type(e).__name__}: {e}".replace(src.url, redact_url(src.url))
             return None if status < 400 else f"HTTP {status}"
@@ -211,7 +211,7 @@ async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
 def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     """Print what a run would do (per source), the output and the mode; touch nothing."""
     from etl.commits import Commits
-    from etl.download import redact_url
+    from etl.redact import redact_url
     from etl.sources import expand_sources
 
     sources = expand_sources(cfg)

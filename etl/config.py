@@ -240,7 +240,7 @@ class TransformConfig(Model):
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Worker count; ``auto`` sizes it from usable CPUs and the memory budget."""
     in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
-    """Chunks submitted and not yet returned; ``auto`` is twice the workers."""
+    """Chunks submitted and not yet returned; ``auto`` lets the memory plan choose (2x, or fewer, the workers)."""
     steps: list[Step] = []
     """Transform steps applied to every chunk, in order."""
     on_error: Literal["fail", "skip", "quarantine"] = "fail"
@@ -298,7 +298,8 @@ def parse_size(text: str) -> int:
 
 class ResourcesConfig(Model):
     memory_limit: str = "auto"
-    """Memory budget: bytes (``4GiB``), a share of usable memory (``60%``) or ``auto``."""
+    """Memory budget: bytes (``4GiB``), a share of usable memory (``60%``) or ``auto``
+    (half of usable memory, at most 512 MiB per usable CPU)."""
 
     @field_validator("memory_limit")
     @classmethod

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Protocol
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -56,23 +55,23 @@ from tenacity import (
     wait_random_exponential,
 )  # fmt: skip
 
+from etl.checksums import (
+    _checksum_problem, _close_synced, _digests, _hash_file, _new_hashers, _write_and_hash,
+)  # fmt: skip
 from etl.config import DownloadConfig
 from etl.errors import ChecksumMismatch, ETLError, SourceError
 from etl.flow import BoundedQueue
 from etl.objectstore import is_object_url, stage_object
 from etl.records import Source, StagedFile
+from etl.redact import _secret_values, redact_url
+from etl.source_state import SourceState, _write_json_atomic
 
 log = logging.getLogger("etl.download")
 
 # Source tasks alive per download slot: more lets other hosts proceed while one host's slots
 # are all busy; each waiting task costs a little memory.
 ADMISSION_PER_SLOT = 4
-# Least seconds between mid-run saves of the state file: more often loses less after a crash,
-# but each save rewrites the whole file.
-STATE_SAVE_SECONDS = 30.0
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
-_SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
-_SECRET_WORDS = ("token", "secret", "key", "password", "signature", "credential")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _DEFAULT_HEADERS = {"Accept-Encoding": "identity"}  # the staged bytes must be the file itself
 
@@ -95,45 +94,6 @@ class DownloadStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ------------------------------------------------------------------------- redaction
-
-
-def is_secret_header(name: str) -> bool:
-    low = name.lower()
-    return low in _SECRET_HEADERS or any(w in low for w in ("token", "secret", "key", "password"))
-
-
-def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: "***" if is_secret_header(k) else v for k, v in headers.items()}
-
-
-def redact_url(url: str) -> str:
-    """The URL with any userinfo and secret-looking query values (``?token=``) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_is_secret_param(k) for k, _ in pairs):
-            query = "&".join(f"{quote(k)}={'***' if _is_secret_param(k) else quote(v)}" for k, v in pairs)
-    return parts._replace(netloc=netloc, query=query).geturl()
-
-
-def _is_secret_param(name: str) -> bool:
-    return any(w in name.lower() for w in _SECRET_WORDS)
-
-
-def _secret_values(url: str, headers: Mapping[str, str]) -> list[str]:
-    """Every secret string a message about this source could leak, longest first."""
-    parts = urlsplit(url)
-    found = [v for k, v in headers.items() if is_secret_header(k)]
-    found += [p for p in (parts.username, parts.password) if p]
-    found += [v for k, v in parse_qsl(parts.query) if _is_secret_param(k)]
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
 
 
 # ----------------------------------------------------------------------- retry-after
@@ -161,49 +121,6 @@ class _TransientStatus(SourceError):
     def __init__(self, message: str, *, item: str, status: int, retry_after: float | None) -> None:
         super().__init__(message, item=item, retryable=True, status=status)
         self.retry_after = retry_after
-
-
-# ---------------------------------------------------------------------- state file
-
-
-class SourceState:
-    """Per-URL validators of the last staged copy (JSON, saved atomically), for conditional GETs."""
-
-    def __init__(self, path: Path | None, entries: dict[str, dict[str, Any]]) -> None:
-        self.path = path
-        self.entries = entries
-        self._lock = asyncio.Lock()
-        self._saved_at = time.monotonic()
-
-    @classmethod
-    def load(cls, path: Path | None) -> SourceState:
-        if path is None or not path.exists():
-            return cls(path, {})
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8"))["files"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            # It is only a cache: losing it costs one full download of every source.
-            log.warning("ignoring unreadable state file %s: %s", path, e, extra={"stage": "download"})
-            return cls(path, {})
-        return cls(path, entries)
-
-    async def save(self, keep: set[str] | None = None, *, throttle: bool = False) -> None:
-        if self.path is None or (throttle and time.monotonic() - self._saved_at < STATE_SAVE_SECONDS):
-            return
-        async with self._lock:
-            self._saved_at = time.monotonic()
-            files = {u: e for u, e in self.entries.items() if keep is None or u in keep}
-            await asyncio.to_thread(_write_json_atomic, self.path, {"version": 1, "files": files})
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------ the stage
@@ -597,54 +514,3 @@ class _Transfer:
             os.fsync(dir_fd)  # make the rename itself survive a crash
         finally:
             os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def _new_hashers(src: Source) -> dict[str, Any]:
-    hashers: dict[str, Any] = {"sha256": hashlib.sha256()}
-    if src.md5:
-        hashers["md5"] = hashlib.md5(usedforsecurity=False)
-    return hashers
-
-
-def _checksum_problem(src: Source, digests: Mapping[str, Any]) -> str | None:
-    for algo in ("sha256", "md5"):
-        expected = getattr(src, algo)
-        if expected and (actual := digests[algo]) != expected:
-            return f"{algo} mismatch: expected {expected}, got {actual}"
-    return None
-
-
-def _digests(hashers: Mapping[str, Any]) -> dict[str, str]:
-    return {name: h.hexdigest() for name, h in hashers.items()}
-
-
-def _hash_file(path: Path, hashers: dict[str, Any], limit: int | None = None) -> int:
-    """Feed the first ``limit`` bytes (all when None) of ``path`` to ``hashers``; returns the size read."""
-    size = 0
-    with open(path, "rb") as f:
-        while limit is None or size < limit:
-            block = f.read(1 << 20 if limit is None else min(1 << 20, limit - size))
-            if not block:
-                break
-            for h in hashers.values():
-                h.update(block)
-            size += len(block)
-    return size
-
-
-def _write_and_hash(f: IO[bytes], data: bytes | bytearray, hashers: dict[str, Any]) -> None:
-    if data:
-        f.write(data)
-        for h in hashers.values():
-            h.update(data)
-
-
-def _close_synced(f: IO[bytes]) -> None:
-    try:
-        f.flush()
-        os.fsync(f.fileno())
-    finally:
-        f.close()

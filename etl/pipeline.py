@@ -28,9 +28,10 @@ from etl.config import JobConfig
 from etl.download import download_stage
 from etl.errors import ETLError
 from etl.flow import BoundedQueue, QueueAborted
+from etl.memguard import GatedChunks, MemoryGuard
 from etl.progress import Progress
 from etl.records import Chunk, ChunkResult, Source, StagedFile
-from etl.resources import GatedChunks, MemoryGuard, plan_resources
+from etl.resources import plan_resources
 from etl.sources import expand_sources
 from etl.commits import Commits
 from etl.stats import MeteredExecutor, MeteredPut, RunStats
@@ -80,7 +81,7 @@ class RunSummary:
     plan: dict[str, Any] = field(default_factory=dict)
     """Workers, chunk size, queue bounds and the measurements behind them (etl/resources.py)."""
     memory: dict[str, Any] = field(default_factory=dict)
-    """Memory guard: peak sampled process-tree RSS, pauses, forced admits (etl/resources.py)."""
+    """Memory guard: peak sampled process-tree RSS, pauses, forced admits (etl/memguard.py)."""
 
 
 @dataclass

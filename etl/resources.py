@@ -1,4 +1,4 @@
-"""Size the run to the machine and the memory it is given, then keep it inside at run time.
+"""Size the run to the machine and the memory it is given: the sizing decision.
 
 1. **Know the machine** (``machine``): usable CPUs are the affinity mask capped by the
    cgroup CPU quota; usable memory is the lower of the cgroup memory limit and what
@@ -6,12 +6,8 @@
 2. **A budget** (``memory_budget``): ``resources.memory_limit`` as bytes, a share of
    usable memory, or ``auto``: ``AUTO_MEMORY_SHARE`` of usable memory, at most
    ``AUTO_BYTES_PER_CPU`` per usable CPU (1 GiB on a 2-CPU host).
-3. **Measure** (``measure``): the parent reads the first chunk of the first local source
-   (``PROBE_ROWS`` rows) and one throw-away worker, started the same way as the pool's,
-   transforms it; the worker reports its RSS after start-up and its peak RSS over the chunk.
-   The probe runs in a child, not in the parent, because allocators keep what they
-   grew to: transforming in the parent would leave it holding the probe's peak for the
-   whole run. Remote-only jobs are not downloaded early: they use ``FALLBACK_*`` costs.
+3. **Measure** (``etl.probe.measure``): what one chunk costs in a worker, and what a
+   reader thread costs, measured in a throw-away worker before the run.
 4. **Plan** (``plan_for``): the most workers (up to the usable CPUs), then the largest
    chunks (halving from the default ``read.chunk_rows``), then the most reader threads,
    then the deepest queues whose worst case (every worker at its peak, every queue and
@@ -19,10 +15,7 @@
    ``PLAN_SHARE`` of the budget. Explicitly set ``transform.workers``,
    ``transform.in_flight``, ``read.chunk_rows`` and ``read.threads`` are honoured, with a
    warning when they cannot fit. Measuring costs about a second before the run starts.
-5. **Guard** (``MemoryGuard``): samples the RSS of the whole process tree every
-   ``SAMPLE_INTERVAL_S``; above the high watermark the transform dispatcher takes no new
-   chunk (``GatedChunks``) until the tree is below the low watermark, except that a chunk
-   is always admitted when none is in flight, so the run can never stall.
+5. **Guard** (``etl.memguard.MemoryGuard``): keeps the running job inside the budget.
 
 Memory is counted as the sum of RSS over the tree, which counts pages shared between the
 fork server and its workers once per process: an overestimate, so the budget errs safe.
@@ -30,16 +23,10 @@ fork server and its workers once per process: an overestimate, so the budget err
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import math
-import multiprocessing
 import os
-import resource
 import time
-from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,31 +34,19 @@ from typing import Any
 import psutil
 
 from etl.config import JobConfig, parse_size
-from etl.errors import ETLError
-from etl.flow import BoundedQueue
-from etl.records import Chunk, ChunkResult, Source, StagedFile
+from etl.probe import Probe, measure
+from etl.records import Source
 
 log = logging.getLogger("etl.resources")
 
 AUTO_MEMORY_SHARE = 0.5  # "auto": half of usable memory leaves the rest to the page cache and neighbours on a shared host
 AUTO_BYTES_PER_CPU = 512 << 20  # "auto" cap per usable CPU: past it memory buys queue depth, not speed
 CGROUP_UNLIMITED = 1 << 60  # v1 writes "no limit" as ~2**63 rounded to a page; no real limit is this big
-PROBE_ROWS = 50_000  # rows measured before the run: bigger is a truer per-row cost, but a slower start
-PROBE_READ_ROWS = 200_000  # rows read to measure a reader: its buffers keep growing over the first few blocks
-READER_SLACK = 1.5  # a reader's RSS creeps up past the probe over a long file (measured: ~130 -> ~200 MiB by 4M rows)
-WARM_ROWS = 1_000  # rows run first in the probe worker so lookup tables and imports are in its baseline
 MIN_CHUNK_ROWS = 10_000  # smallest chunk the planner picks: smaller means many tiny output files
 ALLOCATOR_SLACK = 1.25  # measured per-row peaks scaled to bigger chunks, plus allocator fragmentation
 CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
 PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
 # estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
-HIGH_WATERMARK = 0.90  # share of the budget above which the guard admits no new chunk
-LOW_WATERMARK = 0.75  # the guard admits again below this share: the gap stops it flapping every sample
-SAMPLE_INTERVAL_S = 0.2  # RSS sampling period: shorter catches briefer peaks, costs ~1 ms of CPU per sample
-FALLBACK_CHUNK_BYTES_PER_ROW = 320  # remote-only jobs: ~2.5x the taxi data's 130 B/row, for wider rows
-FALLBACK_WORK_BYTES_PER_ROW = 2560  # ~2.5x the taxi job's ~1 KiB/row; too high only costs smaller chunks
-FALLBACK_RESULT_BYTES_PER_ROW = 128  # ~4x the taxi job's zstd Parquet
-FALLBACK_READER_BYTES = 200 << 20  # a reader thread's decompression and parse buffers, after a long file
 MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
 
 
@@ -185,147 +160,6 @@ def memory_budget(setting: str, usable: int, cpus: int) -> int:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-# ------------------------------------------------------------------------- measure
-
-
-@dataclass
-class Probe:
-    """What one measured chunk costs; per-row figures scale it to any chunk size."""
-
-    rows: int
-    chunk_bytes: int
-    """Arrow IPC bytes of the chunk: what queues and pipes hold."""
-    reader_bytes: int
-    """One reader thread's cost: parent RSS growth over the first ``PROBE_READ_ROWS`` rows."""
-    parent_base: int
-    worker_base: int
-    """A worker's RSS after start-up and a warm-up chunk (imports, lookup tables)."""
-    worker_work: int
-    """A worker's peak RSS over the chunk, above its base."""
-    frame_bytes: int = 0
-    """``DataFrame.memory_usage(deep=True)`` of the decoded chunk (for the report)."""
-    result_bytes: int = 0
-    servers: int = 0
-    """RSS of helper processes (fork server, resource tracker)."""
-    measured: str = "fallback"
-    """Where the figures come from: a source name, or ``fallback``."""
-
-    def per_row(self, name: str) -> float:
-        return getattr(self, name) / max(self.rows, 1)
-
-
-def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
-    """Measure the first local source's first chunk; fall back to estimates without one."""
-    parent_base = psutil.Process().memory_info().rss
-    local = next((s for s in sources if not s.is_remote), None)
-    chunk, reader_bytes = None, FALLBACK_READER_BYTES
-    if local is not None:
-        try:
-            chunk, reader_bytes = _read_probe(cfg, local)
-        except (ETLError, OSError) as e:  # the run itself reports bad input, with context
-            log.info("could not measure %s (%s); using estimates", local.name, e, extra={"stage": "plan"})
-    result = _worker_probe(cfg, chunk)
-    if chunk is None or "work" not in result:
-        rows = PROBE_ROWS
-        return Probe(rows, FALLBACK_CHUNK_BYTES_PER_ROW * rows, reader_bytes, parent_base, result["base"],
-                     FALLBACK_WORK_BYTES_PER_ROW * rows, result_bytes=FALLBACK_RESULT_BYTES_PER_ROW * rows,
-                     servers=_helper_rss())  # fmt: skip
-    return Probe(chunk.rows, chunk.nbytes, reader_bytes, parent_base, result["base"], result["work"],
-                 result["frame"], result["result"], _helper_rss(), chunk.source_name)  # fmt: skip
-
-
-def _read_probe(cfg: JobConfig, src: Source) -> tuple[Chunk | None, int]:
-    from etl.formats import read_chunks
-
-    path = Path(src.url)
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    read = cfg.read.model_copy(update={"chunk_rows": min(cfg.read.chunk_rows, PROBE_ROWS)})
-    chunks = read_chunks(StagedFile(src, path, path.stat().st_size), read)
-    first, rows, peak = None, 0, before
-    try:
-        for chunk in chunks:  # the first chunk is the probe; the next ones grow the reader to size
-            first = first or chunk
-            rows += chunk.rows
-            peak = max(peak, proc.memory_info().rss)
-            if rows >= PROBE_READ_ROWS:
-                break
-    finally:
-        chunks.close()
-    return first, int((peak - before) * READER_SLACK)
-
-
-def _worker_probe(cfg: JobConfig, chunk: Chunk | None) -> dict[str, int]:
-    """Run the chunk in one worker started like the pool's; report its RSS figures."""
-    from etl.transform import WorkerSpec, init_worker, mp_context
-
-    threads = cfg.transform.executor in ("thread", "serial")
-    if threads and chunk is None:
-        return {"base": 0}  # threads share the parent, whose RSS is counted already
-    # A thread executor has no fork server to reuse: spawn one short-lived process instead of
-    # measuring in the parent, whose allocator caches (the read probe's) would hide the cost.
-    ctx = multiprocessing.get_context("spawn") if threads else mp_context()
-    spec = WorkerSpec(cfg.transform, cfg.output)
-    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=init_worker, initargs=(spec, True))
-    try:
-        warm = _head(chunk, WARM_ROWS) if chunk is not None else None
-        found = {"base": pool.submit(_probe_base, warm).result()}
-        if chunk is not None:
-            found.update(pool.submit(_probe_chunk, chunk, found["base"]).result())
-    except (ETLError, BrokenProcessPool, OSError) as e:  # the run itself reports these, with context
-        log.info("could not measure a chunk in a worker (%s); using estimates", e, extra={"stage": "plan"})
-        found = {"base": _worker_base_fallback()}
-    finally:
-        pool.shutdown(wait=True)
-    if threads:
-        found["base"] = 0  # threads share the parent, whose RSS is counted already
-    return found
-
-
-def _head(chunk: Chunk, rows: int) -> Chunk:
-    from etl.formats import decode_ipc, encode_ipc
-
-    table = decode_ipc(chunk.data).slice(0, rows)
-    return replace(chunk, rows=table.num_rows, data=encode_ipc(table))
-
-
-def _probe_base(warm: Chunk | None) -> int:
-    from etl.transform import run_chunk
-
-    if warm is not None:
-        run_chunk(warm)
-    return psutil.Process().memory_info().rss
-
-
-def _probe_chunk(chunk: Chunk, base: int) -> dict[str, int]:
-    """In the probe worker: peak RSS over one chunk (receiving it included), above ``base``."""
-    import pandas as pd
-
-    from etl.formats import decode_ipc
-    from etl.transform import run_chunk
-
-    result = run_chunk(chunk)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    frame = decode_ipc(chunk.data).to_pandas(types_mapper=pd.ArrowDtype).memory_usage(deep=True).sum()
-    return {"work": max(peak - base, 0), "frame": int(frame), "result": result.nbytes}
-
-
-def _worker_base_fallback() -> int:
-    return psutil.Process().memory_info().rss  # a worker imports about what the parent has
-
-
-def _helper_rss() -> int:
-    """RSS of the children left once the probe worker is gone: fork server, resource tracker."""
-    return sum(_rss(p) for p in psutil.Process().children(recursive=True))
-
-
-def _rss(p: psutil.Process) -> int:
-    try:
-        return p.memory_info().rss
-    except psutil.Error:  # exited between listing and reading
-        return 0
 
 
 # ---------------------------------------------------------------------------- plan
@@ -478,90 +312,3 @@ def _decision(cfg: JobConfig, box: Machine, budget: int, model: CostModel, lay: 
                  "transform.workers or read.chunk_rows, or raise resources.memory_limit; "
                  "the memory guard will hold chunks back")  # fmt: skip
     return text
-
-
-# --------------------------------------------------------------------------- guard
-
-
-class MemoryGuard:
-    """Samples the process tree's RSS; tells the dispatcher when it may take a chunk."""
-
-    def __init__(self, budget: int, interval: float = SAMPLE_INTERVAL_S) -> None:
-        self.high = int(budget * HIGH_WATERMARK)
-        self.low = int(budget * LOW_WATERMARK)
-        self.interval = interval
-        self.rss = 0
-        self.peak = 0
-        self.samples = 0
-        self.paused = False
-        self.pauses = 0
-        self.paused_s = 0.0
-        self.forced = 0
-        self._tick = asyncio.Condition()
-        self._proc = psutil.Process()
-
-    def tree_rss(self) -> int:
-        return _rss(self._proc) + sum(_rss(p) for p in self._proc.children(recursive=True))
-
-    async def run(self) -> None:
-        """Sample until cancelled."""
-        while True:
-            await self.sample()
-            await asyncio.sleep(self.interval)
-
-    async def sample(self) -> int:
-        rss = await asyncio.to_thread(self.tree_rss)
-        self.rss, self.peak, self.samples = rss, max(self.peak, rss), self.samples + 1
-        if not self.paused and rss > self.high:
-            self.paused = True
-            self.pauses += 1
-            log.info("memory %s above the high watermark %s: holding chunks back", gib(rss), gib(self.high),
-                     extra={"stage": "transform"})  # fmt: skip
-        elif self.paused and rss < self.low:
-            self.paused = False
-        async with self._tick:
-            self._tick.notify_all()
-        return rss
-
-    async def admit(self, busy: Callable[[], int]) -> None:
-        """Return when a chunk may start: memory is low enough, or nothing else is running."""
-        if not self.paused:
-            return
-        start = time.perf_counter()
-        async with self._tick:
-            await self._tick.wait_for(lambda: not self.paused or busy() <= 0)
-        self.paused_s += time.perf_counter() - start
-        if self.paused:
-            self.forced += 1
-            if self.forced == 1:
-                log.warning("memory %s is above %s with no chunk in flight: running chunks one at a "
-                            "time (the run's fixed cost plus one chunk needs more than the budget; "
-                            "lower read.chunk_rows or raise resources.memory_limit)", gib(self.rss), gib(self.high),
-                            extra={"stage": "transform"})  # fmt: skip
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"peak_rss_bytes": self.peak, "samples": self.samples, "high_watermark": self.high,
-                "low_watermark": self.low, "pauses": self.pauses, "paused_seconds": round(self.paused_s, 3),
-                "forced_admits": self.forced}  # fmt: skip
-
-
-class GatedChunks:
-    """The chunks queue as the transform dispatcher sees it: ``get`` first asks the guard.
-
-    A chunk is busy from the moment it is taken until its result is on the results queue,
-    so ``busy`` is chunks taken minus results put.
-    """
-
-    def __init__(self, chunks: BoundedQueue[Chunk], results: BoundedQueue[ChunkResult], guard: MemoryGuard) -> None:
-        self.chunks, self.results, self.guard = chunks, results, guard
-        self.taken = 0
-
-    def busy(self) -> int:
-        return self.taken - self.results.stats.items
-
-    async def get(self) -> Chunk | None:
-        await self.guard.admit(self.busy)
-        chunk = await self.chunks.get()
-        if chunk is not None:
-            self.taken += 1
-        return chunk

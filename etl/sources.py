@@ -41,10 +41,10 @@ from urllib.request import url2pathname
 
 from etl import objectstore
 from etl.config import JobConfig
-from etl.download import redact_url
 from etl.errors import ConfigError
 from etl.objectstore import is_object_url
 from etl.records import Format, Source
+from etl.redact import redact_url
 
 MAX_SOURCES = 1_000_000  # guards against a typo like {0..99999999}; raise it if a job needs more
 

@@ -17,11 +17,11 @@ import pytest
 
 from etl.config import JobConfig, parse_size
 from etl.datagen import generate
+from etl.memguard import MemoryGuard
+from etl.probe import Probe
 from etl.resources import (
     PLAN_SHARE,
     Machine,
-    MemoryGuard,
-    Probe,
     cgroup_limits,
     machine,
     memory_budget,

@@ -28,14 +28,9 @@ from etl.config import JobConfig, load_job
 from etl.errors import WorkerCrashed
 from etl.pipeline import RunOptions, run_job
 from etl.records import Chunk, ChunkResult, Source, StagedFile
+from etl.recovery import MIN_SPLIT_ROWS, split_name
 from etl.storage import read_chunks
-from etl.transform import (
-    MIN_SPLIT_ROWS,
-    ProcessExecutor,
-    ThreadExecutor,
-    WorkerSpec,
-    split_name,
-)
+from etl.transform import ProcessExecutor, ThreadExecutor, WorkerSpec
 from tests.conftest import write_trips_csv
 
 ROOT = Path(__file__).resolve().parents[1]
