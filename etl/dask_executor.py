@@ -120,8 +120,9 @@ def run_remote(token: str, chunk: Chunk) -> ChunkResult:
 class DaskExecutor(Executor):
     """Runs chunks on a Dask cluster through the futures API (see the module docstring)."""
 
-    def __init__(self, spec: WorkerSpec, workers: int, cfg: TransformConfig) -> None:
+    def __init__(self, spec: WorkerSpec, workers: int, cfg: TransformConfig, budget: int | None = None) -> None:
         self.address = cfg.dask.address
+        self._budget = budget
         self._timeout = cfg.chunk_timeout
         self._token = uuid.uuid4().hex[:12]
         self._client: Client | None = None
@@ -146,7 +147,7 @@ class DaskExecutor(Executor):
         target: str | LocalCluster = self.address
         try:
             if self.address == "local":
-                self._cluster = await _local_cluster(workers)
+                self._cluster = await _local_cluster(workers, self._budget)
                 target = self._cluster
             # Connect timeout: Dask's distributed.comm.timeouts.connect (30s by default).
             self._client = await Client(target, asynchronous=True, direct_to_workers=DIRECT_TO_WORKERS)
@@ -235,9 +236,16 @@ class DaskExecutor(Executor):
                     future.release()
 
 
-async def _local_cluster(workers: int) -> LocalCluster:
-    """``workers`` processes, one thread each, sharing the memory available now."""
-    memory = psutil.virtual_memory().available // workers
+# A Dask worker process alone holds ~150 MiB; below this floor it would pause or be
+# restarted by its nanny on every chunk, so a tiny budget is raised to it.
+DASK_WORKER_MIN_MEMORY = 384 << 20
+
+
+async def _local_cluster(workers: int, budget: int | None) -> LocalCluster:
+    """``workers`` processes, one thread each, sharing the run's memory budget (the plan of
+    etl/resources.py), or the memory available now when there is none."""
+    share = (budget if budget else psutil.virtual_memory().available) // workers
+    memory = max(share, DASK_WORKER_MIN_MEMORY)
     # The scheduler runs in this process: its per-event INFO lines would drown the run's log.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with dask.config.set({"distributed.scheduler.allowed-failures": LOCAL_ALLOWED_FAILURES}):

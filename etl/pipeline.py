@@ -120,7 +120,7 @@ class Run:
         OutputWriter.clean_leftovers(cfg.output, keep=adopt)
         writer = OutputWriter(cfg.output, self.opts.run_id, adopt=adopt)
         self.commits.begin(writer)
-        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output), workers)
+        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output), workers, plan.budget)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
         self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
         self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(

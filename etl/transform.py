@@ -294,7 +294,8 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def make_executor(cfg: TransformConfig, spec: WorkerSpec, workers: int) -> Executor:
+def make_executor(cfg: TransformConfig, spec: WorkerSpec, workers: int, budget: int | None = None) -> Executor:
+    """``budget``: the run's memory budget in bytes; a local Dask cluster splits it among its workers."""
     if cfg.executor == "serial":
         return ThreadExecutor(spec, 1)
     if cfg.executor == "thread":
@@ -303,7 +304,7 @@ def make_executor(cfg: TransformConfig, spec: WorkerSpec, workers: int) -> Execu
         return ProcessExecutor(spec, workers, cfg.chunk_timeout)
     from etl.dask_executor import DaskExecutor  # optional extra: imported only when asked for
 
-    return DaskExecutor(spec, workers, cfg)
+    return DaskExecutor(spec, workers, cfg, budget=budget)
 
 
 def default_workers() -> int:

@@ -117,3 +117,17 @@ def test_a_wrong_scheduler_address_fails_with_a_clear_error(trips_dir: Path, wri
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), pytest.raises(ETLError) as e:
         run(job, 'transform.dask.address="tcp://127.0.0.1:9"')
     assert "transform.dask.address" in str(e.value) and "127.0.0.1:9" in str(e.value)
+
+
+def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, write_job: JobWriter) -> None:
+    from etl.dask_executor import DaskExecutor
+    from etl.transform import WorkerSpec
+
+    cfg = load_job(write_job(job_text('["data/trips-*.csv"]', executor="dask")))
+    executor = DaskExecutor(WorkerSpec(cfg.transform, cfg.output), 2, cfg.transform, budget=2 * 2**30)
+    try:
+        assert executor._cluster is not None
+        limits = [w.memory_manager.memory_limit for w in executor._cluster.workers.values()]
+    finally:
+        executor.close()
+    assert limits == [2**30, 2**30]  # the 2 GiB budget split between two workers
