@@ -22,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from etl.config import JobConfig
 from etl.download import download_stage
@@ -206,9 +206,7 @@ class Run:
         meter.count_in(len(sources), stats.bytes)
 
     async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
         bar = self.progress.stage("read", "chunks")
-        slots = asyncio.Semaphore(self.cfg.read.threads)
         meter = self.stats.meters["read"]
 
         def read_file(staged: StagedFile) -> None:
@@ -227,19 +225,7 @@ class Run:
             self.summary.files_read += 1
             self.summary.bytes_read += staged.size
 
-        async def one(staged: StagedFile) -> None:
-            try:
-                await loop.run_in_executor(self.read_pool, read_file, staged)
-            finally:
-                slots.release()
-
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                await slots.acquire()
-                staged = await self.files_q.get()
-                if staged is None:
-                    break
-                tg.create_task(one(staged))
+        await _drain(self.files_q, self.read_pool, read_file, self.cfg.read.threads)
         await self.chunks_q.close()
 
     async def _transform(self, executor: Any, in_flight: int) -> None:
@@ -256,9 +242,7 @@ class Run:
         s.transform = stats.as_dict()
 
     async def _write(self, writer: OutputWriter) -> None:
-        loop = asyncio.get_running_loop()
         bar = self.progress.stage("write", "parts")
-
         meter = self.stats.meters["write"]
 
         def write(result: ChunkResult) -> None:
@@ -274,21 +258,32 @@ class Run:
             self.commits.written(result, done)
             self.summary.parts_written += len(result.parts)
 
-        slots = asyncio.Semaphore(self.cfg.output.writer_threads)
+        await _drain(self.results_q, self.write_pool, write, self.cfg.output.writer_threads)
 
-        async def one(result: ChunkResult) -> None:
-            try:
-                await loop.run_in_executor(self.write_pool, write, result)
-            finally:
-                slots.release()
 
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                await slots.acquire()
-                result = await self.results_q.get()
-                if result is None:
-                    break
-                tg.create_task(one(result))
+async def _drain(queue: BoundedQueue[Any], pool: ThreadPoolExecutor, work: Callable[[Any], None],
+                 limit: int) -> None:  # fmt: skip
+    """Run ``work(item)`` in ``pool`` for every item of ``queue``, at most ``limit`` at once.
+
+    An item is taken only when a slot is free, so a busy pool leaves items in the queue
+    and its bound pushes back on the stage that feeds it.
+    """
+    loop = asyncio.get_running_loop()
+    slots = asyncio.Semaphore(limit)
+
+    async def one(item: Any) -> None:
+        try:
+            await loop.run_in_executor(pool, work, item)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as tg:
+        while True:
+            await slots.acquire()
+            item = await queue.get()
+            if item is None:
+                break
+            tg.create_task(one(item))
 
 
 def _first_error(e: BaseException) -> BaseException:

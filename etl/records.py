@@ -84,6 +84,11 @@ class Part:
     rows: int
 
 
+RESULT_COUNTERS = ("rows_in", "rows_out", "rows_rejected", "seconds", "decode_seconds",
+                   "steps_seconds", "encode_seconds")  # fmt: skip
+"""The additive fields of a ``ChunkResult``: summed over split pieces and over a run."""
+
+
 @dataclass(slots=True)
 class ChunkResult:
     """What a worker sends back: encoded parts, rejected rows and a few metrics."""

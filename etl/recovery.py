@@ -35,7 +35,7 @@ import pandas as pd
 
 from etl.config import TransformConfig
 from etl.errors import ChunkTimeout, WorkerCrashed
-from etl.records import Chunk, ChunkResult, Part
+from etl.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 
 if TYPE_CHECKING:  # etl.transform imports this module; these are for annotations only
     from etl.transform import Executor, TransformStats
@@ -168,14 +168,9 @@ def merge_pieces(chunk: Chunk, pieces: list[ChunkResult]) -> ChunkResult:
     merged = ChunkResult(chunk.source_index, chunk.index, rows_in=0, rows_out=0,
                          attempts=max(p.attempts for p in pieces))  # fmt: skip
     for p in pieces:
-        merged.rows_in += p.rows_in
-        merged.rows_out += p.rows_out
-        merged.rows_rejected += p.rows_rejected
         merged.parts += p.parts
-        merged.seconds += p.seconds
-        merged.decode_seconds += p.decode_seconds
-        merged.steps_seconds += p.steps_seconds
-        merged.encode_seconds += p.encode_seconds
+        for name in RESULT_COUNTERS:
+            setattr(merged, name, getattr(merged, name) + getattr(p, name))
     rejects = [p.rejects for p in pieces if p.rejects is not None]
     if rejects:  # JSON Lines concatenate; pieces are in row order
         merged.rejects = Part(rejects_name(chunk), b"".join(r.data for r in rejects), sum(r.rows for r in rejects))

@@ -68,7 +68,7 @@ import pebble
 from etl.config import OutputConfig, TransformConfig
 from etl.errors import ChunkTimeout, ETLError, RemoteTraceback, StepError, WorkerCrashed
 from etl.flow import BoundedQueue
-from etl.records import Chunk, ChunkResult, Part
+from etl.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 from etl.recovery import ChunkRunner, encode_rejects
 
 log = logging.getLogger("etl.transform")
@@ -338,13 +338,9 @@ class TransformStats:
     """``ipc_seconds`` over the stage's wall time: the target is below 0.10."""
 
     def add(self, result: ChunkResult) -> None:
-        self.rows_in += result.rows_in
-        self.rows_out += result.rows_out
-        self.rows_rejected += result.rows_rejected
-        self.worker_seconds += result.seconds
-        self.decode_seconds += result.decode_seconds
-        self.steps_seconds += result.steps_seconds
-        self.encode_seconds += result.encode_seconds
+        for name in RESULT_COUNTERS:
+            mine = "worker_seconds" if name == "seconds" else name
+            setattr(self, mine, getattr(self, mine) + getattr(result, name))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
