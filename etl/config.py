@@ -124,6 +124,11 @@ class ReadConfig(Model):
     """Text encoding of CSV files."""
     null_values: list[str] = [""]
     """CSV strings read as null. CSV columns are read as strings; ``cast`` gives them types."""
+    parse: Literal["worker", "reader"] = "worker"
+    """Where CSV is parsed: ``worker`` (readers only decompress and cut the text at record
+    boundaries; parsing runs in the transform workers, off the parent's cores) or
+    ``reader`` (parsed in the parent's reader threads; use it for files with quote
+    characters inside unquoted fields, which can hide where a record ends)."""
 
 
 # ----------------------------------------------------------------------- transform

@@ -120,7 +120,7 @@ class Run:
         OutputWriter.clean_leftovers(cfg.output, keep=adopt)
         writer = OutputWriter(cfg.output, self.opts.run_id, adopt=adopt)
         self.commits.begin(writer)
-        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output), workers, plan.budget)
+        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output, cfg.read), workers, plan.budget)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
         self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
         self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(
@@ -219,7 +219,7 @@ class Run:
                     with meter.blocked():
                         self.chunks_q.put_threadsafe(chunk)
                     chunks += 1
-                    meter.count_out(1, chunk.nbytes, chunk.rows)
+                    meter.count_out(1, chunk.nbytes, chunk.rows if chunk.kind == "arrow" else 0)  # raw CSV: rows are known once parsed
                     bar.update(items=1, nbytes=chunk.nbytes)
             self.commits.read_done(staged.source, chunks)
             self.summary.files_read += 1
@@ -235,7 +235,7 @@ class Run:
         stats = await transform_stage(
             GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]
             results_in, MeteredExecutor(executor, meter),  # type: ignore[arg-type]
-            self.cfg.transform, in_flight, bar, ipc=executor.ipc_stats,
+            self.cfg.transform, in_flight, bar, ipc=executor.ipc_stats, read=self.cfg.read,
         )  # fmt: skip
         s = self.summary
         s.chunks, s.rows_in, s.rows_out, s.rows_rejected = stats.chunks, stats.rows_in, stats.rows_out, stats.rows_rejected

@@ -115,7 +115,7 @@ def _worker_probe(cfg: JobConfig, chunk: Chunk | None) -> dict[str, int]:
     # A thread executor has no fork server to reuse: spawn one short-lived process instead of
     # measuring in the parent, whose allocator caches (the read probe's) would hide the cost.
     ctx = multiprocessing.get_context("spawn") if threads else mp_context()
-    spec = WorkerSpec(cfg.transform, cfg.output)
+    spec = WorkerSpec(cfg.transform, cfg.output, cfg.read)
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=init_worker, initargs=(spec, True))
     try:
         warm = _head(chunk, WARM_ROWS) if chunk is not None else None
@@ -133,8 +133,11 @@ def _worker_probe(cfg: JobConfig, chunk: Chunk | None) -> dict[str, int]:
 
 
 def _head(chunk: Chunk, rows: int) -> Chunk:
+    from etl.csv_split import head
     from etl.formats import decode_ipc, encode_ipc
 
+    if chunk.kind == "csv":
+        return head(chunk, rows)
     table = decode_ipc(chunk.data).slice(0, rows)
     return replace(chunk, rows=table.num_rows, data=encode_ipc(table))
 
@@ -149,14 +152,12 @@ def _probe_base(warm: Chunk | None) -> int:
 
 def _probe_chunk(chunk: Chunk, base: int) -> dict[str, int]:
     """In the probe worker: peak RSS over one chunk (receiving it included), above ``base``."""
-    import pandas as pd
+    from etl import transform
 
-    from etl.formats import decode_ipc
-    from etl.transform import run_chunk
-
-    result = run_chunk(chunk)
+    result = transform.run_chunk(chunk)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    frame = decode_ipc(chunk.data).to_pandas(types_mapper=pd.ArrowDtype).memory_usage(deep=True).sum()
+    assert transform._SPEC is not None
+    frame = transform.decode_chunk(chunk, transform._SPEC.read, "skip")[0].memory_usage(deep=True).sum()
     return {"work": max(peak - base, 0), "frame": int(frame), "result": result.nbytes}
 
 

@@ -1,7 +1,7 @@
 """The plain records that travel between stages (and across the process boundary).
 
 Nothing here holds a live resource: no session, no open file, no DataFrame. A ``Chunk``
-carries its rows as Arrow IPC stream bytes and a ``ChunkResult`` carries encoded output
+carries its rows as Arrow IPC stream bytes or raw CSV text and a ``ChunkResult`` carries encoded output
 files, so both pickle as a few large ``bytes`` objects and cost a memcpy to send.
 
 Every record knows its identity (source, chunk index, row range) so that every error,
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 Format = Literal["csv", "jsonl", "parquet"]
+ChunkKind = Literal["arrow", "csv"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,21 +55,36 @@ class StagedFile:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Consecutive rows of one source, as an Arrow IPC stream."""
+    """Consecutive rows of one source: an Arrow IPC stream, or raw CSV records.
+
+    ``kind = "arrow"``: ``data`` is an Arrow IPC stream (parsed by a reader thread);
+    ``row_start`` is the 0-based data row of its first row and ``rows`` its row count.
+    ``kind = "csv"``: ``data`` is whole CSV records, without the header, that the worker
+    parses (``etl.csv_split``); ``row_start`` is the 1-based file line where its first
+    record starts and ``rows`` the lines it spans (its records, unless values hold
+    newlines). Rows are then named by file line in every error and dead-letter record.
+    """
 
     source_index: int
     source_name: str
     index: int
     """0-based chunk number within the source."""
     row_start: int
-    """0-based index of the chunk's first data row within the source."""
     rows: int
     data: bytes = field(repr=False)
+    kind: ChunkKind = "arrow"
+    columns: tuple[str, ...] = ()
+    """``csv`` chunks: the column names from the file's header."""
+
+    @property
+    def unit(self) -> str:
+        """How a row is numbered: by file ``line`` (CSV parsed in workers) or data ``row``."""
+        return "line" if self.kind == "csv" else "row"
 
     @property
     def label(self) -> str:
         end = self.row_start + self.rows - 1
-        return f"{self.source_name}[chunk {self.index}, rows {self.row_start}-{end}]"
+        return f"{self.source_name}[chunk {self.index}, {self.unit}s {self.row_start}-{end}]"
 
     @property
     def nbytes(self) -> int:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from etl.config import TransformConfig
+from etl.config import ReadConfig, TransformConfig
 from etl.errors import ChunkTimeout, WorkerCrashed
 from etl.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 
@@ -49,9 +49,10 @@ OOM_KILL = "killed by SIGKILL"  # how describe_exit() names the OOM killer's sig
 
 
 def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:
-    """Dead-letter rows as JSON Lines: source, row, step, reason and the raw input row."""
+    """Dead-letter rows as JSON Lines: source, row (or the file line, see ``Chunk.unit``),
+    step, reason and the raw input row."""
     lines = [
-        json.dumps({"source": chunk.source_name, "row": int(r["_row"]), "step": r["_step"],
+        json.dumps({"source": chunk.source_name, chunk.unit: int(r["_row"]), "step": r["_step"],
                     "reason": r["_reason"], "raw": json.loads(r["_raw"]) if r["_raw"] else None})  # fmt: skip
         for r in rejects.to_dict("records")
     ]
@@ -69,9 +70,11 @@ def rejects_name(chunk: Chunk) -> str:
 class ChunkRunner:
     """Runs one chunk to completion: retries, splits after SIGKILL, sets aside or fails."""
 
-    def __init__(self, executor: Executor, cfg: TransformConfig, stats: TransformStats) -> None:
+    def __init__(self, executor: Executor, cfg: TransformConfig, stats: TransformStats, read: ReadConfig) -> None:
         self.executor = executor
         self.cfg = cfg
+        self.read = read
+        """How to parse a raw CSV chunk in the parent, to set its rows aside."""
         self.stats = stats
 
     async def run(self, chunk: Chunk) -> ChunkResult:
@@ -88,7 +91,9 @@ class ChunkRunner:
             except WorkerCrashed as e:
                 e.attempts = attempt
                 if type(e) is WorkerCrashed and e.signal == OOM_KILL and chunk.rows >= 2 * MIN_SPLIT_ROWS:
-                    return await self._split(chunk, path, e)
+                    halves = await asyncio.to_thread(split_chunk, chunk)
+                    if halves is not None:
+                        return await self._split(chunk, halves, path, e)
                 if attempt == max_attempts:
                     return [self._give_up(chunk, e)]
                 self.stats.retries += 1
@@ -101,8 +106,8 @@ class ChunkRunner:
             return [rename_for_split(result, path)]
         raise AssertionError("unreachable")
 
-    async def _split(self, chunk: Chunk, path: str, e: WorkerCrashed) -> list[ChunkResult]:
-        first, second = await asyncio.to_thread(split_chunk, chunk)
+    async def _split(self, chunk: Chunk, halves: tuple[Chunk, Chunk], path: str, e: WorkerCrashed) -> list[ChunkResult]:
+        first, second = halves
         self.stats.splits += 1
         log.warning(
             "%s: %s (out of memory?); retrying as two halves of %d and %d rows", chunk.label,
@@ -121,18 +126,24 @@ class ChunkRunner:
             f"after {attempts}" if isinstance(e, ChunkTimeout) else f"worker crashed: {e.signal} after {attempts}"
         )  # fmt: skip
         self.stats.pieces_set_aside += 1
-        log.warning("%s: %s; %d rows set aside (transform.on_error = %r)", chunk.label, reason, chunk.rows,
+        rows, rejects = whole_chunk_rejects(chunk, reason, self.read)
+        log.warning("%s: %s; %d rows set aside (transform.on_error = %r)", chunk.label, reason, rows,
                     self.cfg.on_error, extra={"stage": "transform", "source": chunk.source_name})  # fmt: skip
-        result = ChunkResult(chunk.source_index, chunk.index, rows_in=chunk.rows, rows_out=0,
-                             rows_rejected=chunk.rows, attempts=e.attempts)  # fmt: skip
+        result = ChunkResult(chunk.source_index, chunk.index, rows_in=rows, rows_out=0,
+                             rows_rejected=rows, attempts=e.attempts)  # fmt: skip
         if self.cfg.on_error == "quarantine":
-            result.rejects = whole_chunk_rejects(chunk, reason)
+            result.rejects = rejects
         return result
 
 
-def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk]:
-    """Two chunks holding the first and second half of ``chunk``'s rows (same index)."""
+def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk] | None:
+    """Two chunks holding the first and second half of ``chunk``'s rows (same index);
+    None when it cannot be split (one CSV record)."""
+    from etl.csv_split import split_in_half
     from etl.storage import decode_ipc, encode_ipc
+
+    if chunk.kind == "csv":
+        return split_in_half(chunk)
 
     table = decode_ipc(chunk.data)
     mid = table.num_rows // 2
@@ -144,16 +155,17 @@ def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk]:
     )  # fmt: skip
 
 
-def whole_chunk_rejects(chunk: Chunk, reason: str) -> Part:
-    """Every row of a chunk that could not be transformed, as dead-letter lines."""
-    from etl.storage import decode_ipc
+def whole_chunk_rejects(chunk: Chunk, reason: str, read: ReadConfig) -> tuple[int, Part]:
+    """Every row of a chunk that could not be transformed: how many, and as dead-letter lines."""
+    from etl.transform import decode_chunk
 
-    raws = [json.dumps(r, ensure_ascii=False, default=str) for r in decode_ipc(chunk.data).to_pylist()]
+    df, malformed = decode_chunk(chunk, read, on_error="skip")  # the parent parses a CSV chunk: error path only
+    raws = [json.dumps(r, ensure_ascii=False, default=str) for r in df.to_dict("records")]
     rejects = pd.DataFrame({
-        "_row": range(chunk.row_start, chunk.row_start + len(raws)), "_step": "transform",
+        "_row": df.index, "_step": "transform",
         "_reason": reason, "_raw": raws,
     })  # fmt: skip
-    return encode_rejects(rejects, chunk)
+    return len(df) + (0 if malformed is None else len(malformed)), encode_rejects(rejects, chunk)
 
 
 def rename_for_split(result: ChunkResult, path: str) -> ChunkResult:

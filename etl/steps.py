@@ -1,7 +1,8 @@
 """Run the transform steps of a job on one chunk: pure DataFrame -> DataFrame functions.
 
 In: a chunk as a DataFrame whose index holds the source row numbers (a RangeIndex from
-the chunk's ``row_start``; CSV/JSONL columns are strings, Parquet keeps its types) and
+the chunk's ``row_start``), or for CSV parsed in the workers the file line each row starts
+on (CSV/JSONL columns are strings, Parquet keeps its types), and
 the job's steps (``etl.config.Step``). Out: ``apply_steps`` returns ``(result, rejects)``.
 Steps never reorder rows and keep the index, so a row is named by its source row number
 in every error and reject. ``validate_steps`` checks the steps once at start-up.
@@ -50,9 +51,11 @@ Bad = tuple[np.ndarray, np.ndarray]
 
 
 def apply_steps(
-    df: pd.DataFrame, steps: Sequence[Step], *, base_dir: Path, on_error: str = "fail", label: str = ""
+    df: pd.DataFrame, steps: Sequence[Step], *, base_dir: Path, on_error: str = "fail", label: str = "",
+    unit: str = "row",
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Run steps in order. Returns (result, rejects); rejects is None when no row was rejected."""
+    """Run steps in order. Returns (result, rejects); rejects is None when no row was rejected.
+    ``unit`` says what the index numbers: a data ``row`` or the file ``line`` a row starts on."""
     original = df
     rejects: list[pd.DataFrame] = []
     for i, step in enumerate(steps):
@@ -70,7 +73,7 @@ def apply_steps(
         mask, reasons = bad
         if on_error == "fail":
             first = int(np.argmax(mask))
-            raise StepError(f"{reasons[first]} at row {df.index[first]}", item=label, step=where)
+            raise StepError(f"{reasons[first]} at {unit} {df.index[first]}", item=label, step=where)
         rejects.append(_rejects(original, df.index[mask], reasons[mask], where))
         df = df[~mask]
     return df, (pd.concat(rejects, ignore_index=True) if rejects else None)

@@ -7,7 +7,7 @@ Queues and flow::
      closed by the                   at most `in_flight` chunks          closed by the
      read stage)                     submitted at once                   dispatcher)
 
-* **In**: ``Chunk`` records (Arrow IPC bytes + identity) from the chunks queue.
+* **In**: ``Chunk`` records (Arrow IPC bytes or raw CSV text, + identity) from the chunks queue.
 * **Out**: one ``ChunkResult`` per chunk (a chunk split in halves, see below, still gives
   one: the halves' results are merged), with encoded output parts, rejected rows and
   metrics, put on the results queue in completion order; part names carry source and
@@ -18,8 +18,9 @@ Queues and flow::
   returned, the dispatcher closes the results queue.
 * **Crossing the process boundary**: only plain data. The ``WorkerSpec`` (validated
   transform and output config) goes once per worker through the pool's initializer; then
-  a ``Chunk`` goes in and a ``ChunkResult`` comes out. Decoding, the steps and the output
-  encoding (Parquet compression included) all run in the worker, off the parent's GIL.
+  a ``Chunk`` goes in and a ``ChunkResult`` comes out. CSV parsing (``read.parse =
+  "worker"``), the steps and the output encoding (Parquet compression included) all run
+  in the worker, off the parent's cores.
 
 Inter-process cost (issue 4). Chunks travel as uncompressed Arrow IPC stream bytes (the
 reader threads produce them; the worker decodes them zero-copy) and parts come back
@@ -65,7 +66,7 @@ from typing import Any
 import pandas as pd
 import pebble
 
-from etl.config import OutputConfig, TransformConfig
+from etl.config import OutputConfig, ReadConfig, TransformConfig
 from etl.errors import ChunkTimeout, ETLError, RemoteTraceback, StepError, WorkerCrashed
 from etl.flow import BoundedQueue
 from etl.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
@@ -84,6 +85,8 @@ class WorkerSpec:
 
     transform: TransformConfig
     output: OutputConfig
+    read: ReadConfig
+    """How to parse raw CSV chunks (``read.parse = "worker"``)."""
 
 
 _SPEC: WorkerSpec | None = None
@@ -101,21 +104,34 @@ def init_worker(spec: WorkerSpec, ignore_sigint: bool = False) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def decode_chunk(chunk: Chunk, read: ReadConfig, on_error: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The chunk as a DataFrame indexed by row (or file line) number, and the rows that
+    could not be parsed (raw CSV only, ``on_error`` other than ``fail``)."""
+    if chunk.kind == "csv":
+        from etl.csv_split import parse_csv_chunk
+
+        return parse_csv_chunk(chunk, read, on_error)
+    from etl.storage import decode_ipc
+
+    df = decode_ipc(chunk.data).to_pandas(types_mapper=pd.ArrowDtype)
+    df.index = pd.RangeIndex(chunk.row_start, chunk.row_start + len(df))
+    return df, None
+
+
 def run_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, transform and encode one chunk. Runs in a worker (or inline for serial)."""
     from etl.steps import apply_steps
-    from etl.storage import decode_ipc, encode_parts
+    from etl.storage import encode_parts
 
     assert _SPEC is not None, "init_worker() was not called in this process"
-    start = time.perf_counter()
-    df = decode_ipc(chunk.data).to_pandas(types_mapper=pd.ArrowDtype)
-    df.index = pd.RangeIndex(chunk.row_start, chunk.row_start + len(df))
-    decoded = time.perf_counter()
     spec = _SPEC
+    start = time.perf_counter()
+    df, malformed = decode_chunk(chunk, spec.read, spec.transform.on_error)
+    decoded = time.perf_counter()
     try:
         result, rejects = apply_steps(
             df, spec.transform.steps, base_dir=spec.transform.base_dir,
-            on_error=spec.transform.on_error, label=chunk.label,
+            on_error=spec.transform.on_error, label=chunk.label, unit=chunk.unit,
         )  # fmt: skip
     except StepError:
         raise
@@ -124,13 +140,16 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     stepped = time.perf_counter()
     parts = encode_parts(result, spec.output, source_index=chunk.source_index, chunk_index=chunk.index,
                          label=chunk.label)
+    if malformed is not None:
+        rejects = malformed if rejects is None else pd.concat([malformed, rejects], ignore_index=True)
     reject_part: Part | None = None
     n_rejected = 0 if rejects is None else len(rejects)
     if n_rejected and spec.transform.on_error == "quarantine":
         reject_part = encode_rejects(rejects, chunk)
     end = time.perf_counter()
+    n_malformed = 0 if malformed is None else len(malformed)
     return ChunkResult(
-        source_index=chunk.source_index, index=chunk.index, rows_in=len(df),
+        source_index=chunk.source_index, index=chunk.index, rows_in=len(df) + n_malformed,
         rows_out=len(result), rows_rejected=n_rejected, parts=parts, rejects=reject_part,
         seconds=end - start, decode_seconds=decoded - start, steps_seconds=stepped - decoded,
         encode_seconds=end - stepped,
@@ -355,10 +374,12 @@ async def transform_stage(
     progress: Any = None,
     *,
     ipc: Callable[[], IpcStats] | None = None,
+    read: ReadConfig | None = None,
 ) -> TransformStats:
-    """``ipc``: where to read the IPC cost when ``executor`` is a wrapper (default: its own)."""
+    """``ipc``: where to read the IPC cost when ``executor`` is a wrapper (default: its own);
+    ``read``: how CSV chunks are parsed, for setting a crashed chunk's rows aside."""
     stats = TransformStats()
-    runner = ChunkRunner(executor, cfg, stats)
+    runner = ChunkRunner(executor, cfg, stats, read or ReadConfig())
     window = asyncio.Semaphore(in_flight)
     start = time.perf_counter()
 

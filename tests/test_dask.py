@@ -124,7 +124,7 @@ def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, wri
     from etl.transform import WorkerSpec
 
     cfg = load_job(write_job(job_text('["data/trips-*.csv"]', executor="dask")))
-    executor = DaskExecutor(WorkerSpec(cfg.transform, cfg.output), 2, cfg.transform, budget=2 * 2**30)
+    executor = DaskExecutor(WorkerSpec(cfg.transform, cfg.output, cfg.read), 2, cfg.transform, budget=2 * 2**30)
     try:
         assert executor._cluster is not None
         limits = [w.memory_manager.memory_limit for w in executor._cluster.workers.values()]

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.config import OutputConfig, ReadConfig
+from etl.csv_split import parse_csv_chunk
 from etl.errors import ConfigError, DataError
 from etl.formats import decode_ipc, encode_table, read_chunks
 from etl.records import Chunk, Source, StagedFile
@@ -27,12 +28,22 @@ def staged(path: Path, fmt: str, index: int = 2) -> StagedFile:
     return StagedFile(Source(index, str(path), path.name, fmt), path, path.stat().st_size)  # type: ignore[arg-type]
 
 
-def table_of(chunks: list[Chunk]) -> pa.Table:
-    return pa.concat_tables(decode_ipc(c.data) for c in chunks)
+def decoded(chunk: Chunk, cfg: ReadConfig) -> pa.Table:
+    """A chunk's rows as the worker sees them: Arrow IPC, or raw CSV parsed."""
+    if chunk.kind == "arrow":
+        return decode_ipc(chunk.data)
+    return pa.Table.from_pandas(parse_csv_chunk(chunk, cfg, "fail")[0], preserve_index=False)
 
 
-def rows_of(chunks: list[Chunk]) -> list[tuple[Any, ...]]:
-    return [tuple(r.values()) for r in table_of(chunks).to_pylist()]
+def table_of(chunks: list[Chunk], cfg: ReadConfig | None = None) -> pa.Table:
+    return pa.concat_tables(decoded(c, cfg or ReadConfig()) for c in chunks)
+
+
+def rows_of(chunks: list[Chunk], cfg: ReadConfig | None = None) -> list[tuple[Any, ...]]:
+    return [tuple(r.values()) for r in table_of(chunks, cfg).to_pylist()]
+
+
+PARSE_WHERE = pytest.mark.parametrize("parse", ["reader", "worker"])
 
 
 def pandas_rows(path: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -77,16 +88,20 @@ def assert_chunk_shape(chunks: list[Chunk], total: int, size: int, name: str) ->
 # ----------------------------------------------------------------------------- CSV
 
 
+@PARSE_WHERE
 @pytest.mark.parametrize("suffix", ["", ".gz", ".zst", ".bz2"])
-def test_csv_chunks_equal_pandas_rows_for_every_compression(tmp_path: Path, suffix: str) -> None:
+def test_csv_chunks_equal_pandas_rows_for_every_compression(tmp_path: Path, suffix: str, parse: str) -> None:
     plain = tmp_path / "plain.csv"
     plain.write_bytes(tricky_csv_bytes())
     path = tmp_path / f"trips.csv{suffix}"
     path.write_bytes(compress(plain.read_bytes(), suffix))
 
-    chunks = list(read_chunks(staged(path, "csv"), ReadConfig(chunk_rows=7)))
+    chunks = list(read_chunks(staged(path, "csv"), ReadConfig(chunk_rows=7, parse=parse)))  # type: ignore[arg-type]
 
-    assert_chunk_shape(chunks, total=100, size=7, name=path.name)
+    if parse == "reader":
+        assert_chunk_shape(chunks, total=100, size=7, name=path.name)
+    else:  # cut by bytes at record ends: about 7 lines each
+        assert [c.index for c in chunks] == list(range(len(chunks))) and len(chunks) > 10
     columns, expected = pandas_rows(plain)
     table = table_of(chunks)
     assert table.column_names == columns
@@ -97,7 +112,7 @@ def test_csv_chunks_equal_pandas_rows_for_every_compression(tmp_path: Path, suff
 def test_csv_chunk_boundaries_do_not_depend_on_block_size(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_bytes(tricky_csv_bytes(300))
-    cfg = ReadConfig(chunk_rows=11)
+    cfg = ReadConfig(chunk_rows=11, parse="reader")  # worker parsing cuts by bytes: no block size
 
     small = list(read_chunks(staged(path, "csv"), cfg, block_size=256))
     large = list(read_chunks(staged(path, "csv"), cfg, block_size=1 << 20))
@@ -108,22 +123,29 @@ def test_csv_chunk_boundaries_do_not_depend_on_block_size(tmp_path: Path) -> Non
     assert [decode_ipc(c.data) for c in small] == [decode_ipc(c.data) for c in large]
 
 
-def test_csv_quoted_values_are_never_null(tmp_path: Path) -> None:
+@PARSE_WHERE
+def test_csv_quoted_values_are_never_null(tmp_path: Path, parse: str) -> None:
     path = tmp_path / "q.csv"
     path.write_bytes(b'a,b\n"",\n"NA",NA\n')
+    cfg = ReadConfig(null_values=["", "NA"], parse=parse)  # type: ignore[arg-type]
 
-    chunks = list(read_chunks(staged(path, "csv"), ReadConfig(null_values=["", "NA"])))
+    chunks = list(read_chunks(staged(path, "csv"), cfg))
 
-    assert rows_of(chunks) == [("", None), ("NA", None)]
+    assert rows_of(chunks, cfg) == [("", None), ("NA", None)]
 
 
-def test_csv_delimiter_and_encoding_come_from_config(tmp_path: Path) -> None:
+@PARSE_WHERE
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_csv_delimiter_and_encoding_come_from_config(tmp_path: Path, parse: str, encoding: str) -> None:
     path = tmp_path / "latin.csv"
-    path.write_bytes("ville;prix\nMâcon;1,5\nSète;\n".encode("latin-1"))
+    path.write_bytes("ville;prix\nMâcon;1,5\nSète;\n".encode(encoding))
+    cfg = ReadConfig(delimiter=";", encoding=encoding, parse=parse)  # type: ignore[arg-type]
 
-    chunks = list(read_chunks(staged(path, "csv"), ReadConfig(delimiter=";", encoding="latin-1")))
+    chunks = list(read_chunks(staged(path, "csv"), cfg))
 
-    assert rows_of(chunks) == [("Mâcon", "1,5"), ("Sète", None)]
+    assert rows_of(chunks, cfg) == [("Mâcon", "1,5"), ("Sète", None)]
+    if encoding == "utf-16":  # newlines and quotes are two bytes: only the reader can parse it
+        assert {c.kind for c in chunks} == {"arrow"}
 
 
 def test_csv_unknown_encoding_is_a_config_error(tmp_path: Path) -> None:
@@ -138,6 +160,8 @@ def test_csv_unknown_encoding_is_a_config_error(tmp_path: Path) -> None:
     ("name", "fmt", "data"),
     [
         ("header.csv", "csv", b"a,b,c\n"),
+        ("header-blank.csv", "csv", b"\r\n\na,b,c\r\n\n\n"),
+        ("blank.csv", "csv", b"\n \n"),
         ("empty.csv", "csv", b""),
         ("empty.csv.gz", "csv", gzip.compress(b"")),
         ("blank.jsonl", "jsonl", b"\n\n"),
@@ -161,7 +185,7 @@ def test_csv_row_with_too_many_fields_names_file_line_and_chunk(
     path.write_text("\n".join(lines) + "\n")
 
     with pytest.raises(DataError) as e:
-        list(read_chunks(staged(path, "csv"), ReadConfig(chunk_rows=7), block_size=block_size))
+        list(read_chunks(staged(path, "csv"), ReadConfig(chunk_rows=7, parse="reader"), block_size=block_size))
 
     assert e.value.item == "bad.csv[chunk 4]"  # data row 30 is in rows 28-34
     assert str(path) in e.value.message
@@ -169,17 +193,18 @@ def test_csv_row_with_too_many_fields_names_file_line_and_chunk(
     assert "expected 3 fields" in e.value.message and "got 4" in e.value.message
 
 
-def test_truncated_gzip_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
+@PARSE_WHERE
+def test_truncated_gzip_is_a_data_error_naming_the_file(tmp_path: Path, parse: str) -> None:
     data = gzip.compress(tricky_csv_bytes(2000))
     path = tmp_path / "cut.csv.gz"
     path.write_bytes(data[: len(data) // 2])
 
     with pytest.raises(DataError) as e:
-        list(read_chunks(staged(path, "csv"), ReadConfig(chunk_rows=100)))
+        list(read_chunks(staged(path, "csv"), ReadConfig(chunk_rows=100, parse=parse)))  # type: ignore[arg-type]
 
-    assert e.value.item.startswith("cut.csv.gz[chunk ")
+    assert e.value.item.startswith("cut.csv.gz")
     assert str(path) in e.value.message
-    assert "runcated" in e.value.message  # pyarrow: "Truncated compressed stream"
+    assert "ended before the end-of-stream marker" in e.value.message  # ISA-L's gzip
 
 
 def test_unknown_format_is_a_data_error(tmp_path: Path) -> None:

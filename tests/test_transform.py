@@ -30,7 +30,7 @@ from etl.pipeline import RunOptions, run_job
 from etl.records import Chunk, ChunkResult, Source, StagedFile
 from etl.recovery import MIN_SPLIT_ROWS, split_name
 from etl.storage import read_chunks
-from etl.transform import ProcessExecutor, ThreadExecutor, WorkerSpec
+from etl.transform import ProcessExecutor, ThreadExecutor, WorkerSpec, decode_chunk
 from tests.conftest import write_trips_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,20 @@ def dead_letters(out: Path) -> list[dict[str, object]]:
     lines = []
     for p in sorted((out / "_rejected").glob("*.jsonl")):
         lines += [json.loads(line) for line in p.read_text().splitlines()]
-    return sorted(lines, key=lambda r: (str(r["source"]), int(r["row"])))  # type: ignore[call-overload]
+    return sorted(lines, key=lambda r: (str(r["source"]), int(r.get("line", r.get("row")))))  # type: ignore[call-overload, arg-type]
+
+
+def chunk_holding(trips_dir: Path, trip_id: int, name: str = "trips-1.csv", chunk_rows: int = 50) -> Chunk:
+    """The chunk of ``name`` the reader hands on with trip ``trip_id`` in it (CSV cut by bytes)."""
+    for chunk in chunks_of(trips_dir / name, chunk_rows):
+        if str(trip_id) in chunk_ids(chunk, trips_dir):
+            return chunk
+    raise AssertionError(f"no chunk holds trip {trip_id}")
+
+
+def chunk_ids(chunk: Chunk, trips_dir: Path) -> list[str]:
+    df, _ = decode_chunk(chunk, load_job_for(trips_dir.parent, 50).read, "fail")
+    return list(df["trip_id"])
 
 
 def recorded_pids(folder: Path) -> set[int]:
@@ -217,7 +230,7 @@ def test_worker_killed_mid_chunk_is_replaced_and_output_equals_serial(trips_dir:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
-    assert "trips-1.csv[chunk 1, rows 50-99]" in stderr and "killed by SIGKILL" in stderr
+    assert chunk_holding(trips_dir, 10075).label in stderr and "killed by SIGKILL" in stderr
     serial_parts, pooled_parts = parts(folder / "serial"), parts(folder / "pooled")
     assert list(pooled_parts) == list(serial_parts)
     for name, table in serial_parts.items():
@@ -230,7 +243,7 @@ def test_chunk_that_kills_its_worker_every_time_fails_naming_chunk_and_signal(tr
     job = write_job(folder, step, extra_transform="max_attempts = 2")
     proc = run_cli(job)
     assert proc.returncode == 1, proc.stderr
-    assert "trips-1.csv[chunk 1, rows 50-99]" in proc.stderr
+    assert chunk_holding(trips_dir, 10075).label in proc.stderr
     assert "killed by SIGKILL" in proc.stderr and "attempt 2 of transform.max_attempts = 2" in proc.stderr
     assert not (folder / "out").exists()
     assert_all_gone(recorded_pids(folder))
@@ -248,7 +261,8 @@ def test_chunk_that_kills_its_worker_every_time_is_quarantined(trips_dir: Path) 
     assert len(out_ids) + len(rejected) == len(ids)
     assert sorted(out_ids + [r["raw"]["trip_id"] for r in rejected]) == sorted(ids)  # type: ignore[index]
     assert {r["source"] for r in rejected} == {"trips-1.csv"}
-    assert [r["row"] for r in rejected] == list(range(50, 100))
+    df, _ = decode_chunk(chunk := chunk_holding(trips_dir, 10075), load_job_for(folder, 50).read, "fail")
+    assert [r[chunk.unit] for r in rejected] == list(df.index)  # file lines of the chunk's records
     assert {r["reason"] for r in rejected} == {"worker crashed: killed by SIGKILL after 2 attempts"}
 
 
@@ -259,8 +273,9 @@ def test_oom_killed_chunk_is_split_in_halves_until_it_fits(tmp_path: Path) -> No
     write_trips_csv(data / "trips-0.csv", rows=rows, seed=7)
     # Kills every piece of more than 1.5 × MIN_SPLIT_ROWS rows: the chunk, then both halves.
     step = f'{{op = "python", function = "misbehave:kill_self", params = {{more_than = {MIN_SPLIT_ROWS * 3 // 2}}}}}'
-    serial = write_job(tmp_path, step, executor="serial", chunk_rows=rows, out="serial")
-    pooled = write_job(tmp_path, step, chunk_rows=rows, out="pooled", extra_transform="max_attempts = 1")
+    # One chunk for the whole file (its records span more lines than rows: quoted newlines).
+    serial = write_job(tmp_path, step, executor="serial", chunk_rows=2 * rows, out="serial")
+    pooled = write_job(tmp_path, step, chunk_rows=2 * rows, out="pooled", extra_transform="max_attempts = 1")
     assert run_cli(serial).returncode == 0
     proc = run_cli(pooled)
     assert proc.returncode == 0, proc.stderr
@@ -276,7 +291,7 @@ def test_hung_chunk_is_killed_at_the_timeout_and_fails_the_run(trips_dir: Path) 
     job = write_job(folder, step, extra_transform="chunk_timeout = 1\nmax_attempts = 2")
     proc = run_cli(job)
     assert proc.returncode == 1, proc.stderr
-    assert "trips-1.csv[chunk 1, rows 50-99]" in proc.stderr
+    assert chunk_holding(trips_dir, 10075).label in proc.stderr
     assert "transform.chunk_timeout = 1.0s" in proc.stderr
     assert "attempt 2 of transform.max_attempts = 2" in proc.stderr
     assert_all_gone(recorded_pids(folder))
@@ -317,7 +332,7 @@ def load_job_for(folder: Path, chunk_rows: int, step: str = "") -> JobConfig:
 def test_pool_broken_by_an_idle_worker_death_is_rebuilt(trips_dir: Path) -> None:
     folder = trips_dir.parent
     cfg = load_job_for(folder, 100)
-    spec = WorkerSpec(cfg.transform, cfg.output)
+    spec = WorkerSpec(cfg.transform, cfg.output, cfg.read)
     chunks = chunks_of(trips_dir / "trips-0.csv", 100)
 
     async def go() -> tuple[list[ChunkResult], list[ChunkResult]]:
