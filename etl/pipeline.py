@@ -108,7 +108,8 @@ class Run:
         summary.sources = len(sources)
         plan = await asyncio.to_thread(plan_resources, cfg, sources)  # measures a chunk: seconds, off the loop
         read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
-        self.cfg = cfg = cfg.model_copy(update={"read": read})
+        transform = cfg.transform.model_copy(update={"executor": plan.executor})
+        self.cfg = cfg = cfg.model_copy(update={"read": read, "transform": transform})
         workers, in_flight = plan.workers, plan.in_flight
         summary.workers, summary.plan = workers, plan.as_dict()
         self.guard = MemoryGuard(plan.budget)

@@ -48,6 +48,8 @@ CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide te
 PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
 # estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
 MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
+PROCESS_FLOOR = 3  # parent + fork server + one worker, each ~ the parent's RSS (pandas, pyarrow): below
+# this many parents' worth of budget, worker processes cannot fit and the transform runs in the parent
 
 
 # ------------------------------------------------------------------------- machine
@@ -179,6 +181,8 @@ class Layout:
 class ResourcePlan:
     """The sizing decision; stored as plain data in the run summary."""
 
+    executor: str
+    """The transform executor to run: the job's, or ``thread`` when processes cannot fit."""
     workers: int
     in_flight: int
     chunk_rows: int
@@ -240,11 +244,26 @@ def plan_resources(cfg: JobConfig, sources: list[Source], root: Path = Path("/")
     box = machine(root)
     budget = memory_budget(cfg.resources.memory_limit, box.memory, box.cpus)
     start = time.perf_counter()
+    cfg, note = in_process_if_small(cfg, budget)
     probe = measure(cfg, sources)
     plan = plan_for(cfg, box, budget, probe)
+    plan.decision = note + plan.decision
     log.log(logging.INFO if plan.fits else logging.WARNING, "%s (measured in %.1fs)", plan.decision,
             time.perf_counter() - start, extra={"stage": "plan"})  # fmt: skip
     return plan
+
+
+def in_process_if_small(cfg: JobConfig, budget: int) -> tuple[JobConfig, str]:
+    """The job to plan for: a budget too small for any worker process (``PROCESS_FLOOR``
+    times the parent's RSS) runs the transform in the parent's threads, unless the
+    executor or the worker count was chosen explicitly; decided before any process starts."""
+    t = cfg.transform
+    floor = PROCESS_FLOOR * psutil.Process().memory_info().rss
+    if t.executor != "process" or "executor" in t.model_fields_set or t.workers != "auto" or budget * PLAN_SHARE >= floor:
+        return cfg, ""
+    note = (f"budget {gib(budget)} has no room for worker processes (a fork server and one worker need "
+            f"{gib(floor)} with this process): transform runs in this process's threads; ")  # fmt: skip
+    return cfg.model_copy(update={"transform": t.model_copy(update={"executor": "thread"})}), note
 
 
 def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> ResourcePlan:
@@ -257,7 +276,7 @@ def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> Resourc
     fits = peak <= target
     chunk = model.chunk(chosen.chunk_rows)
     return ResourcePlan(
-        workers=chosen.workers, in_flight=chosen.in_flight, chunk_rows=chosen.chunk_rows, read_threads=chosen.readers,
+        executor=cfg.transform.executor, workers=chosen.workers, in_flight=chosen.in_flight, chunk_rows=chosen.chunk_rows, read_threads=chosen.readers,
         chunks_queue_items=chosen.queue, chunks_queue_bytes=max(int(chosen.queue * chunk * CHUNK_SIZE_SLACK), 1),
         results_queue_items=max(2, chosen.in_flight),
         results_queue_bytes=max(int(max(2, chosen.in_flight) * model.result(chosen.chunk_rows) * CHUNK_SIZE_SLACK), 1),

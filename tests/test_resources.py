@@ -237,15 +237,24 @@ def output_rows(folder: Path) -> int:
     return ds.dataset(folder, format="parquet", partitioning="hive").count_rows()
 
 
+@pytest.fixture(scope="module")
+def free_run(big_data: Path) -> dict:
+    return run_job(big_data, "free", "8GiB")
+
+
 @pytest.mark.timeout(240)
-def test_small_memory_limit_on_much_larger_data(big_data: Path) -> None:
-    limit = "768MiB"
-    small = run_job(big_data, "small", limit)
-    free = run_job(big_data, "free", "8GiB")
+@pytest.mark.parametrize(("limit", "executor"), [("300MiB", "thread"), ("768MiB", "process")])
+def test_small_memory_limit_on_much_larger_data(big_data: Path, free_run: dict, limit: str, executor: str) -> None:
+    small = run_job(big_data, f"small-{limit}", limit)
+    free = free_run
+    # 300 MiB cannot hold a fork server and a worker beside the parent: the plan says so
+    assert small["plan"]["executor"] == executor and free["plan"]["executor"] == "process"
+    if executor == "thread":
+        assert "no room for worker processes" in small["plan"]["decision"]
     # 2M rows decode to ~2 GB of pandas frames in a worker: several times the limit
     assert small["plan"]["probe"]["worker_work"] / small["plan"]["probe"]["rows"] * 2_000_000 > 2 * parse_size(limit)
     assert small["rows_in"] == free["rows_in"] == 2_000_000
-    assert small["rows_out"] == free["rows_out"] == output_rows(big_data / "out-small") > 0
+    assert small["rows_out"] == free["rows_out"] == output_rows(big_data / f"out-small-{limit}") > 0
     assert small["memory"]["peak_rss_bytes"] < parse_size(limit)
     assert small["memory"]["samples"] > 0
     assert small["plan"]["budget"] == parse_size(limit)
