@@ -12,9 +12,9 @@ Per point: median and spread (min-max) of wall time, rows/s, MiB/s; median peak 
 use; the most frequent bottleneck. Writes ``bench.csv``, ``bench.json`` and PNG plots to the
 output folder, also after Ctrl-C (with the points measured so far).
 
-``--auto`` is a coordinate search: start from the job's own settings, order the keys by the
-measured bottleneck, step each key along its ladder (up, else down) while a step gains at
-least ``AUTO_MIN_GAIN``, then go on to the next key; stop after a pass without a move.
+``--auto`` is a coordinate search driven by the measured bottleneck (see ``auto_search``):
+keys whose stage is not the bottleneck are skipped, the others are stepped along their
+ladders while a step gains at least ``AUTO_MIN_GAIN``; no point is measured twice.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,15 @@ AUTO_MIN_GAIN = 0.05  # a step must gain this much throughput to be taken: less 
 AUTO_MAX_PASSES = 3  # passes over the keys; each pass starts from the newest bottleneck
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long a run may take to stop before it is killed
 OK_CODES = (ExitCode.OK, ExitCode.REJECTED_ROWS)
-KEY_ORDER = {  # which setting to try first, by bottleneck stage
-    "download": ["download.concurrency", "read.chunk_rows", "transform.workers"],
-    "read": ["read.chunk_rows", "transform.workers", "download.concurrency"],
-    "transform": ["transform.workers", "read.chunk_rows", "download.concurrency"],
-    "write": ["read.chunk_rows", "transform.workers", "download.concurrency"],
-}
+STAGE_OF_SECTION = {"sources": "download", "download": "download", "read": "read", "transform": "transform",
+                    "output": "write"}  # fmt: skip
+# Settings that speed up more than their own section's stage, main stage first: the chunk
+# size sets how many chunks every later stage handles (per-chunk overhead, part files).
+KEY_STAGES = {"read.chunk_rows": ("read", "transform", "write")}
 
 
 Point = dict[str, str]
+PointKey = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Bench:
         self.config, self.base, self.out = config.resolve(), base, out.resolve()
         self.repeat, self.include_download = repeat, include_download
         self.cfg = load_job(self.config, base)
-        self.results: dict[tuple[tuple[str, str], ...], PointResult] = {}
+        self.results: dict[PointKey, PointResult] = {}
         self.runs_done = 0
 
     def check(self, points: list[Point]) -> None:
@@ -274,38 +275,83 @@ def current_value(cfg: JobConfig, key: str, ladder: list[str]) -> str:
         return ladder[0]
 
 
-def auto_search(bench: Bench, vary: dict[str, list[str]]) -> PointResult:
-    ladder = ladders(bench.cfg, vary)
-    point = {k: current_value(bench.cfg, k, v) for k, v in ladder.items()}
-    best = bench.measure(point, 1, "auto")
-    for _ in range(AUTO_MAX_PASSES):
-        order = KEY_ORDER.get(best.bottleneck, KEY_ORDER["transform"])
-        keys = [k for k in order if k in ladder] + [k for k in ladder if k not in order]
-        moved = False
-        for key in keys:
-            new = _climb(bench, best, key, ladder[key])
-            moved |= new is not best
-            best = new
-        if not moved:
-            break
-    return best
+def key_stages(key: str) -> tuple[str, ...]:
+    """The stages a setting can speed up, its main one first; ``()`` if unknown (never skipped)."""
+    if key in KEY_STAGES:
+        return KEY_STAGES[key]
+    stage = STAGE_OF_SECTION.get(key.partition(".")[0])
+    return (stage,) if stage else ()
 
 
-def _climb(bench: Bench, best: PointResult, key: str, ladder: list[str]) -> PointResult:
-    """Step ``key`` up the ladder while it gains; if the first step up does not, try down."""
-    for direction in (+1, -1):
+def key_order(keys: list[str], bottleneck: str) -> list[str]:
+    """Keys whose main stage is the bottleneck first, then keys that also touch it, then the rest."""
+    def rank(key: str) -> int:
+        stages = key_stages(key)
+        return 0 if stages[:1] == (bottleneck,) else 1 if bottleneck in stages else 2
+
+    return sorted(keys, key=rank)  # stable: equal ranks keep the ladder's order
+
+
+def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], None] = print) -> PointResult:
+    """Coordinate search from the job's own settings, led by the measured bottleneck.
+
+    Each pass orders the keys by the best point's bottleneck stage (``key_order``) and
+    climbs them one at a time. A key is skipped when none of its stages (``key_stages``) is
+    the bottleneck of the best point or of the last point measured: a faster download
+    cannot help a transform-bound run. Climbing steps the key along its ladder while a step
+    gains at least ``AUTO_MIN_GAIN`` (less is noise here); a key's first climb tries up, then
+    down, and once it has moved it only goes on in that direction (the other side was
+    measured worse on the way). A point is measured once, then taken from a cache. The
+    search stops after a pass without a move, or after ``AUTO_MAX_PASSES`` passes.
+    """
+    search = _Search(bench, ladders(bench.cfg, vary))
+    best = search.measure({k: current_value(bench.cfg, k, v) for k, v in search.ladder.items()})
+    for n in range(1, AUTO_MAX_PASSES + 1):
         start = best
-        while True:
-            i = ladder.index(best.point[key]) + direction
-            if not 0 <= i < len(ladder):
-                break
-            cand = bench.measure({**best.point, key: ladder[i]}, len(bench.results) + 1, "auto")
-            if cand.throughput < best.throughput * (1 + AUTO_MIN_GAIN):
-                break
-            best = cand
-        if best is not start:
-            return best
+        for key in key_order(list(search.ladder), best.bottleneck):
+            hot = {best.bottleneck, search.last.bottleneck}
+            stages = key_stages(key)
+            if stages and "?" not in hot and not hot.intersection(stages):
+                where = " and ".join(sorted(hot)) + (" (best and last point)" if len(hot) > 1 else "")
+                log(f"auto: pass {n}: skipped {key}: it speeds up {'/'.join(stages)}, the bottleneck is {where}")
+                continue
+            best = search.climb(best, key)
+        if best is start:
+            break
+    log(f"auto: chose {best.label()} ({best.throughput:,.0f} rows/s) after {len(search.seen)} points, "
+        f"{bench.runs_done} runs")  # fmt: skip
     return best
+
+
+@dataclass
+class _Search:
+    bench: Bench
+    ladder: dict[str, list[str]]
+    seen: dict[PointKey, PointResult] = field(default_factory=dict)
+    direction: dict[str, int] = field(default_factory=dict)  # key -> +1 / -1, the way it last moved
+    last: PointResult = field(init=False)
+
+    def measure(self, point: Point) -> PointResult:
+        key = tuple(sorted(point.items()))
+        if key not in self.seen:
+            self.seen[key] = self.bench.measure(point, len(self.seen) + 1, "auto")
+        self.last = self.seen[key]
+        return self.last
+
+    def climb(self, best: PointResult, key: str) -> PointResult:
+        """Step ``key`` while each step gains at least ``AUTO_MIN_GAIN``; the new best point."""
+        ladder = self.ladder[key]
+        for step in [self.direction[key]] if key in self.direction else [+1, -1]:
+            start = best
+            while 0 <= (i := ladder.index(best.point[key]) + step) < len(ladder):
+                cand = self.measure({**best.point, key: ladder[i]})
+                if cand.throughput < best.throughput * (1 + AUTO_MIN_GAIN):
+                    break
+                best = cand
+            if best is not start:
+                self.direction[key] = step
+                return best
+        return best
 
 
 # -------------------------------------------------------------------------- output

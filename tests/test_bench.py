@@ -1,4 +1,8 @@
-"""``run.py bench``: grid runs write CSV/JSON/plots, Ctrl-C keeps measured points, --auto finds the best."""
+"""``run.py bench``: grid runs write CSV/JSON/plots, Ctrl-C keeps measured points, --auto finds the best.
+
+The search logic of --auto is also tested alone against a fake bench whose measure() returns
+canned results (no runs, no timing): which points it measures, which keys it skips.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
-from etl.bench import grid, parse_vary
+from etl.bench import Point, PointResult, auto_search, grid, key_stages, parse_vary
 from etl.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -168,3 +174,77 @@ def test_a_bad_key_fails_before_any_run(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "transform.wrokers" in proc.stderr and "unknown key" in proc.stderr
     assert not (tmp_path / "b" / "runs").exists()
+
+
+# ------------------------------------------------------------------ auto search, no runs
+
+VARY = {"transform.workers": ["1", "2", "3"], "read.chunk_rows": ["25000", "50000", "100000", "200000"],
+        "download.concurrency": ["2", "8"]}  # fmt: skip
+WORKERS = {"1": 1.0, "2": 1.6, "3": 1.62}  # 3 workers gain ~1% over 2: below the 5% step rule
+CHUNKS = {"25000": 1.0, "50000": 1.2, "100000": 1.35, "200000": 1.4}  # 200000 gains ~4% over 100000
+
+
+class FakeBench:
+    """Stands in for ``Bench``: ``measure`` returns a canned result from ``model``, nothing runs."""
+
+    def __init__(self, model: Callable[[Point], tuple[float, str]], *, workers: int, chunk_rows: int, concurrency: int) -> None:
+        self.model = model
+        self.cfg = SimpleNamespace(transform=SimpleNamespace(executor="process", workers=workers),
+                                   read=SimpleNamespace(chunk_rows=chunk_rows),
+                                   download=SimpleNamespace(concurrency=concurrency))  # fmt: skip
+        self.measured: list[Point] = []
+        self.runs_done = 0
+
+    def measure(self, point: Point, n_done: int, n_total: int | str) -> PointResult:
+        self.measured.append(dict(point))
+        self.runs_done += 1
+        rows_per_s, bottleneck = self.model(point)
+        return PointResult(dict(point), [{"rows_per_s": rows_per_s, "bottleneck": bottleneck}])
+
+
+def _p(workers: str, chunk: str, conc: str) -> Point:
+    return {"transform.workers": workers, "read.chunk_rows": chunk, "download.concurrency": conc}
+
+
+def test_auto_skips_a_key_whose_stage_never_bottlenecks(capsys: pytest.CaptureFixture[str]) -> None:
+    # Download concurrency 2 would look 50% faster if it were measured, but the run is always
+    # transform-bound, so the search must never try it.
+    def model(p: Point) -> tuple[float, str]:
+        conc = 1.5 if p["download.concurrency"] == "2" else 1.0
+        return 100_000 * WORKERS[p["transform.workers"]] * CHUNKS[p["read.chunk_rows"]] * conc, "transform"
+
+    bench = FakeBench(model, workers=1, chunk_rows=25_000, concurrency=8)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert bench.measured == [
+        _p("1", "25000", "8"),  # the job's own settings
+        _p("2", "25000", "8"), _p("3", "25000", "8"),  # workers: 2 gains, 3 does not
+        _p("2", "50000", "8"), _p("2", "100000", "8"), _p("2", "200000", "8"),  # chunk rows up, 200000 does not gain 5%
+        _p("3", "100000", "8"),  # second pass: workers again from the new point, up only; chunk 200000 is cached
+    ]  # fmt: skip
+    assert best.point == _p("2", "100000", "8")
+    assert len(bench.measured) <= 24 // 3  # a third of the 24-point grid
+    out = capsys.readouterr().out
+    assert "skipped download.concurrency: it speeds up download, the bottleneck is transform" in out
+    assert "skipped transform.workers" not in out and "skipped read.chunk_rows" not in out
+
+
+def test_auto_climbs_the_key_of_the_bottleneck_first_and_follows_it_when_it_moves() -> None:
+    # Download-bound at concurrency 2; concurrency 8 moves the bottleneck to transform.
+    def model(p: Point) -> tuple[float, str]:
+        conc, stage = (1.0, "download") if p["download.concurrency"] == "2" else (1.5, "transform")
+        return 100_000 * WORKERS[p["transform.workers"]] * CHUNKS[p["read.chunk_rows"]] * conc, stage
+
+    bench = FakeBench(model, workers=1, chunk_rows=25_000, concurrency=2)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert bench.measured[:3] == [_p("1", "25000", "2"), _p("1", "25000", "8"), _p("2", "25000", "8")]
+    assert best.point == _p("2", "100000", "8")
+    keys = [tuple(sorted(p.items())) for p in bench.measured]
+    assert len(keys) == len(set(keys))  # no point measured twice
+
+
+def test_key_stages() -> None:
+    assert key_stages("transform.workers") == ("transform",)
+    assert key_stages("download.concurrency") == ("download",)
+    assert key_stages("output.compression") == ("write",)
+    assert set(key_stages("read.chunk_rows")) == {"read", "transform", "write"}  # chunk count drives later stages
+    assert key_stages("resources.memory_limit") == ()  # unknown: never skipped

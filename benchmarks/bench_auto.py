@@ -1,0 +1,209 @@
+"""``bench --auto`` against the full grid, in one invocation (issue #7).
+
+    python benchmarks/bench_auto.py --rows 2000000 --files 8 --repeat 3 --out /tmp/bench-auto
+
+1. Generates (once) or reuses the trips dataset in ``--data-dir/rows<R>-files<F>/`` and
+   points ``benchmarks/jobs/transform.toml`` at it through the ``BENCH_*`` variables (local
+   files by default, as in ``results/bench_auto.md``; ``--http`` serves them instead).
+2. Runs the full grid of the ``--vary`` candidates, then ``--auto`` over the same candidates,
+   each with ``etl.bench.Bench`` in this process (every run is still its own ``run.py``
+   process, after one unmeasured warm-up per search). The grid's points and the search's
+   start come from the same ``--set`` overrides (by default workers=1 and chunks of
+   25,000 rows, the far corner of the grid, as in the earlier measurements).
+3. Prints a Markdown table: points and runs of each search, the grid's best point, the
+   point auto chose with its own rows/s and with the rows/s *the grid measured for that
+   point*. The target is judged on the grid's figures only, so the 10-15% drift between
+   invocations on a shared machine does not decide it. Written to ``--out/bench_auto.md``
+   and ``.json``, beside each search's ``bench.csv``/``bench.json``/plots (``grid/``, ``auto/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from benchmarks.common import REPO, Server, machine
+from benchmarks.run_transform import dataset
+from etl.bench import (
+    AUTO_MIN_GAIN,
+    Bench,
+    Interrupted,
+    PointResult,
+    auto_search,
+    grid,
+    ladders,
+    parse_vary,
+    ranked,
+    write_outputs,
+)
+from etl.errors import ETLError, ExitCode
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_VARY = ["transform.workers=1,2,3", "read.chunk_rows=25000,50000,100000,200000", "download.concurrency=2,8"]
+DEFAULT_SETS = ['resources.memory_limit="2GiB"', "transform.workers=1", "read.chunk_rows=25000"]
+RUNS_SHARE = 1 / 3  # issue #7: auto may use at most this share of the grid's runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=HERE / "jobs" / "transform.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"job overrides for every run, after the defaults {DEFAULT_SETS} (so they win)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help=f"candidates (repeatable; default {' '.join(DEFAULT_VARY)})")
+    p.add_argument("--repeat", type=int, default=3, help="runs per point (medians are compared)")
+    p.add_argument("--out", type=Path, default=Path(f"bench-auto-{time.strftime('%Y%m%dT%H%M%S')}"))
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--data-dir", type=Path, default=HERE / "data", help="where datasets are cached")
+    p.add_argument("--http", action="store_true", help="serve the files over HTTP on 127.0.0.1 (default: local files)")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def compare(grid_bench: Bench, auto_bench: Bench, chosen: PointResult) -> dict[str, Any]:
+    """The figures of the table; auto's point is judged by the grid's measurement of it."""
+    best = ranked(grid_bench)[0]
+    in_grid = grid_bench.results.get(tuple(sorted(chosen.point.items())))
+    ratio = in_grid.throughput / best.throughput if in_grid else None
+    return {
+        "grid": {"points": len(grid_bench.results), "runs": grid_bench.runs_done, "best": best.point,
+                 "rows_per_s": best.throughput},
+        "auto": {"points": len(auto_bench.results), "runs": auto_bench.runs_done, "chosen": chosen.point,
+                 "rows_per_s": chosen.throughput, "rows_per_s_in_grid": in_grid.throughput if in_grid else None,
+                 "vs_grid_best": ratio},
+        "within_5pct": ratio is not None and ratio >= 1 - AUTO_MIN_GAIN,
+        "runs_share": auto_bench.runs_done / grid_bench.runs_done,
+        "runs_ok": auto_bench.runs_done <= grid_bench.runs_done * RUNS_SHARE,
+    }  # fmt: skip
+
+
+def row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def render(doc: dict[str, Any], grid_bench: Bench, auto_bench: Bench) -> str:
+    c, m = doc["comparison"], doc["machine"]
+    g, a = c["grid"], c["auto"]
+
+    def pt(point: dict[str, str]) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:,.0f}"
+
+    ratio = "not in the grid" if a["vs_grid_best"] is None else f"{a['vs_grid_best']:.1%}"
+    keys = list(doc["space"])
+    lines = [
+        f"# `bench --auto` against the full grid, one invocation ({doc['date']})",
+        "",
+        (f"{m['cpu']} · {m['cores']} usable cores · {m['memory_gib']} GiB · Python {m['python']} · "
+         f"pandas {m['pandas']} · pyarrow {m['pyarrow']} · load average before: {doc['load_before']:.1f}"),
+        "",
+        (f"Job `{doc['config']}` on {doc['data']} ({doc['source']}), "
+         f"`--set {' --set '.join(doc['sets'])}`, medians of {doc['repeat']} runs per point:"),
+        "",
+        f"    {doc['command']}",
+        "",
+        row("search", "points", "runs", "point", "rows/s (own runs)", "rows/s of that point in the grid", "× grid's best"),
+        "|---|---:|---:|---|---:|---:|---:|",
+        row("full grid", g["points"], g["runs"], pt(g["best"]), num(g["rows_per_s"]), num(g["rows_per_s"]), "100.0%"),
+        row("--auto", a["points"], a["runs"], pt(a["chosen"]), num(a["rows_per_s"]), num(a["rows_per_s_in_grid"]), ratio),
+        "",
+        row("target (issue #7)", "measured", "met"),
+        "|---|---:|---|",
+        row("auto's point, as measured in the grid, within 5% of the grid's best", ratio,
+            "yes" if c["within_5pct"] else "NO"),
+        row("auto's runs at most 1/3 of the grid's", f"{a['runs']} / {g['runs']} = {c['runs_share']:.0%}",
+            "yes" if c["runs_ok"] else "NO"),
+        "",
+        "Auto's search:",
+        "",
+        *(f"    {line}" for line in doc["auto_log"]),
+        "",
+        "Every grid point (grid's median and min-max rows/s; auto's own median where it went):",
+        "",
+        row(*(k.split(".")[-1] for k in keys), "grid rows/s", "min-max", "bottleneck", "auto rows/s"),
+        "|" + "---:|" * len(keys) + "---:|---|---|---:|",
+    ]  # fmt: skip
+    for r in ranked(grid_bench):
+        lo, hi = r.spread("rows_per_s")
+        mine = auto_bench.results.get(tuple(sorted(r.point.items())))
+        lines.append(row(*(r.point[k] for k in keys), num(r.throughput), f"{lo:,.0f}-{hi:,.0f}", r.bottleneck,
+                         num(mine.throughput) if mine else ""))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    data = dataset(args.data_dir, args.rows, args.files)
+    server = Server(data) if args.http else None
+    try:
+        return measure_both(args, out, data, server.url if server else None, argv)
+    finally:
+        if server:
+            server.stop()
+
+
+def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | None, argv: list[str] | None) -> int:
+    urls = f"{url}/trips-{{000..{args.files - 1:03d}}}.csv.gz" if url else f"{data}/trips-*.csv.gz"
+    # The job's ${BENCH_*}; Bench sets each run's own state and output folders on top.
+    os.environ.update(BENCH_DATA=str(data), BENCH_URLS=urls, BENCH_STATE=str(out / "state"),
+                      BENCH_OUT=str(out / "output"))  # fmt: skip
+    sets = DEFAULT_SETS + args.overrides
+    vary = parse_vary(args.vary or DEFAULT_VARY)
+    grid_bench = Bench(args.config, sets, out / "grid", args.repeat, include_download=False)
+    auto_bench = Bench(args.config, sets, out / "auto", args.repeat, include_download=False)
+    space = ladders(grid_bench.cfg, vary)  # exactly the candidates auto searches
+    points = grid(space)
+    grid_bench.check(points)
+    auto_log: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        auto_log.append(line)
+
+    load_before = os.getloadavg()[0]
+    code, chosen = ExitCode.OK, None
+    try:
+        print(f"== full grid: {len(points)} points x {args.repeat} runs", flush=True)
+        grid_bench.warm_up()
+        for i, p in enumerate(points, 1):
+            grid_bench.measure(p, i, len(points))
+        print("== --auto over the same candidates", flush=True)
+        auto_bench.warm_up()
+        chosen = auto_search(auto_bench, vary, log=log)
+    except (Interrupted, KeyboardInterrupt):
+        print("interrupted: writing the points measured so far, no comparison", file=sys.stderr, flush=True)
+        code = ExitCode.INTERRUPTED_INT
+    except ETLError as e:
+        print(f"a run failed, no comparison: {e}", file=sys.stderr, flush=True)
+        code = ExitCode.FAILED
+    write_outputs(grid_bench, list(space), {"mode": "grid"})
+    write_outputs(auto_bench, list(space), {"mode": "auto", **({"auto_best": chosen.point} if chosen else {})})
+    if chosen is None:
+        return code
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "load_before": load_before,
+        "command": " ".join(["python", "benchmarks/bench_auto.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": os.path.relpath(args.config.resolve(), REPO), "data": f"{args.rows:,} rows in {args.files} gzip CSV files",
+        "source": "over HTTP" if url else "local files", "sets": sets, "repeat": args.repeat,
+        "space": space, "auto_log": auto_log, "comparison": compare(grid_bench, auto_bench, chosen),
+    }  # fmt: skip
+    text = render(doc, grid_bench, auto_bench)
+    print(text)
+    (out / "bench_auto.md").write_text(text)
+    (out / "bench_auto.json").write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {out / 'bench_auto.md'}, {out / 'bench_auto.json'} and grid/, auto/", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
