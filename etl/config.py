@@ -43,6 +43,10 @@ class JobSection(Model):
     """Folder for the lock, manifest, run reports and staged downloads (per job inside)."""
     keep_reports: int = Field(20, ge=1)
     """How many run reports to keep in the state folder."""
+    stop_grace_seconds: float = Field(20.0, gt=0, allow_inf_nan=False)
+    """After SIGTERM/SIGINT: seconds to stop cleanly (save state, stop workers) before the
+    workers are killed and the run exits anyway with 143/130. Keep it under the stop
+    timeout of whatever sends the signal (systemd's ``TimeoutStopSec``, a container's)."""
 
 
 # ------------------------------------------------------------------------- sources

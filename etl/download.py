@@ -18,9 +18,13 @@ Per remote file: at most ``concurrency`` transfers in all and ``per_host`` per h
 retries with full-jitter exponential backoff (tenacity) on connection errors, timeouts,
 408, 429 and 5xx, honouring ``Retry-After``; bodies stream to ``<name>.part`` and resume
 with ``Range`` + ``If-Range`` (validators kept in ``<name>.part.json`` so a later run can
-resume too); with a ``state_file``, a rerun sends ``If-None-Match``/``If-Modified-Since``
-and a 304 reuses the previous run's staged file (so ``staging_dir`` must outlive the run;
-this stage never deletes staged files, only ``.part`` leftovers it cannot resume).
+resume too). An answer that cannot continue the ``.part`` (a ``206`` starting elsewhere than
+asked, a ``416``) discards it and restarts from byte 0 at once, without using up an attempt;
+a ``416`` to a ``.part`` exactly as long as the file is taken as the file only when the
+source's checksum says so (a run that died before the rename). With a ``state_file``, a
+rerun sends ``If-None-Match``/``If-Modified-Since`` and a 304 reuses the previous run's
+staged file (so ``staging_dir`` must outlive the run; this stage never deletes staged
+files, only ``.part`` leftovers it cannot resume).
 
 Known limits: requests say ``Accept-Encoding: identity`` and bodies are stored as sent (no
 decompression), so a server that gzips anyway yields its gzip bytes. When a connection
@@ -121,6 +125,19 @@ class _TransientStatus(SourceError):
     def __init__(self, message: str, *, item: str, status: int, retry_after: float | None) -> None:
         super().__init__(message, item=item, retryable=True, status=status)
         self.retry_after = retry_after
+
+
+class _Restart(Exception):
+    """The answer cannot continue the ``.part``, which is discarded: ask again from byte 0, in
+    the same attempt (a restart is not a failure, and must not use up ``retry.attempts``)."""
+
+
+def _content_range(value: str) -> tuple[int | None, int | None]:
+    """``(first byte, complete length)`` of ``Content-Range: bytes a-b/n``; None where unknown."""
+    m = _CONTENT_RANGE.match(value.strip())
+    if not m:
+        return None, None
+    return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
 
 
 # ------------------------------------------------------------------------ the stage
@@ -345,21 +362,27 @@ class _Transfer:
     async def _attempt(self) -> StagedFile:
         self.attempts += 1
         offset, validator = await asyncio.to_thread(self._resume_point)
-        conditional = {} if offset else self._conditional_headers()
-        headers = CIMultiDict(self.headers)
-        headers.update(conditional)
-        if offset and validator:
-            headers["Range"] = f"bytes={offset}-"
-            headers["If-Range"] = validator
         try:
-            async with self.f.session.get(self.src.url, headers=headers) as resp:
-                return await self._receive(resp, offset, bool(conditional))
+            try:
+                return await self._request(offset, validator)
+            except _Restart:  # the .part is gone: start over now, in the same attempt (a
+                return await self._request(0, None)  # request without Range cannot restart)
         except (aiohttp.InvalidURL, aiohttp.TooManyRedirects, aiohttp.ClientConnectorCertificateError) as e:
             raise SourceError(self.scrub(f"{type(e).__name__}: {e}"), item=self.safe_url) from None
         except (aiohttp.ClientError, TimeoutError) as e:
             raise SourceError(self._describe(e), item=self.safe_url, retryable=True) from None
         except OSError as e:  # the staging disk, not the network: full, read-only, ...
             raise SourceError(f"cannot write {self.part}: {e}", item=self.safe_url) from e
+
+    async def _request(self, offset: int, validator: str | None) -> StagedFile:
+        conditional = {} if offset else self._conditional_headers()
+        headers = CIMultiDict(self.headers)
+        headers.update(conditional)
+        if offset and validator:
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = validator
+        async with self.f.session.get(self.src.url, headers=headers) as resp:
+            return await self._receive(resp, offset, bool(conditional))
 
     def _describe(self, e: BaseException) -> str:
         if isinstance(e, aiohttp.SocketTimeoutError):
@@ -378,12 +401,26 @@ class _Transfer:
                 retry_after=parse_retry_after(resp.headers.get("Retry-After")),
             )  # fmt: skip
         if status == 416 and offset:
-            await asyncio.to_thread(self._discard)
-            raise SourceError(f"HTTP 416: cannot resume at byte {offset}; restarting",
-                              item=self.safe_url, retryable=True, status=status)  # fmt: skip
-        if status == 206 and offset:
-            total = self._check_content_range(resp.headers.get("Content-Range", ""), offset)
-            self.f.stats.resumed_bytes += offset
+            return await self._unsatisfiable(resp, offset)
+        if status == 206:
+            start, total = _content_range(resp.headers.get("Content-Range", ""))
+            if offset and start == offset:
+                self.f.stats.resumed_bytes += offset
+            elif start == 0:  # the file from its first byte, whatever we asked: a fresh start
+                if offset:
+                    log.info("%s: asked for bytes %d- but got Content-Range %r; restarting with it",
+                             self.safe_url, offset, resp.headers.get("Content-Range"), extra=self._extra())  # fmt: skip
+                offset = 0
+                await asyncio.to_thread(self._write_meta, resp.headers)
+            elif offset:  # a range we did not ask for: never splice it onto our bytes
+                log.warning("%s: asked for bytes %d- but got Content-Range %r; restarting from byte 0",
+                            self.safe_url, offset, resp.headers.get("Content-Range"), extra=self._extra())  # fmt: skip
+                await asyncio.to_thread(self._discard)
+                raise _Restart
+            else:
+                raise SourceError(f"HTTP 206 with Content-Range {resp.headers.get('Content-Range')!r} "
+                                  "to a request for the whole file", item=self.safe_url, retryable=True,
+                                  status=status)  # fmt: skip
         elif status in (200, 203):
             if offset:
                 log.info("%s: server sent the whole file (changed, or no range support); restarting",
@@ -396,13 +433,26 @@ class _Transfer:
             raise SourceError(f"HTTP {status} {resp.reason or ''}".strip(), item=self.safe_url, status=status)
         return await self._stream(resp, offset, total)
 
-    def _check_content_range(self, value: str, offset: int) -> int | None:
-        m = _CONTENT_RANGE.match(value.strip())
-        if not m or int(m.group(1)) != offset:
-            self._discard()  # a range we did not ask for: never splice it onto our bytes
-            raise SourceError(f"asked for bytes {offset}- but got Content-Range {value!r}; restarting",
-                              item=self.safe_url, retryable=True, status=206)  # fmt: skip
-        return None if m.group(3) == "*" else int(m.group(3))
+    async def _unsatisfiable(self, resp: aiohttp.ClientResponse, offset: int) -> StagedFile:
+        """416 to ``Range: bytes=<offset>-``: the ``.part`` is at least as long as the file. If
+        it is exactly as long (``Content-Range: bytes */<offset>``) and the source has a
+        checksum that the ``.part`` matches, it is the whole file (a run that died between
+        the last byte and the rename); anything else is stale, and restarts from byte 0."""
+        m = re.fullmatch(r"bytes \*/(\d+)", resp.headers.get("Content-Range", "").strip())
+        if m and int(m.group(1)) == offset and (self.src.sha256 or self.src.md5):
+            hashers = _new_hashers(self.src)
+            await asyncio.to_thread(_hash_file, self.part, hashers, offset)
+            digests = _digests(hashers)
+            if not _checksum_problem(self.src, digests):
+                log.info("%s: HTTP 416: the partial file already holds all %d bytes, checksum verified",
+                         self.safe_url, offset, extra=self._extra())  # fmt: skip
+                meta = await asyncio.to_thread(self._read_meta)
+                validators = {"ETag": meta.get("etag"), "Last-Modified": meta.get("last_modified")}
+                return await self._finish(offset, digests, validators)
+        log.info("%s: HTTP 416 for bytes %d-: the partial file is stale; restarting from byte 0",
+                 self.safe_url, offset, extra=self._extra())  # fmt: skip
+        await asyncio.to_thread(self._discard)
+        raise _Restart
 
     async def _stream(self, resp: aiohttp.ClientResponse, offset: int, total: int | None) -> StagedFile:
         hashers = _new_hashers(self.src)
@@ -434,8 +484,12 @@ class _Transfer:
         if problem := _checksum_problem(self.src, digests):
             await asyncio.to_thread(self._discard)
             raise ChecksumMismatch(problem, item=self.safe_url)
+        return await self._finish(size, digests, resp.headers)
+
+    async def _finish(self, size: int, digests: dict[str, str], headers: Mapping[str, str | None]) -> StagedFile:
+        """The verified ``.part`` becomes the staged file; its validators are remembered."""
         await asyncio.to_thread(self._publish)
-        self._remember(size, digests, resp.headers)
+        self._remember(size, digests, headers)
         await self.f.state.save(throttle=True)
         return StagedFile(self.src, self.final, size)
 
@@ -467,7 +521,7 @@ class _Transfer:
         log.info("%s: not modified, reusing %s", self.safe_url, self.final, extra=self._extra())
         return StagedFile(self.src, self.final, size, unchanged=True)
 
-    def _remember(self, size: int, digests: dict[str, str], headers: Mapping[str, str]) -> None:
+    def _remember(self, size: int, digests: dict[str, str], headers: Mapping[str, str | None]) -> None:
         self.f.state.entries[self.src.url] = {
             "name": self.src.name,
             "etag": headers.get("ETag"),

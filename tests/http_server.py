@@ -2,8 +2,9 @@
 
 ``ScriptedServer(folder, scripts)`` serves ``folder/<path>`` like a static file server
 (``ETag`` from the content, ``Last-Modified`` from the mtime, ``Range`` + ``If-Range``,
-``If-None-Match`` / ``If-Modified-Since`` → 304). ``scripts`` maps a path to a list of
-faults consumed one per request; once a path's script is used up it is served normally::
+``If-None-Match`` / ``If-Modified-Since`` → 304; ``HEAD`` gets a ``GET``'s headers and no
+body). ``scripts`` maps a path to a list of faults consumed one per request; once a path's
+script is used up it is served normally::
 
     async with ScriptedServer(tmp_path, {"a.csv": [Status(503), Drop(0.5)]}) as srv:
         url = srv.url("a.csv")
@@ -62,7 +63,15 @@ class Mutate:
     content: bytes
 
 
-Fault = Status | Stall | Drop | Mutate
+@dataclass(frozen=True)
+class RangeFrom:
+    """Answer a ``Range`` request with a 206 from byte ``start``, not from where it asked (a
+    broken server or cache); a request without ``Range`` is served normally."""
+
+    start: int
+
+
+Fault = Status | Stall | Drop | Mutate | RangeFrom
 
 
 @dataclass
@@ -165,6 +174,8 @@ class ScriptedServer:
             hit.status = 304
             return web.Response(status=304, headers=validators)
         start = _range_start(request, etag, validators["Last-Modified"])
+        if isinstance(fault, RangeFrom) and start is not None:
+            start = fault.start
         if start is not None and start >= len(data):
             hit.status = 416
             return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
@@ -172,9 +183,11 @@ class ScriptedServer:
         if start is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start or 0 :]
-        resp.content_length = len(body)
+        resp.content_length = len(body)  # for HEAD too: the length a GET would send
         hit.status = resp.status
         await resp.prepare(request)
+        if request.method == "HEAD":  # headers only: aiohttp sends whatever a handler writes
+            body = b""
         return await self._send_body(request, resp, hit, body, fault)
 
     async def _send_body(

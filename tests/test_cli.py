@@ -8,16 +8,13 @@ Every test starts real ``python run.py`` processes; HTTP sources come from a rea
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import hashlib
 import json
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,6 @@ import pyarrow.dataset as ds
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from etl.serve import start_server
 from tests.conftest import write_trips_csv
 from tests.http_server import Stall, serve_folder_in_thread
 
@@ -301,30 +297,18 @@ def test_dry_run_lists_the_plan_and_runs_nothing(tmp_path: Path, data: Path) -> 
     assert "0 to process" not in plan and "1 to process, 3 to skip" in plan
 
 
-@contextmanager
-def static_server(folder: Path) -> Iterator[str]:
-    """``etl.serve`` (a static file host that answers HEAD properly) on a background loop."""
-    loop = asyncio.new_event_loop()
-    runner, base = loop.run_until_complete(start_server(folder))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield base
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(WAIT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(WAIT)
-        loop.close()
-
-
 def test_validate_check_sources_names_each_failing_source(tmp_path: Path, data: Path) -> None:
-    with static_server(data) as base:
-        good = write(tmp_path, job_toml([f"{base}/t0.csv", f"{base}/t1.csv"]), "good.toml")
-        ok = run(good, "validate", "--check-sources")
+    base, stop = serve_folder_in_thread(data)
+    one_at_a_time = ("--set", "download.concurrency=1")  # the HEADs share a kept-alive connection
+    try:
+        good = write(tmp_path, job_toml([f"{base}/t{k}.csv" for k in range(4)]), "good.toml")
+        ok = run(good, "validate", "--check-sources", *one_at_a_time)
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        assert "2 of 2 sources OK" in ok.stdout
+        assert "4 of 4 sources OK" in ok.stdout
         bad = write(tmp_path, job_toml([f"{base}/t0.csv", f"{base}/missing.csv", "http://127.0.0.1:9/x.csv"]), "bad.toml")
-        proc = run(bad, "validate", "--check-sources")
+        proc = run(bad, "validate", "--check-sources", *one_at_a_time)
+    finally:
+        stop()
     assert proc.returncode == 1
     assert f"FAILED {base}/missing.csv: HTTP 404" in proc.stdout
     assert "FAILED http://127.0.0.1:9/x.csv" in proc.stdout and "1 of 3 sources OK" in proc.stdout

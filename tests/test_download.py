@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
 import json
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -20,7 +22,7 @@ from etl.download import DownloadStats, download_stage, parse_retry_after, redac
 from etl.errors import ChecksumMismatch, SourceError
 from etl.flow import BoundedQueue
 from etl.records import Source, StagedFile
-from tests.http_server import Drop, Mutate, ScriptedServer, Stall, Status, serve_folder_in_thread
+from tests.http_server import Drop, Mutate, RangeFrom, ScriptedServer, Stall, Status, serve_folder_in_thread
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -243,6 +245,91 @@ async def test_part_file_from_a_failed_run_is_resumed_by_the_next_run(site: Path
     assert staged.path.read_bytes() == data
 
 
+async def leave_a_part(srv: ScriptedServer, staging: Path, name: str = "a.csv") -> int:
+    """A run that fails (one attempt, the body cut at half by a scripted ``Drop``) leaves a
+    ``.part`` and its validators behind; returns the bytes it kept."""
+    await fails([remote(srv.url(name), name)], staging, ONCE)
+    return (staging / f"{name}.part").stat().st_size
+
+
+ONCE = FAST.model_copy(update={"retry": Retry(attempts=1)})  # a restart must not need a retry
+
+
+@pytest.mark.parametrize("served_from", [1000, 90_000], ids=["before", "after"])
+async def test_content_range_elsewhere_than_asked_restarts_from_byte_0_never_splicing(
+    site: Path, staging: Path, served_from: int
+) -> None:
+    data = payload(100_000)
+    (site / "a.csv").write_bytes(data)
+    async with ScriptedServer(site, {"a.csv": [Drop(0.5), RangeFrom(served_from)]}) as srv:
+        kept = await leave_a_part(srv, staging)
+        stats, [staged] = await run([remote(srv.url("a.csv"), "a.csv")], staging, ONCE)
+    _, wrong, fresh = srv.hits_for("a.csv")
+    assert 0 < kept <= 50_000 and range_start(wrong.headers) == kept
+    assert wrong.status == 206 and wrong.body_bytes < len(data)  # bytes {served_from}-, not {kept}-
+    assert "Range" not in fresh.headers and fresh.status == 200
+    assert staged.path.read_bytes() == data and staged.size == len(data)
+    assert stats.resumed_bytes == 0 and stats.retries == 0
+    assert sorted(p.name for p in staging.iterdir()) == ["a.csv"]
+
+
+async def test_206_from_byte_0_to_a_range_request_is_taken_as_the_whole_file(site: Path, staging: Path) -> None:
+    data = payload(100_000)
+    (site / "a.csv").write_bytes(data)
+    async with ScriptedServer(site, {"a.csv": [Drop(0.5), RangeFrom(0)]}) as srv:
+        kept = await leave_a_part(srv, staging)
+        stats, [staged] = await run([remote(srv.url("a.csv"), "a.csv", sha256=sha(data))], staging, ONCE)
+    _, whole = srv.hits_for("a.csv")  # no third request: that answer was the file
+    assert range_start(whole.headers) == kept and whole.status == 206 and whole.body_bytes == len(data)
+    assert staged.path.read_bytes() == data and stats.resumed_bytes == 0
+
+
+async def test_416_for_a_stale_part_restarts_from_byte_0(site: Path, staging: Path) -> None:
+    data = payload(100_000)
+    (site / "a.csv").write_bytes(data)
+    unsatisfiable = Status(416, {"Content-Range": f"bytes */{len(data)}"})
+    async with ScriptedServer(site, {"a.csv": [Drop(0.5), unsatisfiable]}) as srv:
+        kept = await leave_a_part(srv, staging)
+        stats, [staged] = await run([remote(srv.url("a.csv"), "a.csv")], staging, ONCE)
+    _, refused, fresh = srv.hits_for("a.csv")
+    assert range_start(refused.headers) == kept and refused.status == 416
+    assert "Range" not in fresh.headers and fresh.status == 200
+    assert staged.path.read_bytes() == data and stats.resumed_bytes == 0
+    assert sorted(p.name for p in staging.iterdir()) == ["a.csv"]
+
+
+@pytest.mark.parametrize(
+    ("checksum", "tail", "refetched"),
+    [
+        (True, "right", False),  # the run died between the last byte and the rename
+        (False, "right", True),  # complete, most likely, but nothing can tell
+        (True, "wrong", True),  # as long as the file, wrong bytes: never published
+    ],
+)
+async def test_416_for_a_part_as_long_as_the_file_publishes_it_only_when_the_checksum_says_so(
+    site: Path, staging: Path, tmp_path: Path, checksum: bool, tail: str, refetched: bool
+) -> None:
+    data = payload(100_000)
+    (site / "a.csv").write_bytes(data)
+    state = tmp_path / "sources.json"
+    async with ScriptedServer(site, {"a.csv": [Drop(0.5)]}) as srv:
+        kept = await leave_a_part(srv, staging)
+        rest = data[kept:] if tail == "right" else bytes(len(data) - kept)
+        part = staging / "a.csv.part"
+        part.write_bytes(part.read_bytes() + rest)  # as if the rest had arrived
+        src = remote(srv.url("a.csv"), "a.csv", sha256=sha(data) if checksum else None)
+        stats, [staged] = await run([src], staging, ONCE, state_file=state)
+        _, [again] = await run([src], staging, ONCE, state_file=state)
+    hits = srv.hits_for("a.csv")
+    assert range_start(hits[1].headers) == len(data) and hits[1].status == 416  # the server's own 416
+    assert [h.status for h in hits[2:]] == ([200] if refetched else []) + [304]
+    assert staged.path.read_bytes() == data and staged.size == len(data)
+    assert stats.bytes == (len(data) if refetched else 0)
+    assert again.unchanged  # the validators were kept: the next run asks If-None-Match
+    assert json.loads(state.read_text())["files"][src.url]["etag"] == first_etag(data)
+    assert sorted(p.name for p in staging.iterdir()) == ["a.csv"]
+
+
 # ----------------------------------------------------------------------- integrity
 
 
@@ -400,6 +487,23 @@ async def test_mixed_sources_all_arrive_and_progress_counts_bytes(
     assert stats.as_dict()["files"] == 2
     assert not any(p.name.endswith(".part") for p in staging.iterdir())
     assert os.path.getsize(staging / "r.csv") == 30_000
+
+
+async def test_head_gets_headers_only_so_a_kept_alive_connection_stays_in_step(site: Path) -> None:
+    data = payload(50_000)
+    (site / "a.csv").write_bytes(data)
+    async with ScriptedServer(site) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(srv.base_url).port)
+        writer.write(b"HEAD /a.csv HTTP/1.1\r\nHost: test\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"GET /a.csv HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        rest = await reader.read()  # everything until the server closes
+        writer.close()
+        await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 200 ") and f"Content-Length: {len(data)}\r\n".encode() in head
+    assert rest.startswith(b"HTTP/1.1 200 ")  # the GET's answer, not body bytes of the HEAD
+    assert rest.partition(b"\r\n\r\n")[2] == data
+    assert [(h.method, h.status, h.body_bytes) for h in srv.hits] == [("HEAD", 200, 0), ("GET", 200, len(data))]
 
 
 def test_server_in_a_thread_serves_a_folder_for_subprocess_tests(site: Path) -> None:
