@@ -182,7 +182,10 @@ class Bench:
             cmd += ["--set", item]
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        code = _wait(subprocess.Popen(cmd, cwd=str(self.config.parent), stdin=subprocess.DEVNULL))
+        # Its own session: the terminal's Ctrl-C reaches bench only, which passes on one SIGINT
+        # (two would count as "stop now" and kill the run instead of stopping it cleanly).
+        code = _wait(subprocess.Popen(cmd, cwd=str(self.config.parent), stdin=subprocess.DEVNULL,
+                                      start_new_session=True))  # fmt: skip
         elapsed = time.perf_counter() - started
         if code not in OK_CODES:
             log = (folder / "run.log").read_text(errors="replace")[-2000:] if (folder / "run.log").exists() else ""
@@ -201,7 +204,7 @@ def _wait(proc: subprocess.Popen[bytes]) -> int:
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)  # the run stops cleanly: workers stopped, temp output gone
         try:
-            proc.wait(STOP_GRACE_S)
+            proc.wait(STOP_GRACE_S)  # the run's own job.stop_grace_seconds kills it sooner if stuck
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
