@@ -13,7 +13,7 @@ open and close quoted fields and a doubled quote inside one stands for itself, s
 newline is inside a quoted field exactly when an odd number of quote characters precede
 it since the last record boundary (RFC 4180). A quote inside an unquoted field (``12"
 pipe``) breaks that count: files with those need ``read.parse = "reader"``. The worker
-checks every chunk: pyarrow and Python's strict ``csv`` module must agree on its records.
+checks every chunk: pyarrow must find the records the quote count finds.
 
 Chunk size. ``chunk_rows`` lines times the mean line length of the file's first
 ``SAMPLE_BYTES``: the cuts depend only on the file and the setting, so every executor
@@ -221,38 +221,34 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
     if not bad and table.num_rows == chunk.rows:
         df.index = pd.RangeIndex(chunk.row_start, chunk.row_start + chunk.rows)  # one record per line
         return df, None
-    starts = _record_lines(chunk, cfg, table.num_rows + len(bad))
+    starts = _record_lines(chunk, table.num_rows + len(bad))
     skipped = np.zeros(len(starts), dtype=bool)
     skipped[[n - 1 for n, _, _ in bad]] = True
     df.index = pd.Index(starts[~skipped])
     return df, _malformed(starts, bad) if bad else None
 
 
-def _record_lines(chunk: Chunk, cfg: ReadConfig, records: int) -> np.ndarray:
-    """File line where each record of the chunk starts; checks the chunk was cut at a record end."""
-    lines: list[int] = []
-    reader = csv.reader(_text(chunk, cfg), delimiter=cfg.delimiter, strict=True)
-    try:
-        while True:
-            before = reader.line_num
-            try:
-                record = next(reader)
-            except StopIteration:
-                break
-            if record:  # pyarrow skips empty lines too
-                lines.append(chunk.row_start + before)
-    except csv.Error as e:
-        lines = []
-        problem = f"{e} at line {chunk.row_start + reader.line_num - 1}"
-    else:
-        problem = f"pyarrow read {records} records, Python's csv module {len(lines)}"
+def _record_lines(chunk: Chunk, records: int) -> np.ndarray:
+    """File line where each record of the chunk starts, found by the quote count that cut
+    the chunk (vectorised: ~20 ms per 100k rows); checks pyarrow found as many records."""
+    buf = np.frombuffer(chunk.data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == ord("\n"))
+    quotes = np.flatnonzero(buf == QUOTE[0])
+    ends_record = (np.searchsorted(quotes, newlines) & 1) == 0  # an even count of quotes before it
+    ends = newlines[ends_record]
+    starts = np.concatenate(([0], ends + 1))
+    lines = chunk.row_start + np.concatenate(([0], np.flatnonzero(ends_record) + 1))
+    length = np.concatenate((ends, [len(buf)])) - starts
+    first = buf[np.minimum(starts, max(len(buf) - 1, 0))] if len(buf) else np.zeros(len(starts), np.uint8)
+    blank = (length == 0) | ((length == 1) & (first == ord("\r")))  # pyarrow skips empty lines
+    lines = lines[~blank]
     if len(lines) != records:
         raise DataError(
-            f"cannot find where the chunk's records start ({problem}): quote characters inside "
-            'unquoted fields hide where records end; set read.parse = "reader" for this file',
-            item=chunk.label,
-        )
-    return np.asarray(lines, dtype=np.int64)
+            f"cannot find where the chunk's records start (pyarrow read {records}, the quote count "
+            f"finds {len(lines)}): quote characters inside unquoted fields hide where records end; "
+            'set read.parse = "reader" for this file', item=chunk.label,
+        )  # fmt: skip
+    return lines
 
 
 def _malformed(starts: np.ndarray, bad: list[tuple[int, str, str]]) -> pd.DataFrame:
