@@ -33,7 +33,8 @@ import codecs
 import csv
 import io
 import json
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
