@@ -4,17 +4,23 @@ The parent reads the first chunk of the first local source (``PROBE_ROWS`` rows)
 throw-away worker, started the same way as the pool's, transforms it; the worker reports
 its RSS after start-up and its peak RSS over the chunk. The probe runs in a child, not in
 the parent, because allocators keep what they grew to: transforming in the parent would
-leave it holding the probe's peak for the whole run. Remote-only jobs are not downloaded
-early: they use ``FALLBACK_*`` costs. The result is a ``Probe``, whose per-row figures
-the planner scales to any chunk size.
+leave it holding the probe's peak for the whole run. A job whose sources are all on HTTP
+is measured on the first ``REMOTE_SAMPLE_BYTES`` of its first source (CSV or JSON Lines,
+plain, gzip or bz2), cut after its last whole record; when that cannot be had it uses
+the ``FALLBACK_*`` costs, which are ~2.5x the benchmark job's and so give small chunks.
+The result is a ``Probe``, whose per-row figures the planner scales to any chunk size.
 """
 
 from __future__ import annotations
 
+import bz2
 import concurrent.futures
 import logging
 import multiprocessing
 import resource
+import tempfile
+import urllib.request
+import zlib
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +37,8 @@ PROBE_ROWS = 50_000  # rows measured before the run: bigger is a truer per-row c
 PROBE_READ_ROWS = 200_000  # rows read to measure a reader: its buffers keep growing over the first few blocks
 READER_SLACK = 1.5  # a reader's RSS creeps up past the probe over a long file (measured: ~130 -> ~200 MiB by 4M rows)
 WARM_ROWS = 1_000  # rows run first in the probe worker so lookup tables and imports are in its baseline
+REMOTE_SAMPLE_BYTES = 4 << 20  # fetched from a remote-only job to measure a chunk (~50k rows of gzip CSV):
+# more is a truer per-row cost, but a slower start
 FALLBACK_CHUNK_BYTES_PER_ROW = 320  # remote-only jobs: ~2.5x the taxi data's 130 B/row, for wider rows
 FALLBACK_WORK_BYTES_PER_ROW = 2560  # ~2.5x the taxi job's ~1 KiB/row; too high only costs smaller chunks
 FALLBACK_RESULT_BYTES_PER_ROW = 128  # ~4x the taxi job's zstd Parquet
@@ -68,12 +76,15 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
     """Measure the first local source's first chunk; fall back to estimates without one."""
     parent_base = psutil.Process().memory_info().rss
     local = next((s for s in sources if not s.is_remote), None)
-    chunk, reader_bytes = None, FALLBACK_READER_BYTES
-    if local is not None:
-        try:
-            chunk, reader_bytes = _read_probe(cfg, local)
-        except (ETLError, OSError) as e:  # the run itself reports bad input, with context
-            log.info("could not measure %s (%s); using estimates", local.name, e, extra={"stage": "plan"})
+    with tempfile.TemporaryDirectory(prefix="etl-probe-") as folder:
+        if local is None and sources:
+            local = _remote_sample(cfg, sources[0], Path(folder))
+        chunk, reader_bytes = None, FALLBACK_READER_BYTES
+        if local is not None:
+            try:
+                chunk, reader_bytes = _read_probe(cfg, local)
+            except (ETLError, OSError) as e:  # the run itself reports bad input, with context
+                log.info("could not measure %s (%s); using estimates", local.name, e, extra={"stage": "plan"})
     result = _worker_probe(cfg, chunk)
     if chunk is None or "work" not in result:
         rows = PROBE_ROWS
@@ -82,6 +93,33 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
                      servers=_helper_rss())  # fmt: skip
     return Probe(chunk.rows, chunk.nbytes, reader_bytes, parent_base, result["base"], result["work"],
                  result["frame"], result["result"], _helper_rss(), chunk.source_name)  # fmt: skip
+
+
+def _remote_sample(cfg: JobConfig, src: Source, folder: Path) -> Source | None:
+    """The first ``REMOTE_SAMPLE_BYTES`` of a remote CSV/JSONL source, decompressed and cut
+    after its last whole record, as a local source to measure; None when it cannot be had."""
+    from etl.csv_split import record_end
+    from etl.formats import COMPRESSION_BY_SUFFIX
+
+    name = Path(src.name)
+    codec = COMPRESSION_BY_SUFFIX.get(name.suffix.lower())
+    if src.format not in ("csv", "jsonl") or codec not in (None, "gzip", "bz2") or not src.is_remote:
+        return None
+    headers = {**cfg.download.headers, **dict(src.headers), "Accept-Encoding": "identity",
+               "Range": f"bytes=0-{REMOTE_SAMPLE_BYTES - 1}"}  # fmt: skip
+    timeout = cfg.download.timeout.connect + cfg.download.timeout.read
+    try:
+        with urllib.request.urlopen(urllib.request.Request(src.url, headers=headers), timeout=timeout) as resp:
+            raw = resp.read(REMOTE_SAMPLE_BYTES)  # a server that ignores Range: the rest is never read
+        text = (zlib.decompressobj(wbits=47).decompress(raw) if codec == "gzip"  # 47: gzip or zlib header
+                else bz2.BZ2Decompressor().decompress(raw) if codec == "bz2" else raw)  # fmt: skip
+    except (OSError, ValueError, zlib.error) as e:  # urllib's errors are OSErrors
+        log.info("could not sample %s (%s); using estimates", src.name, e, extra={"stage": "plan"})
+        return None
+    end = record_end(text, len(text)) if src.format == "csv" else text.rfind(b"\n") + 1
+    path = folder / (name.stem if codec else name.name)
+    path.write_bytes(text[:end])
+    return Source(src.index, str(path), f"{path.name} (first {len(raw) >> 10} KiB)", src.format)
 
 
 def _read_probe(cfg: JobConfig, src: Source) -> tuple[Chunk | None, int]:

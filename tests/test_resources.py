@@ -273,3 +273,56 @@ def test_budget_below_the_fixed_cost_still_finishes_one_chunk_at_a_time(big_data
     assert not summary["plan"]["fits"]
     assert summary["memory"]["forced_admits"] > 0  # ran alone rather than deadlocking
     assert "no chunk in flight" in summary["stderr"]
+
+
+# ------------------------------------------------------------------- remote probe
+
+PROBE_JOB = """
+[job]
+name = "probe"
+state_dir = "{state}"
+
+[sources]
+urls = ["{url}"]
+format = "csv"
+
+[transform]
+steps = [{{op = "cast", columns = {{trip_id = "int64", fare_amount = "float64"}}}}]
+
+[output]
+path = "{out}"
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("served", [True, False])
+def test_remote_only_job_is_measured_on_the_head_of_its_first_source(tmp_path: Path, served: bool) -> None:
+    from etl.config import load_job
+    from etl.probe import measure
+    from etl.sources import expand_sources
+    from tests.http_server import serve_folder_in_thread
+
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(data, rows=300_000, files=1, seed=3)  # ~10 MB gzip: more than the sample
+    (name,) = [p.name for p in data.glob("*.csv.gz")]
+    base, stop = serve_folder_in_thread(data)
+    try:
+        url = f"{base}/{name if served else 'missing.csv.gz'}"
+        remote = load_job(_write(tmp_path / "remote.toml", PROBE_JOB.format(state=tmp_path / "s", url=url, out=tmp_path / "o")))
+        local = load_job(_write(tmp_path / "local.toml", PROBE_JOB.format(state=tmp_path / "s", url=data / name, out=tmp_path / "o")))
+        got, expected = measure(remote, expand_sources(remote)), measure(local, expand_sources(local))
+    finally:
+        stop()
+    if not served:  # a 404: the run reports it; the plan falls back to estimates
+        assert got.measured == "fallback"
+        return
+    assert got.measured.startswith(name.removesuffix(".gz")) and "first" in got.measured
+    assert got.rows == expected.rows  # the sample holds the probe's 50k rows
+    assert got.per_row("chunk_bytes") == pytest.approx(expected.per_row("chunk_bytes"), rel=0.05)
+    assert got.per_row("result_bytes") == pytest.approx(expected.per_row("result_bytes"), rel=0.2)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
