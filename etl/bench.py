@@ -41,6 +41,7 @@ from etl.stats import STAGES, usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTO_MIN_GAIN = 0.05  # a step must gain this much throughput to be taken: less is noise here
+AUTO_STEP_RUNGS = 2  # a step looks this many rungs ahead: more finds gains spread over rungs, costs runs
 AUTO_MAX_PASSES = 3  # passes over the keys; each pass starts from the newest bottleneck
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long a run may take to stop before it is killed
 OK_CODES = (ExitCode.OK, ExitCode.REJECTED_ROWS)
@@ -302,7 +303,8 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
     climbs them one at a time. A key is skipped when none of its stages (``key_stages``) is
     the bottleneck of the best point or of the last point measured: a faster download
     cannot help a transform-bound run. Climbing steps the key along its ladder while a step
-    gains at least ``AUTO_MIN_GAIN`` (less is noise here); a key's first climb tries up, then
+    of one or two rungs (``AUTO_STEP_RUNGS``) gains at least ``AUTO_MIN_GAIN`` (less is
+    noise here); a key's first climb tries up, then
     down, and once it has moved it only goes on in that direction (the other side was
     measured worse on the way). A point is measured once, then taken from a cache. The
     search stops after a pass without a move, or after ``AUTO_MAX_PASSES`` passes.
@@ -342,15 +344,21 @@ class _Search:
         return self.last
 
     def climb(self, best: PointResult, key: str) -> PointResult:
-        """Step ``key`` while each step gains at least ``AUTO_MIN_GAIN``; the new best point."""
+        """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``; the new best point.
+
+        A step may be one or two rungs: doubling ladders (chunk rows 25k, 50k, 100k) often
+        gain a few percent per rung, under the noise, and more over two."""
         ladder = self.ladder[key]
         for step in [self.direction[key]] if key in self.direction else [+1, -1]:
             start = best
-            while 0 <= (i := ladder.index(best.point[key]) + step) < len(ladder):
-                cand = self.measure({**best.point, key: ladder[i]})
-                if cand.throughput < best.throughput * (1 + AUTO_MIN_GAIN):
+            while True:
+                here = ladder.index(best.point[key])
+                rungs = [here + step * n for n in range(1, AUTO_STEP_RUNGS + 1) if 0 <= here + step * n < len(ladder)]
+                gain = next((c for c in (self.measure({**best.point, key: ladder[i]}) for i in rungs)
+                             if c.throughput >= best.throughput * (1 + AUTO_MIN_GAIN)), None)  # fmt: skip
+                if gain is None:
                     break
-                best = cand
+                best = gain
             if best is not start:
                 self.direction[key] = step
                 return best

@@ -248,3 +248,17 @@ def test_key_stages() -> None:
     assert key_stages("output.compression") == ("write",)
     assert set(key_stages("read.chunk_rows")) == {"read", "transform", "write"}  # chunk count drives later stages
     assert key_stages("resources.memory_limit") == ()  # unknown: never skipped
+
+
+def test_auto_looks_two_rungs_ahead_when_one_rung_gains_too_little() -> None:
+    # 50000 -> 100000 gains 2.5% (under the 5% rule), 50000 -> 200000 gains 10%: found.
+    chunks = {"25000": 1.0, "50000": 1.2, "100000": 1.23, "200000": 1.32}
+
+    def model(p: Point) -> tuple[float, str]:
+        return 100_000 * WORKERS[p["transform.workers"]] * chunks[p["read.chunk_rows"]], "transform"
+
+    bench = FakeBench(model, workers=2, chunk_rows=25_000, concurrency=8)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert best.point == _p("2", "200000", "8")
+    assert _p("2", "100000", "8") in bench.measured  # the rung in between was measured, not taken
+    assert len(bench.measured) <= 24 // 3
