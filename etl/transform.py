@@ -22,21 +22,19 @@ Queues and flow::
   "worker"``), the steps and the output encoding (Parquet compression included) all run
   in the worker, off the parent's cores.
 
-Inter-process cost (issue 4). Chunks travel as uncompressed Arrow IPC stream bytes (the
-reader threads produce them; the worker decodes them zero-copy) and parts come back
-already Parquet-encoded and compressed, so each direction pickles one large ``bytes``
-object: a memcpy plus a pipe write, no per-row work in the parent. It is measured in every
-run: ``TransformStats.ipc_seconds`` is the CPU time of the pool's three threads in the
-parent (they pickle and send tasks, receive and unpickle results: read from
-``/proc/self/task/<tid>/schedstat``), ``ipc_share`` that time over the stage's wall time.
-Measured on this shared 2-core machine (2 process workers, medians of 3 runs, other
-jobs running): config/example.toml (60k rows, 6 chunks of 10k) 0.015 s of 2.1 s = 0.7%,
-7.8 MB sent, 2.7 MB received; 1M generated rows (``run.py generate --rows 1000000 --files
-4``, the example job's steps, 8 chunks of 200k rows) 0.19 s of 21.0 s = 0.9%, 130 MB
-sent, 33 MB received; the target is < 10%. In the workers, decoding the Arrow bytes is
-~0.3% of worker time and encoding Parquet ~15% (``decode_seconds``, ``encode_seconds``).
-Pickle protocol 5 out-of-band buffers or shared memory would save one memcpy of bytes
-that already cost ~1%, so they were not worth their lifetime bookkeeping.
+Inter-process cost (issue 4). CSV chunks travel as raw text cut at record ends (the
+reader threads only decompress and cut; the worker parses, ``etl.csv_split``), JSON Lines
+and Parquet chunks as uncompressed Arrow IPC stream bytes (decoded zero-copy), and parts
+come back already Parquet-encoded and compressed, so each direction pickles one large
+``bytes`` object: a memcpy plus a pipe write, no per-row work in the parent. It is
+measured in every run: ``TransformStats.ipc_seconds`` is the CPU time of the pool's three
+threads in the parent (they pickle and send tasks, receive and unpickle results: read
+from ``/proc/self/task/<tid>/schedstat``), ``ipc_share`` that time over the stage's wall
+time. Measured on this shared 2-core machine (the benchmark job, 2M rows in 8 gzip CSV
+files, 2 workers, 24 chunks of 100k lines): 0.19 s of 3.45 s = 5.4%, 195 MB sent (raw
+CSV; Arrow IPC was 262 MB), 76 MB received; the target is < 10%. Pickle protocol 5
+out-of-band buffers or shared memory would save one memcpy of bytes that cost a few
+percent, so they were not worth their lifetime bookkeeping.
 
 Failures (issues 4 and 5). A worker killed by a signal, or past ``chunk_timeout`` (pebble
 kills it), fails only its own chunk; pebble starts a new worker, and a pool that breaks
