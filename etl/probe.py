@@ -5,8 +5,9 @@ throw-away worker, started the same way as the pool's, transforms it; the worker
 its RSS after start-up and its peak RSS over the chunk. The probe runs in a child, not in
 the parent, because allocators keep what they grew to: transforming in the parent would
 leave it holding the probe's peak for the whole run. A job whose sources are all on HTTP
-is measured on the first ``REMOTE_SAMPLE_BYTES`` of its first source (CSV or JSON Lines,
-plain, gzip or bz2), cut after its last whole record; when that cannot be had it uses
+is measured on the copy of its first source an earlier run staged, else on the first
+``REMOTE_SAMPLE_BYTES`` of it (CSV or JSON Lines, plain, gzip or bz2), cut after its last
+whole record; when that cannot be had it uses
 the ``FALLBACK_*`` costs, which are ~2.5x the benchmark job's and so give small chunks.
 The result is a ``Probe``, whose per-row figures the planner scales to any chunk size.
 """
@@ -78,7 +79,7 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
     local = next((s for s in sources if not s.is_remote), None)
     with tempfile.TemporaryDirectory(prefix="etl-probe-") as folder:
         if local is None and sources:
-            local = _remote_sample(cfg, sources[0], Path(folder))
+            local = _staged_copy(cfg, sources[0]) or _remote_sample(cfg, sources[0], Path(folder))
         chunk, reader_bytes = None, FALLBACK_READER_BYTES
         if local is not None:
             try:
@@ -93,6 +94,12 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
                      servers=_helper_rss())  # fmt: skip
     return Probe(chunk.rows, chunk.nbytes, reader_bytes, parent_base, result["base"], result["work"],
                  result["frame"], result["result"], _helper_rss(), chunk.source_name)  # fmt: skip
+
+
+def _staged_copy(cfg: JobConfig, src: Source) -> Source | None:
+    """The copy an earlier run staged (a cron rerun): measured without a request."""
+    path = cfg.job_state_dir / "staging" / src.name
+    return Source(src.index, str(path), src.name, src.format) if path.is_file() else None
 
 
 def _remote_sample(cfg: JobConfig, src: Source, folder: Path) -> Source | None:

@@ -326,3 +326,21 @@ def test_remote_only_job_is_measured_on_the_head_of_its_first_source(tmp_path: P
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.timeout(120)
+def test_remote_job_rerun_is_measured_on_its_staged_copy_without_a_request(tmp_path: Path) -> None:
+    from etl.config import load_job
+    from etl.probe import measure
+    from etl.sources import expand_sources
+
+    url = "http://127.0.0.1:9/trips-000.csv.gz"  # the discard port: nothing answers there
+    cfg = load_job(_write(tmp_path / "job.toml", PROBE_JOB.format(state=tmp_path / "s", url=url, out=tmp_path / "o")))
+    staging = cfg.job_state_dir / "staging"
+    generate(staging, rows=60_000, files=1, seed=4)
+    (staged,) = staging.glob("*.csv.gz")
+    staged.rename(staging / "trips-000.csv.gz")
+
+    probe = measure(cfg, expand_sources(cfg))
+
+    assert probe.measured == "trips-000.csv.gz" and probe.rows > 40_000  # ~50k lines: the probe's chunk
