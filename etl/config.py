@@ -344,6 +344,11 @@ class JobConfig(Model):
     def job_state_dir(self) -> Path:
         return self.job.state_dir / self.job.name
 
+    @property
+    def staging_dir(self) -> Path:
+        """Where downloads are staged (``<state_dir>/<job>/staging/<source name>``)."""
+        return self.job_state_dir / "staging"
+
 
 # --------------------------------------------------------------------------- loading
 

@@ -115,13 +115,15 @@ def split_csv(stream: BinaryIO, staged: StagedFile, cfg: ReadConfig) -> Iterator
     header = reader.header(cfg)
     if header is None:
         return  # empty, blank, or a header and nothing else
-    columns, line = header
+    columns = header
     target = reader.target_bytes(cfg.chunk_rows)
     index = 0
-    while (data := reader.next_chunk(target)) is not None:
+    while True:
+        line = reader.line  # where the next chunk starts
+        if (data := reader.next_chunk(target)) is None:
+            return
         lines = data.count(b"\n") + (not data.endswith(b"\n"))
         yield Chunk(src.index, src.name, index, line, lines, data, kind="csv", columns=columns)
-        line += lines
         index += 1
 
 
@@ -148,8 +150,8 @@ class _Cutter:
         self.line += data.count(b"\n")
         return data
 
-    def header(self, cfg: ReadConfig) -> tuple[tuple[str, ...], int] | None:
-        """The header's column names and the line the data starts on (blank lines skipped)."""
+    def header(self, cfg: ReadConfig) -> tuple[str, ...] | None:
+        """The header's column names (blank lines before it skipped); None without data rows."""
         self._fill(SAMPLE_BYTES)
         while self.pending[:1] in (b"\n", b"\r") and self.pending:
             self._take(2 if self.pending.startswith(b"\r\n") else 1)
@@ -170,7 +172,7 @@ class _Cutter:
             raise DataError(f"cannot read the CSV header of {self.staged.source.url}: {e}",
                             item=self.staged.source.name) from e  # fmt: skip
         self._fill(SAMPLE_BYTES)
-        return (tuple(names), self.line) if self.pending.strip() else None
+        return tuple(names) if self.pending.strip() else None
 
     def target_bytes(self, rows: int) -> int:
         sample = self.pending[:SAMPLE_BYTES]

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class Sized(Protocol):
@@ -133,3 +134,35 @@ class BoundedQueue(Generic[T]):
                 self._cond.notify_all()
 
         self._loop.create_task(wake())
+
+
+Item = TypeVar("Item")
+Item_co = TypeVar("Item_co", covariant=True)
+
+
+class Gettable(Protocol[Item_co]):
+    """What ``drain`` reads: a ``BoundedQueue``, or a wrapper such as the memory guard's."""
+
+    async def get(self) -> Item_co | None: ...
+
+
+async def drain(queue: Gettable[Item], limit: int, handle: Callable[[Item], Awaitable[None]]) -> None:
+    """Run ``handle(item)`` for every item of ``queue`` until its end of stream, at most
+    ``limit`` at once. An item is taken only when a slot is free, so a busy consumer leaves
+    items in the queue and its bound pushes back on the stage that feeds it. A failing
+    ``handle`` ends the drain; the task group cancels the others."""
+    slots = asyncio.Semaphore(limit)
+
+    async def one(item: Item) -> None:
+        try:
+            await handle(item)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as tg:
+        while True:
+            await slots.acquire()
+            item = await queue.get()
+            if item is None:
+                break
+            tg.create_task(one(item))

@@ -20,14 +20,15 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from etl.config import JobConfig
 from etl.download import download_stage
 from etl.errors import ETLError
-from etl.flow import BoundedQueue, QueueAborted
+from etl.flow import BoundedQueue, QueueAborted, drain
 from etl.memguard import GatedChunks, MemoryGuard
 from etl.progress import Progress
 from etl.records import Chunk, ChunkResult, Source, StagedFile
@@ -198,7 +199,7 @@ class Run:
         files_out = MeteredPut(self.files_q, meter, from_work=True, size=lambda f: f.size)
         with meter.working():
             stats = await download_stage(
-                sources, cfg.download, cfg.job_state_dir / "staging", files_out,  # type: ignore[arg-type]
+                sources, cfg.download, cfg.staging_dir, files_out,  # type: ignore[arg-type]
                 state_file=cfg.job_state_dir / "sources.json", full_refresh=self.opts.full_refresh,
                 progress=bar,
             )  # fmt: skip
@@ -226,7 +227,7 @@ class Run:
             self.summary.files_read += 1
             self.summary.bytes_read += staged.size
 
-        await _drain(self.files_q, self.read_pool, read_file, self.cfg.read.threads)
+        await drain(self.files_q, self.cfg.read.threads, _in_pool(self.read_pool, read_file))
         await self.chunks_q.close()
 
     async def _transform(self, executor: Any, in_flight: int) -> None:
@@ -259,32 +260,15 @@ class Run:
             self.commits.written(result, done)
             self.summary.parts_written += len(result.parts)
 
-        await _drain(self.results_q, self.write_pool, write, self.cfg.output.writer_threads)
+        await drain(self.results_q, self.cfg.output.writer_threads, _in_pool(self.write_pool, write))
 
 
-async def _drain(queue: BoundedQueue[Any], pool: ThreadPoolExecutor, work: Callable[[Any], None],
-                 limit: int) -> None:  # fmt: skip
-    """Run ``work(item)`` in ``pool`` for every item of ``queue``, at most ``limit`` at once.
+def _in_pool(pool: ThreadPoolExecutor, work: Callable[[Any], None]) -> Callable[[Any], Awaitable[None]]:
+    """``work`` run in ``pool``, awaited from the loop: a ``drain`` handler for a thread stage."""
+    async def handle(item: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(pool, work, item)
 
-    An item is taken only when a slot is free, so a busy pool leaves items in the queue
-    and its bound pushes back on the stage that feeds it.
-    """
-    loop = asyncio.get_running_loop()
-    slots = asyncio.Semaphore(limit)
-
-    async def one(item: Any) -> None:
-        try:
-            await loop.run_in_executor(pool, work, item)
-        finally:
-            slots.release()
-
-    async with asyncio.TaskGroup() as tg:
-        while True:
-            await slots.acquire()
-            item = await queue.get()
-            if item is None:
-                break
-            tg.create_task(one(item))
+    return handle
 
 
 def _first_error(e: BaseException) -> BaseException:

@@ -98,7 +98,7 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
 
 def _staged_copy(cfg: JobConfig, src: Source) -> Source | None:
     """The copy an earlier run staged (a cron rerun): measured without a request."""
-    path = cfg.job_state_dir / "staging" / src.name
+    path = cfg.staging_dir / src.name
     return Source(src.index, str(path), src.name, src.format) if path.is_file() else None
 
 

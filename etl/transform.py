@@ -66,7 +66,7 @@ import pebble
 
 from etl.config import OutputConfig, ReadConfig, TransformConfig
 from etl.errors import ChunkTimeout, ETLError, RemoteTraceback, StepError, WorkerCrashed
-from etl.flow import BoundedQueue
+from etl.flow import BoundedQueue, drain
 from etl.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 from etl.recovery import ChunkRunner, encode_rejects
 
@@ -378,27 +378,17 @@ async def transform_stage(
     ``read``: how CSV chunks are parsed, for setting a crashed chunk's rows aside."""
     stats = TransformStats()
     runner = ChunkRunner(executor, cfg, stats, read or ReadConfig())
-    window = asyncio.Semaphore(in_flight)
     start = time.perf_counter()
 
     async def one(chunk: Chunk) -> None:
-        try:
-            result = await runner.run(chunk)
-            stats.add(result)
-            stats.chunks += 1
-            if progress is not None:
-                progress.update(items=result.rows_in)
-            await results.put(result)
-        finally:
-            window.release()
+        result = await runner.run(chunk)
+        stats.add(result)
+        stats.chunks += 1
+        if progress is not None:
+            progress.update(items=result.rows_in)
+        await results.put(result)
 
-    async with asyncio.TaskGroup() as tg:
-        while True:
-            await window.acquire()
-            chunk = await chunks.get()
-            if chunk is None:
-                break
-            tg.create_task(one(chunk))
+    await drain(chunks, in_flight, one)  # at most in_flight chunks taken and not yet done
     await results.close()
     _finish(stats, ipc or getattr(executor, "ipc_stats", IpcStats), time.perf_counter() - start)
     return stats
