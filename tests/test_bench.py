@@ -114,7 +114,9 @@ def test_grid_2x2_repeat_2_writes_csv_json_and_plots(tmp_path: Path) -> None:
 def test_auto_finds_the_known_best_point_with_fewer_runs_than_the_grid(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     data = _dataset(tmp_path / "data", files=4, rows=600)
     # start far from the best: one worker, whole-file chunks
-    job = _job(tmp_path, data, workers=1, chunk_rows=600, fixed=0.2, per_row_sq=2.5e-6)
+    # per chunk: 0.4 s + 5e-6 s x rows^2 of sleep, so 4 workers x 300-row chunks wins by ~0.5 s
+    # per run over its neighbours: twice the margin it had, well above one run's noise
+    job = _job(tmp_path, data, workers=1, chunk_rows=600, fixed=0.4, per_row_sq=5e-6)
     # run outputs on tmpfs when there is one: publish's fsyncs on a shared disk are noise here
     shm = Path("/dev/shm")
     out = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path / "auto"
