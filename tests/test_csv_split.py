@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.config import ReadConfig
-from etl.csv_split import head, parse_csv_chunk, record_end, split_in_half
+from etl.csv_split import COUNT_BLOCK_BYTES, count_byte, head, parse_csv_chunk, record_end, split_in_half
 from etl.errors import DataError
 from etl.formats import read_chunks
 from etl.records import Chunk, Source, StagedFile
@@ -75,6 +75,15 @@ def test_chunks_hold_every_record_once_indexed_by_its_start_line(
     assert [v for df, _ in parsed for v in df["note"].fillna("")] == notes
     lines = start_lines(path)
     assert {str(i): line for df, _ in parsed for i, line in zip(df["id"], df.index)} == lines
+
+
+@given(st.binary(max_size=64), st.integers(0, 3), st.data())
+def test_count_byte_agrees_with_bytes_count_across_blocks(piece: bytes, blocks: int, data: st.DataObject) -> None:
+    buf = b'"\n' * (COUNT_BLOCK_BYTES * blocks // 2) + piece  # spans several numpy blocks
+    start = data.draw(st.integers(0, len(buf)))
+    end = data.draw(st.integers(start, len(buf)))
+    for byte in (b'"', b"\n"):
+        assert count_byte(buf, byte, start, end) == buf.count(byte, start, end)
 
 
 def test_record_end_never_cuts_inside_quotes() -> None:
