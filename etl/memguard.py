@@ -1,7 +1,7 @@
 """Keep a running job inside its memory budget: sample the process tree's RSS, hold chunks back.
 
-``MemoryGuard`` samples the RSS of the whole process tree every ``SAMPLE_INTERVAL_S``;
-above the high watermark the transform dispatcher takes no new chunk (``GatedChunks``)
+``MemoryGuard`` is told the RSS of the whole process tree by the run's sampler
+(``etl.stats.TreeSampler``, every ``SAMPLE_INTERVAL_S``); above the high watermark the transform dispatcher takes no new chunk (``GatedChunks``)
 until the tree is below the low watermark, except that a chunk is always admitted when
 none is in flight, so the run can never stall. The budget comes from ``etl.resources``'s
 plan.
@@ -18,10 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from etl.flow import BoundedQueue
-from etl.probe import _rss
 from etl.records import Chunk, ChunkResult
 from etl.resources import gib
 
@@ -29,16 +26,14 @@ log = logging.getLogger("etl.resources")  # the planner's logger: records keep t
 
 HIGH_WATERMARK = 0.90  # share of the budget above which the guard admits no new chunk
 LOW_WATERMARK = 0.75  # the guard admits again below this share: the gap stops it flapping every sample
-SAMPLE_INTERVAL_S = 0.2  # RSS sampling period: shorter catches briefer peaks, costs ~1 ms of CPU per sample
 
 
 class MemoryGuard:
-    """Samples the process tree's RSS; tells the dispatcher when it may take a chunk."""
+    """Follows the process tree's sampled RSS; tells the dispatcher when it may take a chunk."""
 
-    def __init__(self, budget: int, interval: float = SAMPLE_INTERVAL_S) -> None:
+    def __init__(self, budget: int) -> None:
         self.high = int(budget * HIGH_WATERMARK)
         self.low = int(budget * LOW_WATERMARK)
-        self.interval = interval
         self.rss = 0
         self.peak = 0
         self.samples = 0
@@ -47,19 +42,9 @@ class MemoryGuard:
         self.paused_s = 0.0
         self.forced = 0
         self._tick = asyncio.Condition()
-        self._proc = psutil.Process()
 
-    def tree_rss(self) -> int:
-        return _rss(self._proc) + sum(_rss(p) for p in self._proc.children(recursive=True))
-
-    async def run(self) -> None:
-        """Sample until cancelled."""
-        while True:
-            await self.sample()
-            await asyncio.sleep(self.interval)
-
-    async def sample(self) -> int:
-        rss = await asyncio.to_thread(self.tree_rss)
+    async def observe(self, rss: int) -> None:
+        """One sample of the tree's RSS (bytes): pause or resume, wake waiting admits."""
         self.rss, self.peak, self.samples = rss, max(self.peak, rss), self.samples + 1
         if not self.paused and rss > self.high:
             self.paused = True
@@ -70,7 +55,6 @@ class MemoryGuard:
             self.paused = False
         async with self._tick:
             self._tick.notify_all()
-        return rss
 
     async def admit(self, busy: Callable[[], int]) -> None:
         """Return when a chunk may start: memory is low enough, or nothing else is running."""

@@ -116,6 +116,7 @@ class Run:
         self.guard = MemoryGuard(plan.budget)
         slots = {"download": 1, "read": cfg.read.threads, "transform": workers, "write": cfg.output.writer_threads}
         self.stats = RunStats(slots)
+        self.stats.sampler.listeners.append(self.guard.observe)
         self.stats.start()
         self.commits = Commits(cfg, self.opts.run_id, self.opts.full_refresh)
         adopt = self.commits.recover(sources)  # before clean_leftovers: it may keep a temp folder
@@ -132,7 +133,6 @@ class Run:
         # which must never happen on the loop while a thread waits on the loop (a queue put).
         self.read_pool = ThreadPoolExecutor(cfg.read.threads, thread_name_prefix="read")
         self.write_pool = ThreadPoolExecutor(cfg.output.writer_threads, thread_name_prefix="write")
-        guard_task = asyncio.create_task(self.guard.run())
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._stage("download", self._download(sources), queues))
@@ -151,7 +151,6 @@ class Run:
                 raise
             raise err from err.__cause__
         finally:
-            guard_task.cancel()
             summary.memory = self.guard.as_dict()
             executor.close()
             self.progress.close()

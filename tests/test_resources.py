@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pyarrow.dataset as ds
 import pytest
 
@@ -19,6 +20,7 @@ from etl.config import JobConfig, parse_size
 from etl.datagen import generate
 from etl.memguard import MemoryGuard
 from etl.probe import Probe
+from etl.stats import TreeSampler
 from etl.resources import (
     PLAN_SHARE,
     Machine,
@@ -164,22 +166,41 @@ class Busy:
 
 
 async def test_guard_holds_chunks_back_until_nothing_is_in_flight() -> None:
-    guard = MemoryGuard(budget=1)  # any process is above this
-    await guard.sample()
+    guard = MemoryGuard(budget=1000)
+    await guard.observe(950)  # above the high watermark (900)
     assert guard.paused
     busy = Busy(2)
     waiter = asyncio.create_task(guard.admit(busy))
-    await guard.sample()
-    assert not waiter.done()  # two chunks running and memory high: wait
+    await guard.observe(800)  # below the high watermark, above the low one (750): still held
+    await asyncio.sleep(0)
+    assert guard.paused and not waiter.done()  # two chunks running and memory high: wait
     busy.n = 0
-    await guard.sample()
+    await guard.observe(800)
     await asyncio.wait_for(waiter, 5)  # nothing running: one chunk goes through alone
-    assert guard.forced == 1 and guard.peak > 0
+    assert guard.forced == 1 and guard.peak == 950
+    await guard.observe(700)  # below the low watermark: chunks flow again
+    assert not guard.paused
+
+
+async def test_guard_is_fed_by_the_run_sampler_with_the_tree_rss() -> None:
+    sampler, guard = TreeSampler(interval=0.01), MemoryGuard(budget=1)  # any process is above this
+    sampled = asyncio.Event()
+
+    async def after(rss: int) -> None:
+        sampled.set()
+
+    sampler.listeners += [guard.observe, after]
+    sampler.start()  # its first sample is taken at once, the loop's after one interval
+    try:
+        await asyncio.wait_for(sampled.wait(), 5)
+    finally:
+        sampler.stop()
+    assert guard.paused and guard.samples >= 1 and 0 < guard.peak <= sampler.peak_rss
 
 
 async def test_guard_admits_freely_below_the_watermark() -> None:
     guard = MemoryGuard(budget=1 << 50)
-    await guard.sample()
+    await guard.observe(psutil.Process().memory_info().rss)
     await asyncio.wait_for(guard.admit(Busy(10)), 1)
     assert not guard.paused and guard.forced == 0 and guard.samples == 1
 
