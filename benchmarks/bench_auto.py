@@ -13,7 +13,9 @@
 3. Prints a Markdown table: points and runs of each search, the grid's best point, the
    point auto chose with its own rows/s and with the rows/s *the grid measured for that
    point*. The target is judged on the grid's figures only, so the 10-15% drift between
-   invocations on a shared machine does not decide it. Written to ``--out/bench_auto.md``
+   invocations on a shared machine does not decide it. A second judge follows: auto's
+   pick and the grid's best run side by side (best, pick, best, ... ``--repeat`` times),
+   each pick run against the two best runs around it, so minute-to-minute drift cancels. Written to ``--out/bench_auto.md``
    and ``.json``, beside each search's ``bench.csv``/``bench.json``/plots (``grid/``, ``auto/``).
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,6 +88,19 @@ def compare(grid_bench: Bench, auto_bench: Bench, chosen: PointResult) -> dict[s
     }  # fmt: skip
 
 
+def side_by_side(bench: Bench, best: dict[str, str], pick: dict[str, str], rounds: int) -> list[float]:
+    """The pick's rows/s over the best's, each pick run between two runs of the best."""
+    before = bench.run_once(best)["rows_per_s"]
+    ratios = []
+    for n in range(rounds):
+        mid = bench.run_once(pick)["rows_per_s"]
+        after = bench.run_once(best)["rows_per_s"]
+        ratios.append(mid / math.sqrt(before * after))
+        print(f"side by side {n + 1}/{rounds}: auto's pick at {ratios[-1]:.1%} of the grid's best", flush=True)
+        before = after
+    return ratios
+
+
 def row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -123,6 +140,8 @@ def render(doc: dict[str, Any], grid_bench: Bench, auto_bench: Bench) -> str:
         row("auto's runs at most 1/3 of the grid's", f"{a['runs']} / {g['runs']} = {c['runs_share']:.0%}",
             "yes" if c["runs_ok"] else "NO"),
         "",
+        side_note(c),
+        "",
         "Auto's search:",
         "",
         *(f"    {line}" for line in doc["auto_log"]),
@@ -138,6 +157,16 @@ def render(doc: dict[str, Any], grid_bench: Bench, auto_bench: Bench) -> str:
         lines.append(row(*(r.point[k] for k in keys), num(r.throughput), f"{lo:,.0f}-{hi:,.0f}", r.bottleneck,
                          num(mine.throughput) if mine else ""))  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def side_note(c: dict[str, Any]) -> str:
+    ratios = c.get("side_by_side")
+    if ratios is None:
+        return "Auto chose the grid's best point: no side-by-side check needed."
+    runs = ", ".join(f"{r:.1%}" for r in ratios)
+    return (f"Side by side at the end (the grid's best, auto's pick, the grid's best, ...; each pick run "
+            f"against the geometric mean of the two around it): auto's pick runs at "
+            f"**{statistics.median(ratios):.1%}** of the grid's best (median of {runs}).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +200,7 @@ def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | Non
         auto_log.append(line)
 
     load_before = os.getloadavg()[0]
-    code, chosen = ExitCode.OK, None
+    code, chosen, ratios = ExitCode.OK, None, None
     try:
         print(f"== full grid: {len(points)} points x {args.repeat} runs", flush=True)
         grid_bench.warm_up()
@@ -180,6 +209,12 @@ def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | Non
         print("== --auto over the same candidates", flush=True)
         auto_bench.warm_up()
         chosen = auto_search(auto_bench, vary, log=log)
+        best = ranked(grid_bench)[0].point
+        if chosen.point != best:
+            print("== side by side: the grid's best and auto's pick, alternately", flush=True)
+            final = Bench(args.config, sets, out / "side-by-side", args.repeat, include_download=False)
+            final.warm_up()
+            ratios = side_by_side(final, best, chosen.point, args.repeat)
     except (Interrupted, KeyboardInterrupt):
         print("interrupted: writing the points measured so far, no comparison", file=sys.stderr, flush=True)
         code = ExitCode.INTERRUPTED_INT
@@ -195,7 +230,8 @@ def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | Non
         "command": " ".join(["python", "benchmarks/bench_auto.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": os.path.relpath(args.config.resolve(), REPO), "data": f"{args.rows:,} rows in {args.files} gzip CSV files",
         "source": "over HTTP" if url else "local files", "sets": sets, "repeat": args.repeat,
-        "space": space, "auto_log": auto_log, "comparison": compare(grid_bench, auto_bench, chosen),
+        "space": space, "auto_log": auto_log,
+        "comparison": {**compare(grid_bench, auto_bench, chosen), "side_by_side": ratios},
     }  # fmt: skip
     text = render(doc, grid_bench, auto_bench)
     print(text)

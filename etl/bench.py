@@ -14,7 +14,8 @@ output folder, also after Ctrl-C (with the points measured so far).
 
 ``--auto`` is a coordinate search driven by the measured bottleneck (see ``auto_search``):
 keys whose stage is not the bottleneck are skipped, the others are stepped along their
-ladders while a step gains at least ``AUTO_MIN_GAIN``; no point is measured twice.
+ladders while a step gains at least ``AUTO_MIN_GAIN``, each step judged by runs of the
+candidate and the incumbent side by side, so drift between minutes cancels out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -41,6 +43,7 @@ from etl.stats import STAGES, usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTO_MIN_GAIN = 0.05  # a step must gain this much throughput to be taken: less is noise here
+AUTO_DECISIVE = 0.10  # one side-by-side pair this far from the gain line decides a step alone: not noise
 AUTO_STEP_RUNGS = 2  # a step looks this many rungs ahead: more finds gains spread over rungs, costs runs
 AUTO_MAX_PASSES = 3  # passes over the keys; each pass starts from the newest bottleneck
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long a run may take to stop before it is killed
@@ -169,6 +172,14 @@ class Bench:
             flush=True,
         )  # fmt: skip
         return result
+
+    def run_once(self, point: Point) -> dict[str, Any]:
+        """One more run of ``point``, added to its result (``--auto`` runs points one at a time)."""
+        result = self.results.setdefault(tuple(sorted(point.items())), PointResult(point))
+        run = self._run(point, self.out / "runs" / f"a{self.runs_done + 1:03d}", keep_staging=False)
+        result.runs.append(run)
+        self.runs_done += 1
+        return run
 
     def _run(self, point: Point, folder: Path, keep_staging: bool) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
@@ -301,68 +312,135 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
 
     Each pass orders the keys by the best point's bottleneck stage (``key_order``) and
     climbs them one at a time. A key is skipped when none of its stages (``key_stages``) is
-    the bottleneck of the best point or of the last point measured: a faster download
-    cannot help a transform-bound run. Climbing steps the key along its ladder while a step
-    of one or two rungs (``AUTO_STEP_RUNGS``) gains at least ``AUTO_MIN_GAIN`` (less is
-    noise here); a key's first climb tries up, then
-    down, and once it has moved it only goes on in that direction (the other side was
-    measured worse on the way). A point is measured once, then taken from a cache. The
-    search stops after a pass without a move, or after ``AUTO_MAX_PASSES`` passes.
+    the bottleneck of the best point or of the last run: a faster download cannot help a
+    transform-bound run. Climbing steps the key along its ladder while a step of one or two
+    rungs (``AUTO_STEP_RUNGS``) gains at least ``AUTO_MIN_GAIN``; a key's first climb tries
+    up, then down, and once it has moved it only goes on in that direction. A step under
+    the line ends the key's climb, though the point is taken if it was faster.
+
+    A step is judged side by side (``_Search.gain``): runs alternate between the incumbent
+    and the candidate (I C I C ...), and every three consecutive runs give one ratio, the
+    candidate's geometric mean over the incumbent's (the middle run against the two around
+    it); the gain is the median of those ratios (with ``--repeat 1``: one pair, I C). On a
+    shared machine the same point drifts by more than 5% between minutes; runs seconds apart
+    drift together, and a steady drift cancels exactly between the two outer runs. The
+    chain opens with the incumbent's latest run when it was the last run made. One ratio
+    far from the 5% line (``AUTO_DECISIVE``) decides alone; otherwise ratios stop once a
+    majority of ``repeat`` fall on one side of it. The search stops after a pass without a 5% step, or
+    after ``AUTO_MAX_PASSES`` passes.
     """
-    search = _Search(bench, ladders(bench.cfg, vary))
-    best = search.measure({k: current_value(bench.cfg, k, v) for k, v in search.ladder.items()})
+    search = _Search(bench, ladders(bench.cfg, vary), log)
+    best = {k: current_value(bench.cfg, k, v) for k, v in search.ladder.items()}
+    search.run(best)
     for n in range(1, AUTO_MAX_PASSES + 1):
-        start = best
-        for key in key_order(list(search.ladder), best.bottleneck):
-            hot = {best.bottleneck, search.last.bottleneck}
+        gained = False
+        for key in key_order(list(search.ladder), search.result(best).bottleneck):
+            hot = {search.result(best).bottleneck, search.last_bottleneck}
             stages = key_stages(key)
             if stages and "?" not in hot and not hot.intersection(stages):
-                where = " and ".join(sorted(hot)) + (" (best and last point)" if len(hot) > 1 else "")
+                where = " and ".join(sorted(hot)) + (" (best point and last run)" if len(hot) > 1 else "")
                 log(f"auto: pass {n}: skipped {key}: it speeds up {'/'.join(stages)}, the bottleneck is {where}")
                 continue
-            best = search.climb(best, key)
-        if best is start:
+            best, moved = search.climb(best, key)
+            gained = gained or moved
+        if not gained:
             break
-    log(f"auto: chose {best.label()} ({best.throughput:,.0f} rows/s) after {len(search.seen)} points, "
-        f"{bench.runs_done} runs")  # fmt: skip
-    return best
+    chosen = search.result(best)
+    log(f"auto: chose {chosen.label()} ({chosen.throughput:,.0f} rows/s, median of its {len(chosen.runs)} runs) "
+        f"after {len(bench.results)} points, {bench.runs_done} runs")  # fmt: skip
+    return chosen
+
+
+def _geomean(values: list[float]) -> float:
+    return math.prod(values) ** (1 / len(values))
+
+
+def _key(point: Point) -> PointKey:
+    return tuple(sorted(point.items()))
 
 
 @dataclass
 class _Search:
     bench: Bench
     ladder: dict[str, list[str]]
-    seen: dict[PointKey, PointResult] = field(default_factory=dict)
+    log: Callable[[str], None]
+    gains: dict[tuple[PointKey, PointKey], float] = field(default_factory=dict)  # (incumbent, candidate) -> ratio
     direction: dict[str, int] = field(default_factory=dict)  # key -> +1 / -1, the way it last moved
-    last: PointResult = field(init=False)
+    last_point: PointKey = ()
+    last_run: dict[str, Any] = field(default_factory=dict)
 
-    def measure(self, point: Point) -> PointResult:
-        key = tuple(sorted(point.items()))
-        if key not in self.seen:
-            self.seen[key] = self.bench.measure(point, len(self.seen) + 1, "auto")
-        self.last = self.seen[key]
-        return self.last
+    def run(self, point: Point) -> float:
+        """One run of ``point``; its rows/s."""
+        self.last_run, self.last_point = self.bench.run_once(point), _key(point)
+        return float(self.last_run["rows_per_s"])
 
-    def climb(self, best: PointResult, key: str) -> PointResult:
-        """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``; the new best point.
+    def result(self, point: Point) -> PointResult:
+        return self.bench.results[_key(point)]
+
+    @property
+    def last_bottleneck(self) -> str:
+        return str(self.last_run.get("bottleneck", "?"))
+
+    def gain(self, best: Point, candidate: Point) -> float:
+        """The candidate's rows/s over the incumbent's, runs side by side (see auto_search)."""
+        pair = (_key(best), _key(candidate))
+        if pair in self.gains:
+            return self.gains[pair]
+        line, need = 1 + AUTO_MIN_GAIN, self.bench.repeat // 2 + 1
+        width = 3 if self.bench.repeat > 1 else 2  # one run per point asked: plain pairs, fewest runs
+        # The chain alternates the two points, opened by the incumbent's run just before (the
+        # last one made, if it was the incumbent's); every run from the ``width``-th on ends a window.
+        chain = [(True, float(self.last_run["rows_per_s"]) if self.last_point == pair[0] else self.run(best))]
+        ratios: list[float] = []
+        while len(ratios) < self.bench.repeat:
+            incumbent = not chain[-1][0]
+            chain.append((incumbent, self.run(best if incumbent else candidate)))
+            if len(chain) >= width:
+                window = chain[-width:]
+                ratios.append(_geomean([v for inc, v in window if not inc]) / _geomean([v for inc, v in window if inc]))
+                above = sum(r >= line for r in ratios)
+                if (len(ratios) == 1 and abs(ratios[0] - line) >= AUTO_DECISIVE) or need in (above, len(ratios) - above):
+                    break
+        gain = self.gains[pair] = statistics.median(ratios)
+        moved = [k.split(".")[-1] + "=" + v for k, v in candidate.items() if best.get(k) != v]
+        self.log(f"auto: {' '.join(moved)} vs {self.result(best).label()}: {gain - 1:+.1%} side by side "
+                 f"({', '.join(f'{r - 1:+.1%}' for r in ratios)}): {'a step' if gain >= line else 'under the line'} "
+                 f"[{self.bench.runs_done} runs]")  # fmt: skip
+        return gain
+
+    def climb(self, best: Point, key: str) -> tuple[Point, bool]:
+        """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``: the new best point, and
+        whether a step gained that much.
 
         A step may be one or two rungs: doubling ladders (chunk rows 25k, 50k, 100k) often
-        gain a few percent per rung, under the noise, and more over two."""
+        gain a few percent per rung, under the 5% line, and more over two. When no step
+        gains 5% the climb ends, but the fastest of its last tries is still taken if it
+        beat the incumbent side by side: the line ends the search, it does not make the
+        slower of two measured points win."""
         ladder = self.ladder[key]
         for step in [self.direction[key]] if key in self.direction else [+1, -1]:
-            start = best
+            start, gained = best, False
             while True:
-                here = ladder.index(best.point[key])
+                here = ladder.index(best[key])
                 rungs = [here + step * n for n in range(1, AUTO_STEP_RUNGS + 1) if 0 <= here + step * n < len(ladder)]
-                gain = next((c for c in (self.measure({**best.point, key: ladder[i]}) for i in rungs)
-                             if c.throughput >= best.throughput * (1 + AUTO_MIN_GAIN)), None)  # fmt: skip
-                if gain is None:
+                tried = []
+                for i in rungs:
+                    candidate = {**best, key: ladder[i]}
+                    tried.append((self.gain(best, candidate), candidate))
+                    if tried[-1][0] >= 1 + AUTO_MIN_GAIN:
+                        break
+                gain, candidate = max(tried, key=lambda t: t[0], default=(0.0, best))
+                if gain > 1:
+                    best, gained = candidate, gained or gain >= 1 + AUTO_MIN_GAIN
+                if gain < 1 + AUTO_MIN_GAIN:
+                    if gain > 1:
+                        self.log(f"auto: took {key}={best[key]} ({gain - 1:+.1%} side by side, under the "
+                                 f"{AUTO_MIN_GAIN:.0%} line): {key} stops here")  # fmt: skip
                     break
-                best = gain
-            if best is not start:
+            if best != start:
                 self.direction[key] = step
-                return best
-        return best
+                return best, gained
+        return best, False
 
 
 # -------------------------------------------------------------------------- output
