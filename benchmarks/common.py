@@ -13,14 +13,16 @@
   with psutil from a thread of this process (shared pages count once per process, so this
   over-counts fork-shared memory a little, like any RSS sum).
 
-Helpers also start and stop the benchmark's HTTP server (``etl.serve`` in a child process)
-and describe the machine.
+Helpers also start and stop the benchmark's HTTP server (``etl.serve`` in a child process,
+or nginx: ``serve(folder, kind)``) and describe the machine.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
+import socket
 import platform
 import re
 import resource
@@ -169,6 +171,67 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+{user}
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  sendfile on;
+  client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {www}; }}
+}}
+"""
+NGINX_START_S = 10.0  # how long nginx may take to listen before the benchmark gives up
+
+
+class NginxServer(Server):
+    """nginx serving ``folder`` on a free loopback port; ``url``, ``pid`` and ``stop`` as ``Server``.
+
+    nginx sends files with ``sendfile``: next to no CPU, as a remote server would take
+    from this machine's cores (the Python server uses most of a core while it sends)."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.root = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+        (self.root / "tmp").mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        user = "user root;" if os.geteuid() == 0 else ""
+        (self.root / "nginx.conf").write_text(NGINX_CONF.format(root=self.root, port=port, www=folder.resolve(), user=user))
+        self.proc = subprocess.Popen([binary, "-c", str(self.root / "nginx.conf"), "-e", str(self.root / "error.log")],
+                                     stderr=subprocess.PIPE)  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + NGINX_START_S
+        while True:  # readiness: connect until it listens, or it has died
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"nginx did not start: {(self.root / 'error.log').read_text(errors='replace')}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def serve(folder: Path, kind: str) -> Server | NginxServer:
+    """The benchmark's HTTP server: ``nginx`` or ``etl`` (``run.py serve``)."""
+    return NginxServer(folder) if kind == "nginx" else Server(folder)
+
+
+def default_server() -> str:
+    return "nginx" if shutil.which("nginx") or Path("/usr/sbin/nginx").exists() else "etl"
 
 
 # ------------------------------------------------------------------------ machine

@@ -95,6 +95,7 @@ def etl_report(state: Path) -> dict[str, object]:
         "worker_seconds": round(s["transform"]["worker_seconds"], 2),
         "chunks": s["chunks"],
         "transform_starved_s": round(chunks_q.get("get_wait_s", 0.0), 2),
+        "first_chunk_s": chunks_q.get("first_put_s"),
         "read_blocked_s": round(chunks_q.get("put_blocked_s", 0.0), 2),
     }
 

@@ -4,9 +4,12 @@
 
 1. Generates the synthetic trips (``etl.datagen``, gzipped CSV) once into
    ``--data-dir/rows<R>-files<F>/`` and reuses it on later runs.
-2. Serves that folder with ``etl.serve`` on 127.0.0.1 in a child process. Every engine
-   fetches the trips over HTTP itself, inside its measured time (the server's own CPU is
-   not counted); ``zones.csv`` is read from local disk by all.
+2. Serves that folder on 127.0.0.1 with nginx (``--server nginx``, the default when it is
+   installed: sendfile costs next to no CPU, as a remote server would not use this
+   machine's two cores) or with this tool's own ``run.py serve`` (``--server etl``: Python,
+   most of a core while sending, taken from the engines). Every engine fetches the trips
+   over HTTP itself, inside its measured time (the server's own CPU is not counted);
+   ``zones.csv`` is read from local disk by all.
 3. Runs every engine ``--repeat`` times, interleaved (engine A, B, …, A, B, …) so a slow
    spell on this shared machine hits all of them, each as a subprocess measured by
    ``benchmarks.common.measure`` (wall, CPU of the whole process tree, sampled peak RSS).
@@ -35,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import (
     REPO,
-    Server,
     become_subreaper,
+    default_server,
     machine,
     measure,
     parallel_ceiling,
+    serve,
 )
 from benchmarks.engines import (
     Engine,
@@ -65,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", default="", help="comma-separated name fragments (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="job override for this tool's runs, e.g. read.chunk_rows=250000")  # fmt: skip
+    p.add_argument("--server", choices=("nginx", "etl"), default=default_server(),
+                   help="HTTP server for the trips: nginx (sendfile, next to no CPU; default when "
+                        "installed) or this tool's own `run.py serve` (Python, most of a core while sending)")
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--name", default="transform", help="results file stem")
@@ -149,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = selected(all_engines, args.engines)
     data = dataset(args.data_dir, args.rows, args.files)
     work = args.data_dir / "work"
-    server = Server(data)
-    print(f"serving {data} at {server.url}", flush=True)
+    server = serve(data, args.server)
+    print(f"serving {data} at {server.url} ({args.server})", flush=True)
     paths = Paths(data, server.url, args.files, work / "out", work / "state", args.overrides)
     ceiling = parallel_ceiling(args.workers)
     print(f"this machine runs {args.workers} CPU-bound processes {ceiling:.2f}x as fast as one", flush=True)

@@ -50,6 +50,9 @@ class QueueStats:
     high_bytes: int = 0
     put_blocked_s: float = 0.0
     get_wait_s: float = 0.0
+    first_put_s: float | None = None
+    """Seconds from the queue's creation (the run's start) to its first item: the stage
+    downstream had nothing to do before then."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +68,7 @@ class BoundedQueue(Generic[T]):
         self._aborted = False
         self._cond = asyncio.Condition()
         self._loop = asyncio.get_running_loop()
+        self._created = time.perf_counter()
         self.stats = QueueStats(name, max_items, max_bytes)
 
     def __len__(self) -> int:
@@ -90,6 +94,8 @@ class BoundedQueue(Generic[T]):
             self._items.append(item)
             self._bytes += size
             s = self.stats
+            if not s.items:
+                s.first_put_s = round(time.perf_counter() - self._created, 4)
             s.items += 1
             s.bytes += size
             s.high_items = max(s.high_items, len(self._items))

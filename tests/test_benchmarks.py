@@ -125,3 +125,22 @@ def test_a_wrong_engine_output_is_a_mismatch(tmp_path: Path) -> None:
     assert differences(got, got) == []
     assert differences({**got, "rows": 2}, got) == ["rows 2 != 3"]
     assert differences({**got, "fare_sum": 6.5}, got)
+
+
+@pytest.mark.parametrize("kind", ["etl", "nginx"])
+def test_benchmark_servers_serve_the_folder(tmp_path: Path, kind: str) -> None:
+    import urllib.request
+
+    from benchmarks.common import default_server, serve
+
+    if kind == "nginx" and default_server() != "nginx":
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    body = bytes(range(256)) * 4096
+    (tmp_path / "trips-000.csv.gz").write_bytes(body)
+    server = serve(tmp_path, kind)
+    try:
+        with urllib.request.urlopen(f"{server.url}/trips-000.csv.gz", timeout=10) as r:
+            assert r.read() == body
+        assert server.pid > 0
+    finally:
+        server.stop()

@@ -81,7 +81,12 @@ async def test_abort_wakes_a_waiting_consumer() -> None:
 
 async def test_stats_count_items_and_bytes() -> None:
     q: BoundedQueue[Item] = BoundedQueue("chunks", max_items=5, max_bytes=1000)
-    for size in (10, 20, 30):
+    assert q.stats.first_put_s is None  # nothing arrived yet
+    await q.put(Item(10))
+    first = q.stats.first_put_s
+    assert first is not None and first >= 0
+    for size in (20, 30):
         await q.put(Item(size))
+    assert q.stats.first_put_s == first  # the first item's arrival, kept
     s = q.stats.as_dict()
     assert (s["name"], s["items"], s["bytes"], s["high_items"], s["high_bytes"]) == ("chunks", 3, 60, 3, 60)
