@@ -204,8 +204,7 @@ def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | Non
     try:
         print(f"== full grid: {len(points)} points x {args.repeat} runs", flush=True)
         grid_bench.warm_up()
-        for i, p in enumerate(points, 1):
-            grid_bench.measure(p, i, len(points))
+        grid_bench.measure_grid(points)
         print("== --auto over the same candidates", flush=True)
         auto_bench.warm_up()
         chosen = auto_search(auto_bench, vary, log=log)

@@ -8,8 +8,10 @@ not penalised. Without ``--include-download`` every run starts from a copy of th
 staged files and conditional-GET state (hard links), so remote sources answer 304 and are
 not fetched again, while the run's manifest, reports and output stay its own.
 
-Per point: median and spread (min-max) of wall time, rows/s, MiB/s; median peak RSS, CPU
-use; the most frequent bottleneck. Writes ``bench.csv``, ``bench.json`` and PNG plots to the
+A grid runs in rounds: every point once, then every point again, ``--repeat`` times, so a
+slow spell on a shared machine is spread over all points. Per point: median and spread
+(min-max) of wall time, rows/s, MiB/s; median peak RSS, CPU use; the most frequent
+bottleneck. Writes ``bench.csv``, ``bench.json`` and PNG plots to the
 output folder, also after Ctrl-C (with the points measured so far).
 
 ``--auto`` is a coordinate search driven by the measured bottleneck (see ``auto_search``):
@@ -153,30 +155,25 @@ class Bench:
         print(f"warm-up run (not measured) in {self.out / 'cache'}", flush=True)
         self._run({}, self.out / "cache", keep_staging=True)
 
-    def measure(self, point: Point, n_done: int, n_total: int | str) -> PointResult:
-        key = tuple(sorted(point.items()))
-        if key in self.results:
-            return self.results[key]
-        result = PointResult(point)
-        self.results[key] = result
-        for rep in range(self.repeat):
-            folder = self.out / "runs" / f"p{len(self.results):03d}-r{rep + 1}"
-            result.runs.append(self._run(point, folder, keep_staging=False))
-            self.runs_done += 1
-        lo, hi = result.spread("wall_s")
-        print(
-            f"[{n_done}/{n_total}] {result.label()}: {result.median('wall_s'):.2f}s ({lo:.2f}-{hi:.2f}), "
-            f"{result.throughput:,.0f} rows/s, {result.median('mib_per_s'):.1f} MiB/s, "
-            f"peak RSS {result.median('peak_rss_mib'):,.0f} MiB, CPU {result.median('cpu_util'):.0%}, "
-            f"bottleneck {result.bottleneck}",
-            flush=True,
-        )  # fmt: skip
-        return result
+    def measure_grid(self, points: list[Point]) -> None:
+        """Every point ``repeat`` times, in rounds (each point once, then again): a slow spell
+        on a shared machine lands on every point instead of on the few it happens to overlap."""
+        total = len(points) * self.repeat
+        for rnd in range(1, self.repeat + 1):
+            for p in points:
+                run = self.run_once(p)
+                print(
+                    f"[{self.runs_done}/{total}] {PointResult(p).label()}: {run['wall_s']:.2f}s, "
+                    f"{run['rows_per_s']:,.0f} rows/s, {run['mib_per_s']:.1f} MiB/s, peak RSS "
+                    f"{run['peak_rss_mib']:,.0f} MiB, CPU {run['cpu_util']:.0%}, bottleneck {run['bottleneck']} "
+                    f"(round {rnd}/{self.repeat})",
+                    flush=True,
+                )  # fmt: skip
 
     def run_once(self, point: Point) -> dict[str, Any]:
-        """One more run of ``point``, added to its result (``--auto`` runs points one at a time)."""
+        """One more run of ``point``, added to its result."""
         result = self.results.setdefault(tuple(sorted(point.items())), PointResult(point))
-        run = self._run(point, self.out / "runs" / f"a{self.runs_done + 1:03d}", keep_staging=False)
+        run = self._run(point, self.out / "runs" / f"r{self.runs_done + 1:03d}", keep_staging=False)
         result.runs.append(run)
         self.runs_done += 1
         return run
@@ -326,8 +323,8 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
     drift together, and a steady drift cancels exactly between the two outer runs. The
     chain opens with the incumbent's latest run when it was the last run made. One ratio
     far from the 5% line (``AUTO_DECISIVE``) decides alone; otherwise ratios stop once a
-    majority of ``repeat`` fall on one side of it. The search stops after a pass without a 5% step, or
-    after ``AUTO_MAX_PASSES`` passes.
+    majority of ``repeat`` fall on one side of it. The search stops after a pass without a
+    5% step, or after ``AUTO_MAX_PASSES`` passes.
     """
     search = _Search(bench, ladders(bench.cfg, vary), log)
     best = {k: current_value(bench.cfg, k, v) for k, v in search.ladder.items()}
@@ -386,27 +383,35 @@ class _Search:
         pair = (_key(best), _key(candidate))
         if pair in self.gains:
             return self.gains[pair]
+        ratios = self._side_by_side(best, candidate)
+        gain = self.gains[pair] = statistics.median(ratios)
+        moved = [k.split(".")[-1] + "=" + v for k, v in candidate.items() if best.get(k) != v]
+        verdict = "a step" if gain >= 1 + AUTO_MIN_GAIN else "under the line"
+        self.log(f"auto: {' '.join(moved)} vs {self.result(best).label()}: {gain - 1:+.1%} side by side "
+                 f"({', '.join(f'{r - 1:+.1%}' for r in ratios)}): {verdict} [{self.bench.runs_done} runs]")  # fmt: skip
+        return gain
+
+    def _side_by_side(self, best: Point, candidate: Point) -> list[float]:
+        """Ratios of the candidate's rows/s to the incumbent's from alternating runs.
+
+        The chain opens with the incumbent's run just before, if it was the last run made;
+        every run from the ``width``-th on closes a window of the last ``width`` runs."""
         line, need = 1 + AUTO_MIN_GAIN, self.bench.repeat // 2 + 1
         width = 3 if self.bench.repeat > 1 else 2  # one run per point asked: plain pairs, fewest runs
-        # The chain alternates the two points, opened by the incumbent's run just before (the
-        # last one made, if it was the incumbent's); every run from the ``width``-th on ends a window.
-        chain = [(True, float(self.last_run["rows_per_s"]) if self.last_point == pair[0] else self.run(best))]
+        opening = float(self.last_run["rows_per_s"]) if self.last_point == _key(best) else self.run(best)
+        chain: list[tuple[bool, float]] = [(True, opening)]  # (is the incumbent, rows/s)
         ratios: list[float] = []
         while len(ratios) < self.bench.repeat:
             incumbent = not chain[-1][0]
             chain.append((incumbent, self.run(best if incumbent else candidate)))
-            if len(chain) >= width:
-                window = chain[-width:]
-                ratios.append(_geomean([v for inc, v in window if not inc]) / _geomean([v for inc, v in window if inc]))
-                above = sum(r >= line for r in ratios)
-                if (len(ratios) == 1 and abs(ratios[0] - line) >= AUTO_DECISIVE) or need in (above, len(ratios) - above):
-                    break
-        gain = self.gains[pair] = statistics.median(ratios)
-        moved = [k.split(".")[-1] + "=" + v for k, v in candidate.items() if best.get(k) != v]
-        self.log(f"auto: {' '.join(moved)} vs {self.result(best).label()}: {gain - 1:+.1%} side by side "
-                 f"({', '.join(f'{r - 1:+.1%}' for r in ratios)}): {'a step' if gain >= line else 'under the line'} "
-                 f"[{self.bench.runs_done} runs]")  # fmt: skip
-        return gain
+            if len(chain) < width:
+                continue
+            window = chain[-width:]
+            ratios.append(_geomean([v for inc, v in window if not inc]) / _geomean([v for inc, v in window if inc]))
+            above = sum(r >= line for r in ratios)
+            if (len(ratios) == 1 and abs(ratios[0] - line) >= AUTO_DECISIVE) or need in (above, len(ratios) - above):
+                break
+        return ratios
 
     def climb(self, best: Point, key: str) -> tuple[Point, bool]:
         """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``: the new best point, and
@@ -576,8 +581,7 @@ def bench_command(args: Any) -> int:
             best = auto_search(bench, vary)
             extra["auto_best"] = best.point
         else:
-            for i, p in enumerate(points, 1):
-                bench.measure(p, i, len(points))
+            bench.measure_grid(points)
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C between two runs lands outside _wait
         print(f"interrupted: keeping the {len(ranked(bench))} points measured so far", file=sys.stderr, flush=True)
         code = ExitCode.INTERRUPTED_INT

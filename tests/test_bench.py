@@ -88,7 +88,8 @@ def test_grid_2x2_repeat_2_writes_csv_json_and_plots(tmp_path: Path) -> None:
     proc = _bench("--config", str(job), "--vary", "transform.workers=1,2", "--vary", "read.chunk_rows=100,300",
                   "--repeat", "2", "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("] transform.workers=") == 4  # one progress line per point
+    assert proc.stdout.count("] transform.workers=") == 8  # one progress line per run, naming its point
+    assert proc.stdout.count("(round 2/2)") == 4  # points run in rounds, not back to back
     rows = list(csv.DictReader((out / "bench.csv").open()))
     assert {(r["transform.workers"], r["read.chunk_rows"]) for r in rows} == {("1", "100"), ("1", "300"), ("2", "100"), ("2", "300")}
     assert all(r["runs"] == "2" for r in rows)
