@@ -312,8 +312,7 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
     the bottleneck of the best point or of the last run: a faster download cannot help a
     transform-bound run. Climbing steps the key along its ladder while a step of one or two
     rungs (``AUTO_STEP_RUNGS``) gains at least ``AUTO_MIN_GAIN``; a key's first climb tries
-    up, then down, and once it has moved it only goes on in that direction. A step under
-    the line ends the key's climb, though the point is taken if it was faster.
+    up, then down, and once it has moved it only goes on in that direction.
 
     A step is judged side by side (``_Search.gain``): runs alternate between the incumbent
     and the candidate (I C I C ...), and every three consecutive runs give one ratio, the
@@ -324,13 +323,13 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
     chain opens with the incumbent's latest run when it was the last run made. One ratio
     far from the 5% line (``AUTO_DECISIVE``) decides alone; otherwise ratios stop once a
     majority of ``repeat`` fall on one side of it. The search stops after a pass without a
-    5% step, or after ``AUTO_MAX_PASSES`` passes.
+    move, or after ``AUTO_MAX_PASSES`` passes.
     """
     search = _Search(bench, ladders(bench.cfg, vary), log)
     best = {k: current_value(bench.cfg, k, v) for k, v in search.ladder.items()}
     search.run(best)
     for n in range(1, AUTO_MAX_PASSES + 1):
-        gained = False
+        start = best
         for key in key_order(list(search.ladder), search.result(best).bottleneck):
             hot = {search.result(best).bottleneck, search.last_bottleneck}
             stages = key_stages(key)
@@ -338,9 +337,8 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
                 where = " and ".join(sorted(hot)) + (" (best point and last run)" if len(hot) > 1 else "")
                 log(f"auto: pass {n}: skipped {key}: it speeds up {'/'.join(stages)}, the bottleneck is {where}")
                 continue
-            best, moved = search.climb(best, key)
-            gained = gained or moved
-        if not gained:
+            best = search.climb(best, key)
+        if best == start:
             break
     chosen = search.result(best)
     log(f"auto: chose {chosen.label()} ({chosen.throughput:,.0f} rows/s, median of its {len(chosen.runs)} runs) "
@@ -413,39 +411,28 @@ class _Search:
                 break
         return ratios
 
-    def climb(self, best: Point, key: str) -> tuple[Point, bool]:
-        """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``: the new best point, and
-        whether a step gained that much.
+    def climb(self, best: Point, key: str) -> Point:
+        """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``; the new best point.
 
         A step may be one or two rungs: doubling ladders (chunk rows 25k, 50k, 100k) often
-        gain a few percent per rung, under the 5% line, and more over two. When no step
-        gains 5% the climb ends, but the fastest of its last tries is still taken if it
-        beat the incumbent side by side: the line ends the search, it does not make the
-        slower of two measured points win."""
+        gain a few percent per rung, under the 5% line, and more over two. A step under the
+        line is not taken even if it measured faster: differences that small are the noise
+        here, and taking one would move the base the other keys are climbed from."""
         ladder = self.ladder[key]
         for step in [self.direction[key]] if key in self.direction else [+1, -1]:
-            start, gained = best, False
+            start = best
             while True:
                 here = ladder.index(best[key])
                 rungs = [here + step * n for n in range(1, AUTO_STEP_RUNGS + 1) if 0 <= here + step * n < len(ladder)]
-                tried = []
-                for i in rungs:
-                    candidate = {**best, key: ladder[i]}
-                    tried.append((self.gain(best, candidate), candidate))
-                    if tried[-1][0] >= 1 + AUTO_MIN_GAIN:
-                        break
-                gain, candidate = max(tried, key=lambda t: t[0], default=(0.0, best))
-                if gain > 1:
-                    best, gained = candidate, gained or gain >= 1 + AUTO_MIN_GAIN
-                if gain < 1 + AUTO_MIN_GAIN:
-                    if gain > 1:
-                        self.log(f"auto: took {key}={best[key]} ({gain - 1:+.1%} side by side, under the "
-                                 f"{AUTO_MIN_GAIN:.0%} line): {key} stops here")  # fmt: skip
+                taken = next((c for c in ({**best, key: ladder[i]} for i in rungs)
+                              if self.gain(best, c) >= 1 + AUTO_MIN_GAIN), None)  # fmt: skip
+                if taken is None:
                     break
+                best = taken
             if best != start:
                 self.direction[key] = step
-                return best, gained
-        return best, False
+                return best
+        return best
 
 
 # -------------------------------------------------------------------------- output

@@ -1,10 +1,10 @@
-"""Keep a running job inside its memory budget: sample the process tree's RSS, hold chunks back.
+"""Keep a running job inside its memory budget: follow the process tree's RSS, hold chunks back.
 
 ``MemoryGuard`` is told the RSS of the whole process tree by the run's sampler
-(``etl.stats.TreeSampler``, every ``SAMPLE_INTERVAL_S``); above the high watermark the transform dispatcher takes no new chunk (``GatedChunks``)
-until the tree is below the low watermark, except that a chunk is always admitted when
-none is in flight, so the run can never stall. The budget comes from ``etl.resources``'s
-plan.
+(``etl.stats.TreeSampler``, every ``SAMPLE_INTERVAL_S``); above the high watermark the
+transform dispatcher takes no new chunk (``GatedChunks``) until the tree is below the low
+watermark, except that a chunk is always admitted when none is in flight, so the run can
+never stall. The budget comes from ``etl.resources``'s plan.
 
 Memory is counted as the sum of RSS over the tree, which counts pages shared between the
 fork server and its workers once per process: an overestimate, so the budget errs safe.
