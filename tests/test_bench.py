@@ -1,7 +1,8 @@
 """``run.py bench``: grid runs write CSV/JSON/plots, Ctrl-C keeps measured points, --auto finds the best.
 
-The search logic of --auto is also tested alone against a fake bench whose measure() returns
-canned results (no runs, no timing): which points it measures, which keys it skips.
+The search logic of --auto is also tested alone against a fake bench whose run_once() returns
+canned results (no runs, no timing): which points it runs and in what order, which keys it
+skips, and that drift between runs cannot hide a gain.
 """
 
 from __future__ import annotations
