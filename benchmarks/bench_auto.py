@@ -44,6 +44,7 @@ from etl.bench import (
     grid,
     ladders,
     parse_vary,
+    point_key,
     ranked,
     write_outputs,
 )
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def compare(grid_bench: Bench, auto_bench: Bench, chosen: PointResult) -> dict[str, Any]:
     """The figures of the table; auto's point is judged by the grid's measurement of it."""
     best = ranked(grid_bench)[0]
-    in_grid = grid_bench.results.get(tuple(sorted(chosen.point.items())))
+    in_grid = grid_bench.results.get(point_key(chosen.point))
     ratio = in_grid.throughput / best.throughput if in_grid else None
     return {
         "grid": {"points": len(grid_bench.results), "runs": grid_bench.runs_done, "best": best.point,
@@ -153,7 +154,7 @@ def render(doc: dict[str, Any], grid_bench: Bench, auto_bench: Bench) -> str:
     ]  # fmt: skip
     for r in ranked(grid_bench):
         lo, hi = r.spread("rows_per_s")
-        mine = auto_bench.results.get(tuple(sorted(r.point.items())))
+        mine = auto_bench.results.get(point_key(r.point))
         lines.append(row(*(r.point[k] for k in keys), num(r.throughput), f"{lo:,.0f}-{hi:,.0f}", r.bottleneck,
                          num(mine.throughput) if mine else ""))  # fmt: skip
     return "\n".join(lines) + "\n"

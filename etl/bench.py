@@ -61,6 +61,11 @@ Point = dict[str, str]
 PointKey = tuple[tuple[str, str], ...]
 
 
+def point_key(point: Point) -> PointKey:
+    """A point as a dict key: its settings, in key order."""
+    return tuple(sorted(point.items()))
+
+
 @dataclass
 class PointResult:
     point: Point
@@ -172,7 +177,7 @@ class Bench:
 
     def run_once(self, point: Point) -> dict[str, Any]:
         """One more run of ``point``, added to its result."""
-        result = self.results.setdefault(tuple(sorted(point.items())), PointResult(point))
+        result = self.results.setdefault(point_key(point), PointResult(point))
         run = self._run(point, self.out / "runs" / f"r{self.runs_done + 1:03d}", keep_staging=False)
         result.runs.append(run)
         self.runs_done += 1
@@ -350,10 +355,6 @@ def _geomean(values: list[float]) -> float:
     return math.prod(values) ** (1 / len(values))
 
 
-def _key(point: Point) -> PointKey:
-    return tuple(sorted(point.items()))
-
-
 @dataclass
 class _Search:
     bench: Bench
@@ -366,11 +367,11 @@ class _Search:
 
     def run(self, point: Point) -> float:
         """One run of ``point``; its rows/s."""
-        self.last_run, self.last_point = self.bench.run_once(point), _key(point)
+        self.last_run, self.last_point = self.bench.run_once(point), point_key(point)
         return float(self.last_run["rows_per_s"])
 
     def result(self, point: Point) -> PointResult:
-        return self.bench.results[_key(point)]
+        return self.bench.results[point_key(point)]
 
     @property
     def last_bottleneck(self) -> str:
@@ -378,7 +379,7 @@ class _Search:
 
     def gain(self, best: Point, candidate: Point) -> float:
         """The candidate's rows/s over the incumbent's, runs side by side (see auto_search)."""
-        pair = (_key(best), _key(candidate))
+        pair = (point_key(best), point_key(candidate))
         if pair in self.gains:
             return self.gains[pair]
         ratios = self._side_by_side(best, candidate)
@@ -396,7 +397,7 @@ class _Search:
         every run from the ``width``-th on closes a window of the last ``width`` runs."""
         line, need = 1 + AUTO_MIN_GAIN, self.bench.repeat // 2 + 1
         width = 3 if self.bench.repeat > 1 else 2  # one run per point asked: plain pairs, fewest runs
-        opening = float(self.last_run["rows_per_s"]) if self.last_point == _key(best) else self.run(best)
+        opening = float(self.last_run["rows_per_s"]) if self.last_point == point_key(best) else self.run(best)
         chain: list[tuple[bool, float]] = [(True, opening)]  # (is the incumbent, rows/s)
         ratios: list[float] = []
         while len(ratios) < self.bench.repeat:
