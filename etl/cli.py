@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from etl import __version__
 from etl.config import JobConfig, load_job
 from etl.errors import ConfigError, ETLError, ExitCode, Interrupted, LockHeld
 from etl.logs import setup_logging
@@ -48,11 +50,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.BAD_CONFIG)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     p = _Parser(
-        prog="run.py", description="Batch ETL: download, read, transform and write, as one job.",
+        prog=prog, description="Batch ETL: download, read, transform and write, as one job.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     def job_args(sp: argparse.ArgumentParser) -> None:
@@ -108,13 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command line; ``prog`` is the name usage lines show (default: how we were started)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    prog = prog or os.path.basename(sys.argv[0]) or "etl"
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "run")  # `run.py --config job.toml` is `run.py run --config job.toml`
-    args = build_parser().parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return ExitCode.BAD_CONFIG
     setup_logging(args.log_level, getattr(args, "log_format", "text"), getattr(args, "log_file", None))
     try:

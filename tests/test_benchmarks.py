@@ -17,6 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
+from tests.conftest import nginx_binary
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -133,7 +135,7 @@ def test_benchmark_servers_serve_the_folder(tmp_path: Path, kind: str) -> None:
 
     from benchmarks.common import default_server, serve
 
-    if kind == "nginx" and default_server() != "nginx":
+    if kind == "nginx" and nginx_binary() is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
     body = bytes(range(256)) * 4096
     (tmp_path / "trips-000.csv.gz").write_bytes(body)

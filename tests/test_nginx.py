@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -24,8 +23,9 @@ from etl.config import DownloadConfig
 from etl.download import download_stage
 from etl.flow import BoundedQueue
 from etl.records import Source, StagedFile
+from tests.conftest import nginx_binary
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+NGINX = nginx_binary()
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
 
 # Workers run as the test's own user: pytest's tmp folders are private (0700).

@@ -11,6 +11,7 @@ import asyncio
 import csv
 import json
 import os
+import tempfile
 import select
 import signal
 import subprocess
@@ -285,14 +286,18 @@ def test_oom_killed_chunk_is_split_in_halves_until_it_fits(tmp_path: Path) -> No
     assert in_path_order(tmp_path / "pooled").equals(in_path_order(tmp_path / "serial"))
 
 
+HANG_TIMEOUT_S = 5
+
+
 def test_hung_chunk_is_killed_at_the_timeout_and_fails_the_run(trips_dir: Path) -> None:
     folder = trips_dir.parent
     step = '{op = "python", function = "misbehave:hang", params = {trip_id = 10075}}'
-    job = write_job(folder, step, extra_transform="chunk_timeout = 1\nmax_attempts = 2")
+    # 5 s: far above a 50-row chunk's time on a loaded machine, and only the hung chunk waits it out
+    job = write_job(folder, step, extra_transform=f"chunk_timeout = {HANG_TIMEOUT_S}\nmax_attempts = 2")
     proc = run_cli(job)
     assert proc.returncode == 1, proc.stderr
     assert chunk_holding(trips_dir, 10075).label in proc.stderr
-    assert "transform.chunk_timeout = 1.0s" in proc.stderr
+    assert f"transform.chunk_timeout = {HANG_TIMEOUT_S:.1f}s" in proc.stderr
     assert "attempt 2 of transform.max_attempts = 2" in proc.stderr
     assert_all_gone(recorded_pids(folder))
 
@@ -386,28 +391,46 @@ PROPERTY_STEPS = """{op = "cast", columns = {passengers = "Int64", fare = "float
 
 
 @pytest.fixture(scope="module")
-def property_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def property_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data and a serial, whole-file-chunk reference output beside it (``ref``)."""
     folder = tmp_path_factory.mktemp("property")
     data = folder / "data"
     data.mkdir()
     for k in range(2):
-        write_trips_csv(data / f"trips-{k}.csv", rows=300 + 41 * k, seed=k, start_id=10_000 * k)
-    extra = 'on_error = "quarantine"'
+        write_trips_csv(data / f"trips-{k}.csv", rows=PROPERTY_ROWS[k], seed=k, start_id=10_000 * k)
     reference = write_job(folder, PROPERTY_STEPS, executor="serial", chunk_rows=100_000, out="ref",
-                          extra_transform=extra)  # fmt: skip
+                          extra_transform='on_error = "quarantine"')  # fmt: skip
     asyncio.run(run_job(load_job(reference), RunOptions(run_id="ref")))
-    return folder, write_job(folder, PROPERTY_STEPS, out="any", extra_transform=extra)
+    return folder
+
+
+PROPERTY_ROWS = (300, 341)
+
+
+def published_bytes(out: Path) -> dict[str, bytes]:
+    """Every published file, by its path under the output folder."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chunk_rows=st.integers(7, 400), workers=st.integers(1, 3),
        executor=st.sampled_from(["serial", "thread", "process"]))  # fmt: skip
 def test_any_chunk_size_worker_count_and_executor_equals_serial(
-    property_job: tuple[Path, Path], chunk_rows: int, workers: int, executor: str
+    property_job: Path, chunk_rows: int, workers: int, executor: str
 ) -> None:
-    folder, job = property_job
-    cfg = load_job(job, [f"read.chunk_rows={chunk_rows}", f"transform.workers={workers}",
-                         f"transform.executor={executor}"])  # fmt: skip
-    asyncio.run(run_job(cfg, RunOptions(run_id=f"p{chunk_rows}-{workers}-{executor}")))
-    assert in_path_order(folder / "any").equals(in_path_order(folder / "ref"))
-    assert dead_letters(folder / "any") == dead_letters(folder / "ref")
+    """Each example runs in a fresh folder (its own state: nothing is skipped as unchanged).
+    Same chunk size: the published bytes equal a serial run's. Any chunk size: the same rows,
+    in the same order, and the same dead letters as the whole-file reference."""
+    ex = Path(tempfile.mkdtemp(dir=property_job))
+    sources = f'["{property_job}/data/trips-*.csv"]'
+    extra = 'on_error = "quarantine"'
+    serial = write_job(ex, PROPERTY_STEPS, executor="serial", chunk_rows=chunk_rows, out="serial",
+                       extra_transform=extra, sources=sources)  # fmt: skip
+    pooled = write_job(ex, PROPERTY_STEPS, executor=executor, chunk_rows=chunk_rows, out="any",
+                       extra_transform=extra, sources=sources)  # fmt: skip
+    want = asyncio.run(run_job(load_job(serial), RunOptions(run_id="serial")))
+    got = asyncio.run(run_job(load_job(pooled, [f"transform.workers={workers}"]), RunOptions(run_id="any")))
+    assert got.rows_in == want.rows_in == sum(PROPERTY_ROWS) and got.chunks == want.chunks > 0
+    assert published_bytes(ex / "any") == published_bytes(ex / "serial")
+    assert in_path_order(ex / "any").equals(in_path_order(property_job / "ref"))
+    assert dead_letters(ex / "any") == dead_letters(property_job / "ref")
