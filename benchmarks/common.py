@@ -209,8 +209,8 @@ class NginxServer(Server):
         self.proc = subprocess.Popen([binary, "-c", str(self.root / "nginx.conf"), "-e", str(self.root / "error.log")],
                                      stderr=subprocess.PIPE)  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + NGINX_START_S
-        while True:  # readiness: connect until it listens, or it has died
+        deadline, delay = time.monotonic() + NGINX_START_S, 0.005
+        while True:  # readiness: connect, backing off, until it listens or has died
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
@@ -218,7 +218,8 @@ class NginxServer(Server):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"nginx did not start: {(self.root / 'error.log').read_text(errors='replace')}")
-                time.sleep(0.05)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def stop(self) -> None:
         super().stop()

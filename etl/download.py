@@ -64,7 +64,7 @@ from etl.checksums import (
 )  # fmt: skip
 from etl.config import DownloadConfig
 from etl.errors import ChecksumMismatch, ETLError, SourceError
-from etl.flow import BoundedQueue
+from etl.flow import BoundedQueue, drain
 from etl.objectstore import is_object_url, stage_object
 from etl.records import Source, StagedFile
 from etl.redact import _secret_values, redact_url
@@ -181,21 +181,20 @@ async def download_stage(
     return stats
 
 
+class _Listed:
+    """The sources as ``flow.drain`` reads a queue: one at a time, ``None`` after the last."""
+
+    def __init__(self, sources: Iterable[Source]) -> None:
+        self._it = iter(sources)
+
+    async def get(self) -> Source | None:
+        return next(self._it, None)
+
+
 async def _run_all(sources: Iterable[Source], one: Callable[[Source], Awaitable[None]], window: int) -> None:
     """Run ``one`` for every source with at most ``window`` tasks alive; raise the first error."""
-    admit = asyncio.Semaphore(window)
-
-    async def run(src: Source) -> None:
-        try:
-            await one(src)
-        finally:
-            admit.release()
-
     try:
-        async with asyncio.TaskGroup() as tg:
-            for src in sources:
-                await admit.acquire()
-                tg.create_task(run(src))
+        await drain(_Listed(sources), window, one)
     except BaseExceptionGroup as group:
         errors = _leaves(group)
         for other in errors[1:]:
