@@ -6,7 +6,7 @@
    points ``benchmarks/jobs/transform.toml`` at it through the ``BENCH_*`` variables (local
    files by default, as in ``results/bench_auto.md``; ``--http`` serves them instead).
 2. Runs the full grid of the ``--vary`` candidates, then ``--auto`` over the same candidates,
-   each with ``etl.bench.Bench`` in this process (every run is still its own ``run.py``
+   each with ``etl.ops.bench.Bench`` in this process (every run is still its own ``run.py``
    process, after one unmeasured warm-up per search). The grid's points and the search's
    start come from the same ``--set`` overrides (by default workers=1 and chunks of
    25,000 rows, the far corner of the grid, as in the earlier measurements).
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import REPO, Server, machine
 from benchmarks.run_transform import dataset
-from etl.bench import (
+from etl.ops.bench import (
     AUTO_MIN_GAIN,
     Bench,
     Interrupted,
@@ -48,7 +48,7 @@ from etl.bench import (
     ranked,
     write_outputs,
 )
-from etl.errors import ETLError, ExitCode
+from etl.core.errors import ETLError, ExitCode
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VARY = ["transform.workers=1,2,3", "read.chunk_rows=25000,50000,100000,200000", "download.concurrency=2,8"]

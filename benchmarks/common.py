@@ -13,7 +13,7 @@
   with psutil from a thread of this process (shared pages count once per process, so this
   over-counts fork-shared memory a little, like any RSS sum).
 
-Helpers also start and stop the benchmark's HTTP server (``etl.serve`` in a child process,
+Helpers also start and stop the benchmark's HTTP server (``etl.ops.serve`` in a child process,
 or nginx: ``serve(folder, kind)``) and describe the machine.
 """
 

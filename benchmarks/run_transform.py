@@ -2,7 +2,7 @@
 
     python benchmarks/run_transform.py --rows 8000000 --files 8 --repeat 3
 
-1. Generates the synthetic trips (``etl.datagen``, gzipped CSV) once into
+1. Generates the synthetic trips (``etl.ops.datagen``, gzipped CSV) once into
    ``--data-dir/rows<R>-files<F>/`` and reuses it on later runs.
 2. Serves that folder on 127.0.0.1 with nginx (``--server nginx``, the default when it is
    installed: sendfile costs next to no CPU, as a remote server would not use this
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def dataset(data_dir: Path, rows: int, files: int) -> Path:
     """The generated trips for this size, made once (written aside, then renamed)."""
-    from etl.datagen import generate
+    from etl.ops.datagen import generate
 
     folder = data_dir / f"rows{rows}-files{files}"
     if (folder / "zones.csv").exists():  # zones.csv is written last

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from etl import __version__
-from etl.config import JobConfig, load_job
-from etl.errors import ConfigError, ETLError, ExitCode, Interrupted, LockHeld
-from etl.logs import setup_logging
-from etl.stopping import GracefulStop, run_with_signals
+from etl.core.config import JobConfig, load_job
+from etl.core.errors import ConfigError, ETLError, ExitCode, Interrupted, LockHeld
+from etl.ops.logs import setup_logging
+from etl.run.stopping import GracefulStop, run_with_signals
 
 log = logging.getLogger("etl")
 
@@ -132,19 +132,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
-        from etl.datagen import generate
+        from etl.ops.datagen import generate
 
         paths = generate(args.out, rows=args.rows, files=args.files, seed=args.seed,
                          fmt=args.format, bad_values=args.bad_values)  # fmt: skip
         print(f"wrote {len(paths)} files to {args.out}")
         return ExitCode.OK
     if args.command == "bench":
-        from etl.bench import bench_command
+        from etl.ops.bench import bench_command
 
         return bench_command(args)
     if args.command == "serve":
-        from etl.config import parse_size
-        from etl.serve import run_forever
+        from etl.core.config import parse_size
+        from etl.ops.serve import run_forever
 
         bandwidth = parse_size(args.bandwidth) if args.bandwidth else None
         run_forever(args.folder, port=args.port, latency=args.latency, bandwidth=bandwidth)
@@ -154,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK ({cfg.job.name})")
         return check_sources(cfg) if args.check_sources else ExitCode.OK
     if args.command == "crontab":
-        from etl.cron import crontab_line
+        from etl.ops.cron import crontab_line
 
         print(crontab_line(cfg, args.config, args.schedule, args.metrics_file))
         return ExitCode.OK
@@ -165,8 +165,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def check_sources(cfg: JobConfig) -> int:
     """HEAD every remote source, stat every local one; print each failure; 1 if any failed."""
-    from etl.redact import redact_url
-    from etl.sources import expand_sources
+    from etl.core.redact import redact_url
+    from etl.download.sources import expand_sources
 
     sources = expand_sources(cfg)
     problems = asyncio.run(_probe_all(cfg, sources))
@@ -201,7 +201,7 @@ async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
                         async with session.get(src.url, headers={**headers, "Range": "bytes=0-0"}) as resp:
                             status = resp.status
                 except (aiohttp.ClientError, TimeoutError) as e:
-                    from etl.redact import redact_url
+                    from etl.core.redact import redact_url
 
                     return f"{type(e).__name__}: {e}".replace(src.url, redact_url(src.url))
             return None if status < 400 else f"HTTP {status}"
@@ -211,9 +211,9 @@ async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
 
 def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     """Print what a run would do (per source), the output and the mode; touch nothing."""
-    from etl.commits import Commits
-    from etl.redact import redact_url
-    from etl.sources import expand_sources
+    from etl.run.commits import Commits
+    from etl.core.redact import redact_url
+    from etl.download.sources import expand_sources
 
     sources = expand_sources(cfg)
     plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
@@ -228,8 +228,8 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
 
 def load_and_check(path: Path, overrides: list[str]) -> JobConfig:
     """Validate everything that can be checked before work starts: keys, steps, sources."""
-    from etl.sources import expand_sources
-    from etl.steps import validate_steps
+    from etl.download.sources import expand_sources
+    from etl.transform.steps import validate_steps
 
     cfg = load_job(path, overrides)
     validate_steps(cfg.transform.steps, cfg.base_dir, file=str(cfg.file))
@@ -239,10 +239,10 @@ def load_and_check(path: Path, overrides: list[str]) -> JobConfig:
 
 def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
     """Run under the job lock; always leave a run report (and metrics file) behind."""
-    from etl.pipeline import RunOptions, run_job
-    from etl.progress import choose_mode
-    from etl.report import RunReport, config_hash, format_summary
-    from etl.state import JobLock
+    from etl.run.pipeline import RunOptions, run_job
+    from etl.ops.progress import choose_mode
+    from etl.ops.report import RunReport, config_hash, format_summary
+    from etl.run.state import JobLock
 
     opts = RunOptions(full_refresh=args.full_refresh, progress=choose_mode(args.quiet))
     setup_logging(args.log_level, args.log_format, args.log_file, run_id=opts.run_id)
@@ -280,7 +280,7 @@ def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
 
 
 def _save(report: Any, state: Path, cfg: JobConfig, args: argparse.Namespace) -> None:
-    from etl.report import write_metrics, write_report
+    from etl.ops.report import write_metrics, write_report
 
     write_report(report, state, cfg.job.keep_reports)
     if args.metrics_file:

@@ -1,0 +1,132 @@
+"""The plain records that travel between stages (and across the process boundary).
+
+Nothing here holds a live resource: no session, no open file, no DataFrame. A ``Chunk``
+carries its rows as Arrow IPC stream bytes or raw CSV text and a ``ChunkResult`` carries encoded output
+files, so both pickle as a few large ``bytes`` objects and cost a memcpy to send.
+
+Every record knows its identity (source, chunk index, row range) so that every error,
+retry and rejected row can name where it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Format = Literal["csv", "jsonl", "parquet"]
+ChunkKind = Literal["arrow", "csv"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One input file, after globs, ranges and listing files have been expanded."""
+
+    index: int
+    """Position in the expanded source list; orders output parts deterministically."""
+    url: str
+    """``http(s)://`` URL, or an absolute local path."""
+    name: str
+    """File name, unique within the job (``trips-003.csv.gz``)."""
+    format: Format
+    sha256: str | None = None
+    md5: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True, slots=True)
+class StagedFile:
+    """A source whose bytes are complete on local disk (verified when a checksum is set)."""
+
+    source: Source
+    path: Path
+    size: int
+    unchanged: bool = False
+    """The server answered 304: same content as the previous run's."""
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # only a path travels; the bytes stay on disk
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Consecutive rows of one source: an Arrow IPC stream, or raw CSV records.
+
+    ``kind = "arrow"``: ``data`` is an Arrow IPC stream (parsed by a reader thread);
+    ``row_start`` is the 0-based data row of its first row and ``rows`` its row count.
+    ``kind = "csv"``: ``data`` is whole CSV records, without the header, that the worker
+    parses (``etl.read.csv_cut``); ``row_start`` is the 1-based file line where its first
+    record starts and ``rows`` the lines it spans (its records, unless values hold
+    newlines). Rows are then named by file line in every error and dead-letter record.
+    """
+
+    source_index: int
+    source_name: str
+    index: int
+    """0-based chunk number within the source."""
+    row_start: int
+    rows: int
+    data: bytes = field(repr=False)
+    kind: ChunkKind = "arrow"
+    columns: tuple[str, ...] = ()
+    """``csv`` chunks: the column names from the file's header."""
+
+    @property
+    def unit(self) -> str:
+        """How a row is numbered: by file ``line`` (CSV parsed in workers) or data ``row``."""
+        return "line" if self.kind == "csv" else "row"
+
+    @property
+    def label(self) -> str:
+        end = self.row_start + self.rows - 1
+        return f"{self.source_name}[chunk {self.index}, {self.unit}s {self.row_start}-{end}]"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One encoded output file, relative to the output folder (``month=2026-01/part-….parquet``)."""
+
+    relpath: str
+    data: bytes = field(repr=False)
+    rows: int
+
+
+RESULT_COUNTERS = ("rows_in", "rows_out", "rows_rejected", "seconds", "decode_seconds",
+                   "steps_seconds", "encode_seconds")  # fmt: skip
+"""The additive fields of a ``ChunkResult``: summed over split pieces and over a run."""
+
+
+@dataclass(slots=True)
+class ChunkResult:
+    """What a worker sends back: encoded parts, rejected rows and a few metrics."""
+
+    source_index: int
+    index: int
+    rows_in: int
+    rows_out: int
+    rows_rejected: int = 0
+    parts: list[Part] = field(default_factory=list)
+    rejects: Part | None = None
+    """Rejected rows with source, row number, step and reason (``on_error = "quarantine"``)."""
+    seconds: float = 0.0
+    """Time inside the worker: decode + steps + encode."""
+    attempts: int = 1
+    decode_seconds: float = 0.0
+    """Arrow IPC bytes to a DataFrame."""
+    steps_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    """Output parts (and dead-letter rows) to bytes."""
+
+    @property
+    def nbytes(self) -> int:
+        own = sum(len(p.data) for p in self.parts)
+        return own + (len(self.rejects.data) if self.rejects else 0)

@@ -1,0 +1,1 @@
+"""The download stage: sources in, verified local files out (asyncio + aiohttp)."""

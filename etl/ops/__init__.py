@@ -1,0 +1,1 @@
+"""The operator surface beside the CLI: cron lines, reports, logs, progress, bench, test data and server."""

@@ -1,0 +1,1 @@
+"""The read stage: staged files in, chunks out (reader threads)."""

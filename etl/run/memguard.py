@@ -1,0 +1,100 @@
+"""Keep a running job inside its memory budget: follow the process tree's RSS, hold chunks back.
+
+``MemoryGuard`` is told the RSS of the whole process tree by the run's sampler
+(``etl.core.stats.TreeSampler``, every ``SAMPLE_INTERVAL_S``); above the high watermark the
+transform dispatcher takes no new chunk (``GatedChunks``) until the tree is below the low
+watermark, except that a chunk is always admitted when none is in flight, so the run can
+never stall. The budget comes from ``etl.run.resources``'s plan.
+
+Memory is counted as the sum of RSS over the tree, which counts pages shared between the
+fork server and its workers once per process: an overestimate, so the budget errs safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from etl.core.queues import BoundedQueue
+from etl.core.records import Chunk, ChunkResult
+from etl.run.resources import gib
+
+log = logging.getLogger("etl.resources")  # the planner's logger: records keep their name
+
+HIGH_WATERMARK = 0.90  # share of the budget above which the guard admits no new chunk
+LOW_WATERMARK = 0.75  # the guard admits again below this share: the gap stops it flapping every sample
+
+
+class MemoryGuard:
+    """Follows the process tree's sampled RSS; tells the dispatcher when it may take a chunk."""
+
+    def __init__(self, budget: int) -> None:
+        self.high = int(budget * HIGH_WATERMARK)
+        self.low = int(budget * LOW_WATERMARK)
+        self.rss = 0
+        self.peak = 0
+        self.samples = 0
+        self.paused = False
+        self.pauses = 0
+        self.paused_s = 0.0
+        self.forced = 0
+        self._tick = asyncio.Condition()
+
+    async def observe(self, rss: int) -> None:
+        """One sample of the tree's RSS (bytes): pause or resume, wake waiting admits."""
+        self.rss, self.peak, self.samples = rss, max(self.peak, rss), self.samples + 1
+        if not self.paused and rss > self.high:
+            self.paused = True
+            self.pauses += 1
+            log.info("memory %s above the high watermark %s: holding chunks back", gib(rss), gib(self.high),
+                     extra={"stage": "transform"})  # fmt: skip
+        elif self.paused and rss < self.low:
+            self.paused = False
+        async with self._tick:
+            self._tick.notify_all()
+
+    async def admit(self, busy: Callable[[], int]) -> None:
+        """Return when a chunk may start: memory is low enough, or nothing else is running."""
+        if not self.paused:
+            return
+        start = time.perf_counter()
+        async with self._tick:
+            await self._tick.wait_for(lambda: not self.paused or busy() <= 0)
+        self.paused_s += time.perf_counter() - start
+        if self.paused:
+            self.forced += 1
+            if self.forced == 1:
+                log.warning("memory %s is above %s with no chunk in flight: running chunks one at a "
+                            "time (the run's fixed cost plus one chunk needs more than the budget; "
+                            "lower read.chunk_rows or raise resources.memory_limit)", gib(self.rss), gib(self.high),
+                            extra={"stage": "transform"})  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"peak_rss_bytes": self.peak, "samples": self.samples, "high_watermark": self.high,
+                "low_watermark": self.low, "pauses": self.pauses, "paused_seconds": round(self.paused_s, 3),
+                "forced_admits": self.forced}  # fmt: skip
+
+
+class GatedChunks:
+    """The chunks queue as the transform dispatcher sees it: ``get`` first asks the guard.
+
+    A chunk is busy from the moment it is taken until its result is on the results queue,
+    so ``busy`` is chunks taken minus results put.
+    """
+
+    def __init__(self, chunks: BoundedQueue[Chunk], results: BoundedQueue[ChunkResult], guard: MemoryGuard) -> None:
+        self.chunks, self.results, self.guard = chunks, results, guard
+        self.taken = 0
+
+    def busy(self) -> int:
+        return self.taken - self.results.stats.items
+
+    async def get(self) -> Chunk | None:
+        await self.guard.admit(self.busy)
+        chunk = await self.chunks.get()
+        if chunk is not None:
+            self.taken += 1
+        return chunk

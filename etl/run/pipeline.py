@@ -1,0 +1,296 @@
+"""Wires the stages together on one event loop and runs a job.
+
+::
+
+    sources ─► DOWNLOAD (asyncio + aiohttp) ─► files queue ─► READ (thread pool, pyarrow)
+           ─► chunks queue ─► TRANSFORM (process pool) ─► results queue ─► WRITE (thread pool)
+           ─► temp folder beside the output ─► publish (rename) when every chunk succeeded
+
+All four stages run at once as tasks of one ``asyncio.TaskGroup``; thread and process work
+is awaited from the loop, so backpressure is "await the put" and a failure anywhere
+surfaces here. Each queue is closed by the single stage that feeds it (download closes
+files, read closes chunks, transform closes results). When a stage fails, every queue is
+aborted so no thread stays blocked on a full queue, the temp output is discarded, the
+pool is stopped, and the previous output stays as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from etl.core.config import JobConfig
+from etl.download.stage import download_stage
+from etl.core.errors import ETLError
+from etl.core.queues import BoundedQueue, QueueAborted, drain
+from etl.run.memguard import GatedChunks, MemoryGuard
+from etl.ops.progress import Progress
+from etl.core.records import Chunk, ChunkResult, Source, StagedFile
+from etl.run.resources import plan_resources
+from etl.download.sources import expand_sources
+from etl.run.commits import Commits
+from etl.core.stats import MeteredExecutor, MeteredPut, RunStats
+from etl.write.folder import OutputWriter, read_chunks
+from etl.transform.stage import WorkerSpec, make_executor, transform_stage
+
+log = logging.getLogger("etl.pipeline")
+
+FILES_QUEUE_ITEMS = 4  # staged files waiting for a reader: only paths, but more means more disk
+
+
+@dataclass
+class StageTime:
+    start: float = 0.0
+    end: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return max(self.end - self.start, 0.0)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    job: str
+    sources: int = 0
+    files_read: int = 0
+    chunks: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    bytes_downloaded: int = 0
+    bytes_read: int = 0
+    parts_written: int = 0
+    wall_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    queues: list[dict[str, Any]] = field(default_factory=list)
+    download: dict[str, Any] = field(default_factory=dict)
+    transform: dict[str, Any] = field(default_factory=dict)
+    published: list[str] = field(default_factory=list)
+    workers: int = 0
+    sources_skipped: int = 0
+    """Sources not processed: unchanged since the published output, or resumed (etl/state.py)."""
+    per_source: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Per-stage busy/wait/blocked, queue high-water marks, process-tree RSS and CPU (etl/stats.py)."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """Workers, chunk size, queue bounds and the measurements behind them (etl/resources.py)."""
+    memory: dict[str, Any] = field(default_factory=dict)
+    """Memory guard: peak sampled process-tree RSS, pauses, forced admits (etl/memguard.py)."""
+
+
+@dataclass
+class RunOptions:
+    full_refresh: bool = False
+    progress: str = "off"
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+
+
+class Run:
+    """One run of one job: owns the queues, pools and temp output for its lifetime."""
+
+    def __init__(self, cfg: JobConfig, opts: RunOptions) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.summary = RunSummary(run_id=opts.run_id, job=cfg.job.name)
+        self.times = {s: StageTime() for s in ("download", "read", "transform", "write")}
+        self.progress = Progress(opts.progress)  # type: ignore[arg-type]
+
+    async def execute(self) -> RunSummary:
+        cfg, summary = self.cfg, self.summary
+        start = time.perf_counter()
+        sources = expand_sources(cfg)
+        summary.sources = len(sources)
+        plan = await asyncio.to_thread(plan_resources, cfg, sources)  # measures a chunk: seconds, off the loop
+        read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
+        transform = cfg.transform.model_copy(update={"executor": plan.executor})
+        self.cfg = cfg = cfg.model_copy(update={"read": read, "transform": transform})
+        workers, in_flight = plan.workers, plan.in_flight
+        summary.workers, summary.plan = workers, plan.as_dict()
+        self.guard = MemoryGuard(plan.budget)
+        slots = {"download": 1, "read": cfg.read.threads, "transform": workers, "write": cfg.output.writer_threads}
+        self.stats = RunStats(slots)
+        self.stats.sampler.listeners.append(self.guard.observe)
+        self.stats.start()
+        self.commits = Commits(cfg, self.opts.run_id, self.opts.full_refresh)
+        adopt = self.commits.recover(sources)  # before clean_leftovers: it may keep a temp folder
+        OutputWriter.clean_leftovers(cfg.output, keep=adopt)
+        writer = OutputWriter(cfg.output, self.opts.run_id, adopt=adopt)
+        self.commits.begin(writer)
+        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output, cfg.read), workers, plan.budget)
+        self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
+        self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
+        self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(
+            "results", plan.results_queue_items, plan.results_queue_bytes)
+        queues = (self.files_q, self.chunks_q, self.results_q)
+        # Pools live outside the stage coroutines: shutting one down waits for its threads,
+        # which must never happen on the loop while a thread waits on the loop (a queue put).
+        self.read_pool = ThreadPoolExecutor(cfg.read.threads, thread_name_prefix="read")
+        self.write_pool = ThreadPoolExecutor(cfg.output.writer_threads, thread_name_prefix="write")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._stage("download", self._download(sources), queues))
+                tg.create_task(self._stage("read", self._read(), queues))
+                tg.create_task(self._stage("transform", self._transform(executor, in_flight), queues))
+                tg.create_task(self._stage("write", self._write(writer), queues))
+        except BaseException as e:
+            for q in queues:
+                q.abort()
+            await self._join_pools()
+            stopped = isinstance(e, asyncio.CancelledError)  # a signal: the next run resumes
+            if not self.commits.failed(interrupted=stopped):
+                writer.discard()
+            err = _first_error(e)
+            if err is e:
+                raise
+            raise err from err.__cause__
+        finally:
+            summary.memory = self.guard.as_dict()
+            executor.close()
+            self.progress.close()
+            self.stats.stop()
+        await self._join_pools()
+        self.commits.publishing()
+        try:
+            summary.published = writer.publish()
+        except BaseException:
+            self.commits.failed()
+            writer.discard()  # publish already undid its own moves; drop the temp folder now
+            raise
+        self.commits.published()
+        summary.per_source = self.commits.report()
+        summary.sources_skipped = sum(s["status"] != "processed" for s in summary.per_source)
+        summary.wall_seconds = time.perf_counter() - start
+        summary.stage_seconds = {k: round(v.seconds, 3) for k, v in self.times.items()}
+        summary.queues = [q.stats.as_dict() for q in queues]
+        summary.stats = self.stats.finish(summary.wall_seconds, summary.queues)
+        return summary
+
+    async def _join_pools(self) -> None:
+        """Wait for reader and writer threads off the loop (they may still need it to unblock)."""
+        for pool in (self.read_pool, self.write_pool):
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+    async def _stage(self, name: str, coro: Any, queues: tuple[BoundedQueue[Any], ...]) -> None:
+        t = self.times[name]
+        t.start = time.perf_counter()
+        self.stats.meters[name].start()
+        try:
+            await coro
+        except BaseException:
+            for q in queues:
+                q.abort()  # wake threads blocked on a full queue; the other stages stop too
+            raise
+        finally:
+            t.end = time.perf_counter()
+            self.stats.meters[name].stop()
+
+    async def _download(self, sources: list[Source]) -> None:
+        cfg = self.cfg
+        bar = self.progress.stage("download", "files", total=len(sources))
+        meter = self.stats.meters["download"]
+        files_out = MeteredPut(self.files_q, meter, from_work=True, size=lambda f: f.size)
+        with meter.working():
+            stats = await download_stage(
+                sources, cfg.download, cfg.staging_dir, files_out,  # type: ignore[arg-type]
+                state_file=cfg.job_state_dir / "sources.json", full_refresh=self.opts.full_refresh,
+                progress=bar,
+            )  # fmt: skip
+        self.summary.download = stats.as_dict()
+        self.summary.bytes_downloaded = stats.bytes
+        meter.count_in(len(sources), stats.bytes)
+
+    async def _read(self) -> None:
+        bar = self.progress.stage("read", "chunks")
+        meter = self.stats.meters["read"]
+
+        def read_file(staged: StagedFile) -> None:
+            if not self.commits.check(staged):
+                return  # unchanged or already committed: its parts are in place
+            meter.count_in(1, staged.size)
+            chunks = 0
+            with meter.working():
+                for chunk in read_chunks(staged, self.cfg.read):
+                    with meter.blocked():
+                        self.chunks_q.put_threadsafe(chunk)
+                    chunks += 1
+                    meter.count_out(1, chunk.nbytes, chunk.rows if chunk.kind == "arrow" else 0)  # raw CSV: rows are known once parsed
+                    bar.update(items=1, nbytes=chunk.nbytes)
+            self.commits.read_done(staged.source, chunks)
+            self.summary.files_read += 1
+            self.summary.bytes_read += staged.size
+
+        await drain(self.files_q, self.cfg.read.threads, _in_pool(self.read_pool, read_file))
+        await self.chunks_q.close()
+
+    async def _transform(self, executor: Any, in_flight: int) -> None:
+        bar = self.progress.stage("transform", "rows")
+        meter = self.stats.meters["transform"]
+        results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
+        stats = await transform_stage(
+            GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]
+            results_in, MeteredExecutor(executor, meter),  # type: ignore[arg-type]
+            self.cfg.transform, in_flight, bar, ipc=executor.ipc_stats, read=self.cfg.read,
+        )  # fmt: skip
+        s = self.summary
+        s.chunks, s.rows_in, s.rows_out, s.rows_rejected = stats.chunks, stats.rows_in, stats.rows_out, stats.rows_rejected
+        s.transform = stats.as_dict()
+
+    async def _write(self, writer: OutputWriter) -> None:
+        bar = self.progress.stage("write", "parts")
+        meter = self.stats.meters["write"]
+
+        def write(result: ChunkResult) -> None:
+            meter.count_in(1, result.nbytes)
+            done: list[tuple[str, int, int]] = []  # (relpath, rows, bytes) for the manifest
+            with meter.working():
+                for part in result.parts:
+                    done.append((writer.write(part), part.rows, len(part.data)))
+                    bar.update(items=1, nbytes=len(part.data))
+                    meter.count_out(1, len(part.data), part.rows)
+                if (rej := result.rejects) is not None:
+                    done.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
+            self.commits.written(result, done)
+            self.summary.parts_written += len(result.parts)
+
+        await drain(self.results_q, self.cfg.output.writer_threads, _in_pool(self.write_pool, write))
+
+
+def _in_pool(pool: ThreadPoolExecutor, work: Callable[[Any], None]) -> Callable[[Any], Awaitable[None]]:
+    """``work`` run in ``pool``, awaited from the loop: a ``drain`` handler for a thread stage."""
+    async def handle(item: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(pool, work, item)
+
+    return handle
+
+
+def _first_error(e: BaseException) -> BaseException:
+    """The root cause inside (nested) exception groups: an ETLError first, else any error."""
+    if isinstance(e, BaseExceptionGroup):
+        leaves = list(_leaves(e))
+        for leaf in leaves:
+            if isinstance(leaf, ETLError):
+                return leaf
+        for leaf in leaves:
+            if not isinstance(leaf, (asyncio.CancelledError, QueueAborted)):
+                return leaf
+        return leaves[0] if leaves else e
+    return e
+
+
+def _leaves(e: BaseException) -> Any:
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield e
+
+
+async def run_job(cfg: JobConfig, opts: RunOptions | None = None) -> RunSummary:
+    return await Run(cfg, opts or RunOptions()).execute()

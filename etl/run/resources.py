@@ -1,0 +1,333 @@
+"""Size the run to the machine and the memory it is given: the sizing decision.
+
+1. **Know the machine** (``machine``): usable CPUs are the affinity mask capped by the
+   cgroup CPU quota; usable memory is the lower of the cgroup memory limit and what
+   psutil says is available (inside a container psutil alone reports the host).
+2. **A budget** (``memory_budget``): ``resources.memory_limit`` as bytes, a share of
+   usable memory, or ``auto``: ``AUTO_MEMORY_SHARE`` of usable memory, at most
+   ``AUTO_BYTES_PER_CPU`` per usable CPU (1 GiB on a 2-CPU host).
+3. **Measure** (``etl.run.probe.measure``): what one chunk costs in a worker, and what a
+   reader thread costs, measured in a throw-away worker before the run.
+4. **Plan** (``plan_for``): the most workers (up to the usable CPUs), then the largest
+   chunks (halving from the default ``read.chunk_rows``), then the most reader threads,
+   then the deepest queues whose worst case (every worker at its peak, every queue and
+   in-flight slot full, every reader's buffers, the parent, the fork server) fits
+   ``PLAN_SHARE`` of the budget. Explicitly set ``transform.workers``,
+   ``transform.in_flight``, ``read.chunk_rows`` and ``read.threads`` are honoured, with a
+   warning when they cannot fit. Measuring costs about a second before the run starts.
+5. **Guard** (``etl.run.memguard.MemoryGuard``): keeps the running job inside the budget.
+
+Memory is counted as the sum of RSS over the tree, which counts pages shared between the
+fork server and its workers once per process: an overestimate, so the budget errs safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from etl.core.config import JobConfig, parse_size
+from etl.run.probe import Probe, measure
+from etl.core.records import Source
+
+log = logging.getLogger("etl.resources")
+
+AUTO_MEMORY_SHARE = 0.5  # "auto": half of usable memory leaves the rest to the page cache and neighbours on a shared host
+AUTO_BYTES_PER_CPU = 512 << 20  # "auto" cap per usable CPU: past it memory buys queue depth, not speed
+CGROUP_UNLIMITED = 1 << 60  # v1 writes "no limit" as ~2**63 rounded to a page; no real limit is this big
+MIN_CHUNK_ROWS = 10_000  # smallest chunk the planner picks: smaller means many tiny output files
+ALLOCATOR_SLACK = 1.25  # measured per-row peaks scaled to bigger chunks, plus allocator fragmentation
+CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
+PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
+# estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
+MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
+PROCESS_FLOOR = 3  # parent + fork server + one worker, each ~ the parent's RSS (pandas, pyarrow): below
+# this many parents' worth of budget, worker processes cannot fit and the transform runs in the parent
+
+
+# ------------------------------------------------------------------------- machine
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpus: int
+    """Usable CPUs: affinity mask, capped by the cgroup quota."""
+    memory: int
+    """Usable bytes: the lower of the cgroup limit and available memory."""
+    affinity_cpus: int
+    cgroup_cpus: float | None
+    cgroup_memory: int | None
+    available: int
+
+
+def machine(root: Path = Path("/")) -> Machine:
+    quota, limit = cgroup_limits(root)
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = max(1, min(affinity, math.ceil(quota))) if quota else affinity
+    available = psutil.virtual_memory().available
+    memory = min(available, limit) if limit else available
+    return Machine(cpus, memory, affinity, quota, limit, available)
+
+
+def cgroup_limits(root: Path = Path("/")) -> tuple[float | None, int | None]:
+    """(CPU quota in CPUs, memory limit in bytes) of this process's cgroup; None = no limit.
+
+    ``root`` is ``/`` or a fixture folder holding ``proc/self/cgroup`` and ``sys/fs/cgroup``.
+    Both v1 and v2 hierarchies are read (hybrid hosts have both). The cgroup's folder is
+    looked up from ``/proc/self/cgroup`` and every ancestor up to the mount point is read
+    too, because a parent's limit binds its children; inside a container the folder is
+    often the mount point itself, while ``/proc/self/cgroup`` still names the host path.
+    """
+    quotas: list[float] = []
+    limits: list[int] = []
+    for base, rel in _cgroup_dirs(root):
+        for folder in _up_to(base, rel):
+            if (q := _cpu_quota(folder)) is not None:
+                quotas.append(q)
+            if (m := _memory_limit(folder)) is not None:
+                limits.append(m)
+    return (min(quotas) if quotas else None), (min(limits) if limits else None)
+
+
+def _cgroup_dirs(root: Path) -> list[tuple[Path, str]]:
+    """(mount point, path inside it) for the v2 hierarchy and the v1 cpu and memory ones."""
+    fs = root / "sys/fs/cgroup"
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hid == "0" and not controllers:
+            found.append((fs if (fs / "cgroup.controllers").exists() else fs / "unified", rel))
+        elif {"cpu", "memory"} & set(controllers.split(",")):
+            found.append((fs / controllers, rel))
+    return found
+
+
+def _up_to(base: Path, rel: str) -> list[Path]:
+    parts = [p for p in rel.split("/") if p]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_quota(folder: Path) -> float | None:
+    if (text := _read(folder / "cpu.max")) is not None:  # v2: "max 100000" or "150000 100000"
+        quota, _, period = text.partition(" ")
+        return None if quota == "max" else int(quota) / int(period or 100_000)
+    quota_us, period_us = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    if quota_us is None or period_us is None or int(quota_us) <= 0:  # v1: -1 means no quota
+        return None
+    return int(quota_us) / int(period_us)
+
+
+def _memory_limit(folder: Path) -> int | None:
+    text = _read(folder / "memory.max")  # v2: "max" or bytes
+    if text is None:
+        text = _read(folder / "memory.limit_in_bytes")  # v1
+    if text is None or text == "max":
+        return None
+    value = int(text)
+    return None if value >= CGROUP_UNLIMITED else value
+
+
+def memory_budget(setting: str, usable: int, cpus: int) -> int:
+    """Bytes the run may use: ``auto``, a share (``60%``) or a size (``4GiB``)."""
+    if setting == "auto":
+        return int(min(usable * AUTO_MEMORY_SHARE, AUTO_BYTES_PER_CPU * cpus))
+    if setting.endswith("%"):
+        return int(usable * float(setting[:-1]) / 100)
+    size = parse_size(setting)
+    if size > usable:
+        log.warning("resources.memory_limit = %s is more than the %s usable; using %s",
+                    setting, gib(usable), gib(usable), extra={"stage": "plan"})  # fmt: skip
+        return usable
+    return size
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Layout:
+    workers: int
+    chunk_rows: int
+    queue: int
+    """Chunks the chunks queue holds."""
+    in_flight: int
+    readers: int
+
+
+@dataclass
+class ResourcePlan:
+    """The sizing decision; stored as plain data in the run summary."""
+
+    executor: str
+    """The transform executor to run: the job's, or ``thread`` when processes cannot fit."""
+    workers: int
+    in_flight: int
+    chunk_rows: int
+    read_threads: int
+    chunks_queue_items: int
+    chunks_queue_bytes: int
+    results_queue_items: int
+    results_queue_bytes: int
+    budget: int
+    estimated_peak: int
+    worker_bytes: int
+    fits: bool
+    cpus: int
+    usable_memory: int
+    cgroup_memory: int | None
+    cgroup_cpus: float | None
+    decision: str
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CostModel:
+    """Worst-case bytes of a layout: every worker at its peak, every queue and slot full."""
+
+    def __init__(self, cfg: JobConfig, probe: Probe) -> None:
+        self.probe = probe
+        self.threads = cfg.transform.executor in ("thread", "serial")
+        self.writers = cfg.output.writer_threads
+
+    def chunk(self, rows: int) -> int:
+        return int(self.probe.per_row("chunk_bytes") * rows)
+
+    def result(self, rows: int) -> int:
+        return int(self.probe.per_row("result_bytes") * rows)
+
+    def work(self, rows: int) -> int:
+        """One worker's peak above its base while it holds a chunk of ``rows`` rows."""
+        return int(self.probe.per_row("worker_work") * rows * ALLOCATOR_SLACK)
+
+    def worker(self, rows: int) -> int:
+        return self.probe.worker_base + self.work(rows)
+
+    def total(self, lay: Layout) -> int:
+        c, r = self.chunk(lay.chunk_rows), self.result(lay.chunk_rows)
+        readers = lay.readers * (self.probe.reader_bytes + 2 * c)  # pending table + its IPC copy
+        queued = int(lay.queue * c * CHUNK_SIZE_SLACK)
+        # The dispatcher keeps each in-flight chunk for retries; the pool pickles a copy to send.
+        in_flight = (lay.in_flight + lay.workers) * c + (lay.in_flight + lay.workers + self.writers) * r
+        parent = self.probe.parent_base + readers + queued + in_flight
+        if self.threads:
+            return parent + lay.workers * self.work(lay.chunk_rows)
+        return parent + self.probe.servers + lay.workers * self.worker(lay.chunk_rows)
+
+
+def plan_resources(cfg: JobConfig, sources: list[Source], root: Path = Path("/")) -> ResourcePlan:
+    """Measure, then plan; logs the decision in one line."""
+    box = machine(root)
+    budget = memory_budget(cfg.resources.memory_limit, box.memory, box.cpus)
+    start = time.perf_counter()
+    cfg, note = in_process_if_small(cfg, budget)
+    probe = measure(cfg, sources)
+    plan = plan_for(cfg, box, budget, probe)
+    plan.decision = note + plan.decision
+    log.log(logging.INFO if plan.fits else logging.WARNING, "%s (measured in %.1fs)", plan.decision,
+            time.perf_counter() - start, extra={"stage": "plan"})  # fmt: skip
+    return plan
+
+
+def in_process_if_small(cfg: JobConfig, budget: int) -> tuple[JobConfig, str]:
+    """The job to plan for: a budget too small for any worker process (``PROCESS_FLOOR``
+    times the parent's RSS) runs the transform in the parent's threads, unless the
+    executor or the worker count was chosen explicitly; decided before any process starts."""
+    t = cfg.transform
+    floor = PROCESS_FLOOR * psutil.Process().memory_info().rss
+    if t.executor != "process" or "executor" in t.model_fields_set or t.workers != "auto" or budget * PLAN_SHARE >= floor:
+        return cfg, ""
+    note = (f"budget {gib(budget)} has no room for worker processes (a fork server and one worker need "
+            f"{gib(floor)} with this process): transform runs in this process's threads; ")  # fmt: skip
+    return cfg.model_copy(update={"transform": t.model_copy(update={"executor": "thread"})}), note
+
+
+def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> ResourcePlan:
+    """The first layout that fits, in order of preference; the smallest one if none does."""
+    model = CostModel(cfg, probe)
+    target = int(budget * PLAN_SHARE)
+    layouts = candidates(cfg, box.cpus)
+    chosen = next((lay for lay in layouts if model.total(lay) <= target), layouts[-1])
+    peak = model.total(chosen)
+    fits = peak <= target
+    chunk = model.chunk(chosen.chunk_rows)
+    return ResourcePlan(
+        executor=cfg.transform.executor, workers=chosen.workers, in_flight=chosen.in_flight, chunk_rows=chosen.chunk_rows, read_threads=chosen.readers,
+        chunks_queue_items=chosen.queue, chunks_queue_bytes=max(int(chosen.queue * chunk * CHUNK_SIZE_SLACK), 1),
+        results_queue_items=max(2, chosen.in_flight),
+        results_queue_bytes=max(int(max(2, chosen.in_flight) * model.result(chosen.chunk_rows) * CHUNK_SIZE_SLACK), 1),
+        budget=budget, estimated_peak=peak, worker_bytes=model.worker(chosen.chunk_rows), fits=fits,
+        cpus=box.cpus, usable_memory=box.memory, cgroup_memory=box.cgroup_memory, cgroup_cpus=box.cgroup_cpus,
+        decision=_decision(cfg, box, budget, model, chosen, fits), probe=asdict(probe),
+    )  # fmt: skip
+
+
+def candidates(cfg: JobConfig, cpus: int) -> list[Layout]:
+    """Layouts from most to least preferred: workers, then chunk size, then reader threads, then
+    queue depth. Readers go before chunk size: each costs ~100 MiB of parse buffers, and one
+    reader usually keeps two workers fed, while small chunks mean many small output files."""
+    t = cfg.transform
+    if t.executor == "serial":
+        workers = [1]
+    elif isinstance(t.workers, int):
+        workers = [t.workers]
+    else:
+        workers = list(range(cpus, 0, -1))
+    rows = [cfg.read.chunk_rows]
+    if "chunk_rows" not in cfg.read.model_fields_set:  # the default may shrink; a chosen size stays
+        while rows[-1] // 2 >= MIN_CHUNK_ROWS:
+            rows.append(rows[-1] // 2)
+    readers = [cfg.read.threads]
+    if "threads" not in cfg.read.model_fields_set:
+        readers = list(range(cfg.read.threads, 0, -1))
+    out = []
+    for w in workers:
+        depths = [(w, 2 * w), (1, w + 1), (1, w)]
+        if isinstance(t.in_flight, int):
+            depths = [(w, t.in_flight), (1, t.in_flight)]
+        for r in rows:
+            for n in readers:
+                out += [Layout(w, r, q, f, n) for q, f in dict.fromkeys(depths)]
+    return out
+
+
+def _decision(cfg: JobConfig, box: Machine, budget: int, model: CostModel, lay: Layout, fits: bool) -> str:
+    target = int(budget * PLAN_SHARE)
+    extra = lay.in_flight - lay.workers
+    allows = 0
+    while allows < MAX_WORKERS_REPORTED and model.total(replace(lay, workers=allows + 1,
+                                                                in_flight=allows + 1 + extra)) <= target:  # fmt: skip
+        allows += 1
+    each = model.work(lay.chunk_rows) if model.threads else model.worker(lay.chunk_rows)
+    text = (f"transform: {lay.workers} workers ({box.cpus} CPUs usable; budget {gib(budget)} allows "
+            f"{allows} at {gib(each)} each), chunk {lay.chunk_rows:,} rows, queues {lay.queue}, "
+            f"in flight {lay.in_flight}, {lay.readers} readers; worst case {gib(model.total(lay))}")  # fmt: skip
+    if not fits:
+        text += (f"; does not fit {gib(target)} ({PLAN_SHARE:.0%} of the budget): lower "
+                 "transform.workers or read.chunk_rows, or raise resources.memory_limit; "
+                 "the memory guard will hold chunks back")  # fmt: skip
+    return text

@@ -1,0 +1,1 @@
+"""The transform stage: chunks in, encoded results out (process, thread, serial or Dask executor)."""

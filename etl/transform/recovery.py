@@ -1,0 +1,196 @@
+"""Crash recovery for the transform stage: retry, split and set aside chunks whose worker died.
+
+``etl.transform.stage``'s dispatcher hands every chunk to a ``ChunkRunner``; the executor runs
+one attempt and reports a dead, killed or timed-out worker as ``WorkerCrashed`` (or
+``ChunkTimeout``). The runner then decides what happens to the chunk (issues 4 and 5):
+
+* a chunk whose worker got **SIGKILL** (what the OOM killer sends) is retried as two
+  halves, recursively, while the halves keep at least ``MIN_SPLIT_ROWS`` rows; splitting
+  costs no attempt. Halves keep the chunk's ``index`` and get their own ``row_start`` and
+  ``rows``; their part files get a suffix naming the path of halves, ``-h`` + one bit per
+  split (``part-00001-000003-h01.parquet`` = chunk 3, first half, its second half). The
+  pieces of a chunk are leaves of one binary tree, so no name is a prefix of another and
+  sorting the names still gives the serial row order. The pieces' results are merged into
+  the chunk's one ``ChunkResult`` (dead-letter rows into its one ``rejected-…`` file).
+* other crashes, timeouts and pieces too small to split are retried as they are, up to
+  ``max_attempts`` attempts per piece; then ``on_error = "fail"`` fails the run with the
+  piece's source file, row range and signal, while ``"quarantine"`` sets the piece aside
+  (every row to the dead-letter output, reason "worker crashed: killed by SIGKILL after
+  N attempts") and ``"skip"`` only counts its rows as rejected; the run goes on and
+  exits 3 (rows out + rows rejected = rows in).
+
+Also here: the dead-letter encoding of rejected rows (``encode_rejects``, one
+``rejected-…`` JSON Lines file per chunk), which workers use for rows a step rejects and
+the runner uses for a whole chunk set aside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from etl.core.config import ReadConfig, TransformConfig
+from etl.core.errors import ChunkTimeout, WorkerCrashed
+from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
+
+if TYPE_CHECKING:  # etl.transform.stage imports this module; these are for annotations only
+    from etl.transform.stage import Executor, TransformStats
+
+log = logging.getLogger("etl.transform")  # the stage's logger: records keep their name
+
+MIN_SPLIT_ROWS = 1_000  # smallest half of an OOM-killed chunk: smaller means more retries and tiny parts
+OOM_KILL = "killed by SIGKILL"  # how describe_exit() names the OOM killer's signal
+
+# ------------------------------------------------------------ dead-letter output
+
+
+def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:
+    """Dead-letter rows as JSON Lines: source, row (or the file line, see ``Chunk.unit``),
+    step, reason and the raw input row."""
+    lines = [
+        json.dumps({"source": chunk.source_name, chunk.unit: int(r["_row"]), "step": r["_step"],
+                    "reason": r["_reason"], "raw": json.loads(r["_raw"]) if r["_raw"] else None})  # fmt: skip
+        for r in rejects.to_dict("records")
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    return Part(rejects_name(chunk), data, len(lines))
+
+
+def rejects_name(chunk: Chunk) -> str:
+    return f"rejected-{chunk.source_index:05d}-{chunk.index:06d}.jsonl"
+
+
+# ---------------------------------------------------------------- crashed chunks
+
+
+class ChunkRunner:
+    """Runs one chunk to completion: retries, splits after SIGKILL, sets aside or fails."""
+
+    def __init__(self, executor: Executor, cfg: TransformConfig, stats: TransformStats, read: ReadConfig) -> None:
+        self.executor = executor
+        self.cfg = cfg
+        self.read = read
+        """How to parse a raw CSV chunk in the parent, to set its rows aside."""
+        self.stats = stats
+
+    async def run(self, chunk: Chunk) -> ChunkResult:
+        """The chunk's result; a split chunk's pieces merged back into one."""
+        pieces = await self._run_piece(chunk, "")
+        return pieces[0] if len(pieces) == 1 else merge_pieces(chunk, pieces)
+
+    async def _run_piece(self, chunk: Chunk, path: str) -> list[ChunkResult]:
+        """Results for ``chunk``'s rows; ``path`` is its place among halves ("" = whole)."""
+        max_attempts = self.cfg.max_attempts
+        for attempt in range(1, max_attempts + 1):
+            try:
+                result = await self.executor.run(chunk)
+            except WorkerCrashed as e:
+                e.attempts = attempt
+                if type(e) is WorkerCrashed and e.signal == OOM_KILL and chunk.rows >= 2 * MIN_SPLIT_ROWS:
+                    halves = await asyncio.to_thread(split_chunk, chunk)
+                    if halves is not None:
+                        return await self._split(chunk, halves, path, e)
+                if attempt == max_attempts:
+                    return [self._give_up(chunk, e)]
+                self.stats.retries += 1
+                log.warning(
+                    "%s: %s; retrying (attempt %d of %d)", chunk.label, e.message, attempt + 1,
+                    max_attempts, extra={"stage": "transform", "source": chunk.source_name},
+                )  # fmt: skip
+                continue
+            result.attempts = attempt
+            return [rename_for_split(result, path)]
+        raise AssertionError("unreachable")
+
+    async def _split(self, chunk: Chunk, halves: tuple[Chunk, Chunk], path: str, e: WorkerCrashed) -> list[ChunkResult]:
+        first, second = halves
+        self.stats.splits += 1
+        log.warning(
+            "%s: %s (out of memory?); retrying as two halves of %d and %d rows", chunk.label,
+            e.message, first.rows, second.rows, extra={"stage": "transform", "source": chunk.source_name},
+        )  # fmt: skip
+        # One half after the other: if memory was the problem, two at once might not fit either.
+        return await self._run_piece(first, path + "0") + await self._run_piece(second, path + "1")
+
+    def _give_up(self, chunk: Chunk, e: WorkerCrashed) -> ChunkResult:
+        attempts = f"{e.attempts} attempt{'s' if e.attempts > 1 else ''}"
+        if self.cfg.on_error == "fail":
+            e.message += f" (attempt {e.attempts} of transform.max_attempts = {self.cfg.max_attempts})"
+            raise e
+        reason = (
+            f"chunk timed out: ran longer than transform.chunk_timeout = {self.cfg.chunk_timeout}s "
+            f"after {attempts}" if isinstance(e, ChunkTimeout) else f"worker crashed: {e.signal} after {attempts}"
+        )  # fmt: skip
+        self.stats.pieces_set_aside += 1
+        rows, rejects = whole_chunk_rejects(chunk, reason, self.read)
+        log.warning("%s: %s; %d rows set aside (transform.on_error = %r)", chunk.label, reason, rows,
+                    self.cfg.on_error, extra={"stage": "transform", "source": chunk.source_name})  # fmt: skip
+        result = ChunkResult(chunk.source_index, chunk.index, rows_in=rows, rows_out=0,
+                             rows_rejected=rows, attempts=e.attempts)  # fmt: skip
+        if self.cfg.on_error == "quarantine":
+            result.rejects = rejects
+        return result
+
+
+def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk] | None:
+    """Two chunks holding the first and second half of ``chunk``'s rows (same index);
+    None when it cannot be split (one CSV record)."""
+    from etl.read.csv_cut import split_in_half
+    from etl.write.folder import decode_ipc, encode_ipc
+
+    if chunk.kind == "csv":
+        return split_in_half(chunk)
+
+    table = decode_ipc(chunk.data)
+    mid = table.num_rows // 2
+    return (
+        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, mid,
+              encode_ipc(table.slice(0, mid))),
+        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start + mid,
+              table.num_rows - mid, encode_ipc(table.slice(mid))),
+    )  # fmt: skip
+
+
+def whole_chunk_rejects(chunk: Chunk, reason: str, read: ReadConfig) -> tuple[int, Part]:
+    """Every row of a chunk that could not be transformed: how many, and as dead-letter lines."""
+    from etl.transform.stage import decode_chunk
+
+    df, malformed = decode_chunk(chunk, read, on_error="skip")  # the parent parses a CSV chunk: error path only
+    raws = [json.dumps(r, ensure_ascii=False, default=str) for r in df.to_dict("records")]
+    rejects = pd.DataFrame({
+        "_row": df.index, "_step": "transform",
+        "_reason": reason, "_raw": raws,
+    })  # fmt: skip
+    return len(df) + (0 if malformed is None else len(malformed)), encode_rejects(rejects, chunk)
+
+
+def rename_for_split(result: ChunkResult, path: str) -> ChunkResult:
+    """Give a half's parts the ``-h<path>`` suffix so halves never collide and sort in order."""
+    if path:
+        result.parts = [Part(split_name(p.relpath, path), p.data, p.rows) for p in result.parts]
+    return result
+
+
+def merge_pieces(chunk: Chunk, pieces: list[ChunkResult]) -> ChunkResult:
+    """One result for a split chunk: every piece's parts, one dead-letter file, summed counts."""
+    merged = ChunkResult(chunk.source_index, chunk.index, rows_in=0, rows_out=0,
+                         attempts=max(p.attempts for p in pieces))  # fmt: skip
+    for p in pieces:
+        merged.parts += p.parts
+        for name in RESULT_COUNTERS:
+            setattr(merged, name, getattr(merged, name) + getattr(p, name))
+    rejects = [p.rejects for p in pieces if p.rejects is not None]
+    if rejects:  # JSON Lines concatenate; pieces are in row order
+        merged.rejects = Part(rejects_name(chunk), b"".join(r.data for r in rejects), sum(r.rows for r in rejects))
+    return merged
+
+
+def split_name(relpath: str, path: str) -> str:
+    """``m=1/part-00001-000003.parquet`` + "01" → ``m=1/part-00001-000003-h01.parquet``."""
+    folder, slash, name = relpath.rpartition("/")
+    stem, dot, ext = name.partition(".")
+    return f"{folder}{slash}{stem}-h{path}{dot}{ext}"

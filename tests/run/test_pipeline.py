@@ -1,0 +1,189 @@
+"""End to end: `python run.py --config job.toml` over local files and HTTP, against plain pandas."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import JobWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STEPS = """
+[transform]
+executor = "{executor}"
+workers = 2
+steps = [
+  {{op = "cast", columns = {{passengers = "Int64", fare = "float64", tip = "float64", distance = "float64", zone = "int64"}}}},
+  {{op = "parse_datetime", columns = ["pickup_at", "dropoff_at"], format = "%Y-%m-%d %H:%M:%S"}},
+  {{op = "filter", expr = "fare > 0"}},
+  {{op = "fillna", values = {{tip = 0.0}}}},
+  {{op = "derive", columns = {{minutes = "minutes(dropoff_at - pickup_at)", tip_ratio = "tip / fare", month = 'strftime(pickup_at, "%Y-%m")'}}}},
+  {{op = "lookup", path = "data/zones.csv", on = "zone", right_on = "zone_id", columns = ["borough"]}},
+  {{op = "drop", columns = ["note"]}},
+]
+"""
+
+
+def job_text(sources: str, executor: str = "process", chunk_rows: int = 50, out: str = "out",
+             fmt: str = "parquet", extra: str = "") -> str:
+    return f"""
+[job]
+name = "e2e"
+state_dir = "state"
+
+[sources]
+urls = {sources}
+
+[read]
+chunk_rows = {chunk_rows}
+{STEPS.format(executor=executor)}
+[output]
+path = "{out}"
+format = "{fmt}"
+partition_by = ["month"]
+{extra}
+"""
+
+
+def plain_pandas(files: list[Path], zones: Path) -> pd.DataFrame:
+    """The same job written as a plain, single-process pandas script on the whole input."""
+    df = pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""]) for f in files],
+                   ignore_index=True)  # fmt: skip
+    df["passengers"] = pd.to_numeric(df["passengers"].str.strip()).astype("Int64")
+    for col in ("fare", "tip", "distance"):
+        df[col] = pd.to_numeric(df[col].str.strip())
+    df["zone"] = df["zone"].astype("int64")
+    for col in ("pickup_at", "dropoff_at"):
+        df[col] = pd.to_datetime(df[col], format="%Y-%m-%d %H:%M:%S")
+    df = df[df["fare"] > 0].copy()
+    df["tip"] = df["tip"].fillna(0.0)
+    df["minutes"] = (df["dropoff_at"] - df["pickup_at"]).dt.total_seconds() / 60
+    df["tip_ratio"] = df["tip"] / df["fare"]
+    df["month"] = df["pickup_at"].dt.strftime("%Y-%m")
+    z = pd.read_csv(zones)
+    df = df.merge(z, left_on="zone", right_on="zone_id", how="left").drop(columns=["zone_id", "note"])
+    return df
+
+
+def read_output(out: Path, fmt: str = "parquet") -> pd.DataFrame:
+    table = ds.dataset(out, format=fmt, partitioning="hive", exclude_invalid_files=True).to_table()
+    return table.to_pandas()
+
+
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Compare values, not storage types: both sides to plain object columns, sorted by id."""
+    df = df.sort_values("trip_id", key=lambda s: s.astype("int64")).reset_index(drop=True)
+    out = pd.DataFrame(index=df.index)
+    for col in sorted(df.columns):
+        s = df[col]
+        if pd.api.types.is_datetime64_any_dtype(s):
+            s = s.astype("datetime64[us]").astype(str)
+        elif pd.api.types.is_float_dtype(s):
+            s = s.astype("float64").round(9)
+        out[col] = s.astype(object).where(s.notna(), None)
+    out["trip_id"] = out["trip_id"].astype(str)
+    out["month"] = out["month"].astype(str)
+    return out
+
+
+def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=config.parent)  # fmt: skip
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_local_job_equals_plain_pandas(trips_dir: Path, write_job: JobWriter) -> None:
+    cfg = write_job(job_text('["data/trips-*.csv"]'))
+    proc = run_cli(cfg, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    expected = plain_pandas(sorted(trips_dir.glob("trips-*.csv")), trips_dir / "zones.csv")
+    got = read_output(cfg.parent / "out")
+    pd.testing.assert_frame_equal(normalise(got), normalise(expected))
+    assert {p.name for p in (cfg.parent / "out").iterdir()} == {f"month=2026-0{m}" for m in (1, 2, 3)}
+    assert "rows" in proc.stderr and "rows/s" in proc.stderr  # the end-of-run summary
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_every_executor_writes_the_same_output(trips_dir: Path, write_job: JobWriter, executor: str) -> None:
+    ref = write_job(job_text('["data/trips-*.csv"]', executor="process", out="out-process"), "ref.toml")
+    other = write_job(job_text('["data/trips-*.csv"]', executor=executor, out=f"out-{executor}"), "other.toml")
+    assert run_cli(ref, "--quiet").returncode == 0
+    assert run_cli(other, "--quiet").returncode == 0
+    assert tree_digest(ref.parent / "out-process") == tree_digest(other.parent / f"out-{executor}")
+
+
+def test_http_sources_equal_local_sources(trips_dir: Path, write_job: JobWriter) -> None:
+    from tests.http_server import serve_folder_in_thread
+
+    base_url, stop = serve_folder_in_thread(trips_dir)
+    try:
+        urls = f'["{base_url}/trips-{{0..2}}.csv"]'
+        http_job = write_job(job_text(urls, out="out-http"), "http.toml")
+        proc = run_cli(http_job, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        stop()
+    local_job = write_job(job_text('["data/trips-*.csv"]', out="out-local"), "local.toml")
+    assert run_cli(local_job, "--quiet").returncode == 0
+    assert tree_digest(http_job.parent / "out-http") == tree_digest(local_job.parent / "out-local")
+
+
+def test_csv_output(trips_dir: Path, write_job: JobWriter) -> None:
+    cfg = write_job(job_text('["data/trips-*.csv"]', fmt="csv"))
+    assert run_cli(cfg, "--quiet").returncode == 0
+    got = read_output(cfg.parent / "out", fmt="csv")
+    expected = plain_pandas(sorted(trips_dir.glob("trips-*.csv")), trips_dir / "zones.csv")
+    assert len(got) == len(expected)
+    assert sorted(got["trip_id"].astype(int)) == sorted(expected["trip_id"].astype(int))
+
+
+def test_failing_step_exits_1_and_keeps_previous_output(trips_dir: Path, write_job: JobWriter) -> None:
+    cfg = write_job(job_text('["data/trips-*.csv"]'))
+    assert run_cli(cfg, "--quiet").returncode == 0
+    before = tree_digest(cfg.parent / "out")
+    (trips_dir / "trips-1.csv").write_text((trips_dir / "trips-1.csv").read_text().replace("2026-02-", "2026-XX-", 1))
+    proc = run_cli(cfg, "--quiet")
+    assert proc.returncode == 1
+    assert "trips-1.csv" in proc.stderr and "transform.steps[1] (parse_datetime)" in proc.stderr
+    assert "2026-XX-" in proc.stderr  # the offending value
+    assert tree_digest(cfg.parent / "out") == before
+    assert not [p for p in cfg.parent.iterdir() if p.name.startswith(".out.")]  # temp folder removed
+
+
+def test_config_error_exits_2_naming_key_and_file(trips_dir: Path, write_job: JobWriter) -> None:
+    cfg = write_job(job_text('["data/trips-*.csv"]').replace('expr = "fare > 0"', 'expr = "fare >"'))
+    proc = run_cli(cfg, "--quiet")
+    assert proc.returncode == 2
+    assert "transform.steps[2].expr" in proc.stderr and str(cfg.name) in proc.stderr
+    assert not (cfg.parent / "out").exists()
+
+
+def test_set_override_and_validate_command(trips_dir: Path, write_job: JobWriter) -> None:
+    cfg = write_job(job_text('["data/trips-*.csv"]'))
+    ok = subprocess.run([sys.executable, str(ROOT / "run.py"), "validate", "--config", str(cfg)],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    proc = run_cli(cfg, "--quiet", "--set", "output.format=csv", "--set", "output.path=out-csv")
+    assert proc.returncode == 0, proc.stderr
+    assert list((cfg.parent / "out-csv").rglob("*.csv"))
+    bad = run_cli(cfg, "--set", "transform.executor=gpu")
+    assert bad.returncode == 2 and "transform.executor" in bad.stderr
+
+
+def test_no_progress_control_characters_without_a_terminal(trips_dir: Path, write_job: JobWriter) -> None:
+    cfg = write_job(job_text('["data/trips-*.csv"]'))
+    proc = run_cli(cfg, env={"PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k.startswith("PYTHON")}})
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr

@@ -1,0 +1,205 @@
+"""The manifest's crash cases, on real files: what the next run settles, adopts or drops."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etl.run.commits import Commits
+from etl.core.config import JobConfig, load_job
+from etl.core.records import Source, StagedFile
+from etl.run.state import (
+    Manifest,
+    file_sha256,
+    fingerprint,
+    identity,
+    is_unchanged,
+    renumbered,
+)
+from etl.write.folder import APPEND_LIST, OutputWriter
+
+JOB = """
+[job]
+name = "j"
+state_dir = "state"
+
+[sources]
+urls = ["data/*.csv"]
+
+[transform]
+steps = [{op = "filter", expr = "x > 0"}]
+
+[output]
+path = "out"
+mode = "MODE"
+"""
+
+
+def job(tmp_path: Path, mode: str = "overwrite", *overrides: str) -> JobConfig:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    for name in ("a.csv", "b.csv"):
+        if not (tmp_path / "data" / name).exists():
+            (tmp_path / "data" / name).write_text(f"x\n1\n2\n{name}\n")
+    (tmp_path / "job.toml").write_text(JOB.replace("MODE", mode))
+    return load_job(tmp_path / "job.toml", list(overrides))
+
+
+def sources(tmp_path: Path) -> list[Source]:
+    return [Source(i, str(tmp_path / "data" / n), n, "csv") for i, n in enumerate(("a.csv", "b.csv"))]
+
+
+def entry(index: int, name: str, parts: dict[str, bytes]) -> dict[str, Any]:
+    return {"index": index, "name": name, "size": 1, "sha256": "0" * 64, "rows_in": 2, "rows_out": 2,
+            "rows_rejected": 0, "parts": [{"path": p, "rows": 1, "bytes": len(b)} for p, b in parts.items()]}  # fmt: skip
+
+
+def save_manifest(cfg: JobConfig, pending: dict[str, Any] | None, published: dict[str, Any] | None = None) -> None:
+    m = Manifest.load(cfg.job_state_dir)
+    m.data.update(pending=pending, sources=published or {}, fingerprint=fingerprint(cfg))
+    m.save()
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_publish_that_finished_before_the_manifest_did_is_settled(tmp_path: Path) -> None:
+    cfg = job(tmp_path)
+    srcs = sources(tmp_path)
+    done = {srcs[0].url: entry(0, "a.csv", {"part-00000-000000.parquet": b"x"})}
+    gone = tmp_path / ".out.tmp-dead"  # published: renamed to out/
+    save_manifest(cfg, {"run_id": "dead", "tmp": str(gone), "fingerprint": fingerprint(cfg),
+                        "publishing": True, "sources": done})  # fmt: skip
+    assert Commits(cfg, "next", False).recover(srcs) is None
+    m = Manifest.load(cfg.job_state_dir)
+    assert m.pending is None and set(m.published) == set(done)
+
+
+def test_adoption_keeps_only_committed_intact_parts(tmp_path: Path) -> None:
+    cfg = job(tmp_path)
+    srcs = sources(tmp_path)
+    tmp = tmp_path / ".out.tmp-dead"
+    good = {"k=1/part-00000-000000.parquet": b"aaaa", "_rejected/rejected-00000-000000.jsonl": b"{}"}
+    cut = {"k=1/part-00001-000000.parquet": b"bbbb"}
+    for rel, data in {**good, **cut, "k=2/part-00001-000001.parquet": b"stray"}.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    (tmp / "k=1/part-00001-000000.parquet").write_bytes(b"bb")  # listed, but shorter than recorded
+    (tmp / "k=2/part-00001-000002.parquet.inprogress").write_bytes(b"half")
+    other = tmp_path / ".out.tmp-older"
+    other.mkdir()
+    pending = {srcs[0].url: entry(0, "a.csv", good), srcs[1].url: entry(1, "b.csv", cut)}
+    save_manifest(cfg, {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg),
+                        "publishing": False, "sources": pending})  # fmt: skip
+
+    commits = Commits(cfg, "next", False)
+    assert commits.recover(srcs) == tmp
+    assert set(commits.adopted) == {srcs[0].url}
+    assert files(tmp) == sorted(good)
+    OutputWriter.clean_leftovers(cfg.output, keep=tmp)
+    assert tmp.is_dir() and not other.exists()
+    writer = OutputWriter(cfg.output, "next", adopt=tmp)
+    commits.begin(writer)
+    assert Manifest.load(cfg.job_state_dir).pending["sources"] == commits.adopted
+    assert sorted(writer.publish()) == sorted(good)
+    assert files(tmp_path / "out") == sorted(good)
+
+
+def test_a_committed_source_whose_index_moved_is_dropped(tmp_path: Path) -> None:
+    cfg = job(tmp_path)
+    srcs = sources(tmp_path)
+    tmp = tmp_path / ".out.tmp-dead"
+    tmp.mkdir()
+    (tmp / "part-00000-000000.parquet").write_bytes(b"a")
+    save_manifest(cfg, {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg), "publishing": False,
+                        "sources": {srcs[0].url: entry(0, "a.csv", {"part-00000-000000.parquet": b"a"})}})  # fmt: skip
+    moved = [Source(0, srcs[1].url, "b.csv", "csv"), Source(1, srcs[0].url, "a.csv", "csv")]
+    commits = Commits(cfg, "next", False)
+    assert commits.recover(moved) == tmp and commits.adopted == {} and files(tmp) == []
+
+
+@pytest.mark.parametrize("why", ["append-cut", "settings", "full-refresh"])
+def test_pending_work_that_cannot_be_trusted_is_not_adopted(tmp_path: Path, why: str) -> None:
+    cfg = job(tmp_path, "append")
+    srcs = sources(tmp_path)
+    tmp = tmp_path / ".out.tmp-dead"
+    (tmp_path / "out").mkdir()
+    tmp.mkdir()
+    rel = "part-dead-00000-000000.parquet"
+    if why == "append-cut":  # died while moving parts in: one is already in out/
+        (tmp_path / "out" / rel).write_bytes(b"a")
+        (tmp / APPEND_LIST).write_text(rel)
+    else:
+        (tmp / rel).write_bytes(b"a")
+    save_manifest(cfg, {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg), "publishing": True,
+                        "sources": {srcs[0].url: entry(0, "a.csv", {rel: b"a"})}})  # fmt: skip
+    if why == "settings":
+        cfg = job(tmp_path, "append", "read.chunk_rows=7")
+    commits = Commits(cfg, "next", why == "full-refresh")
+    assert commits.recover(srcs) is None
+    assert Manifest.load(cfg.job_state_dir).pending is None  # saved before the folder goes
+    OutputWriter.clean_leftovers(cfg.output)
+    assert not tmp.exists() and files(tmp_path / "out") == []
+
+
+def test_unchanged_local_file_by_stat_or_by_content(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("x\n1\n")
+    src = Source(0, str(path), "a.csv", "csv")
+
+    def staged() -> StagedFile:
+        return StagedFile(src, path, path.stat().st_size)
+
+    first = staged()
+    recorded = identity(first) | {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    hashed: list[int] = []
+
+    def sha() -> str:
+        hashed.append(1)
+        return file_sha256(path)
+
+    assert is_unchanged(first, recorded, identity(first), sha) and hashed == []  # stat alone
+    os.utime(path, ns=(1, 1))  # touched: same bytes
+    assert is_unchanged(staged(), recorded, identity(staged()), sha) and hashed == [1]
+    path.write_text("x\n2\n")  # same size, new content
+    assert not is_unchanged(staged(), recorded, identity(staged()), sha)
+
+
+def test_remote_304_is_unchanged_only_with_the_recorded_size(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("x\n1\n")
+    src = Source(0, "http://h/a.csv", "a.csv", "csv")
+    not_modified = StagedFile(src, path, 4, unchanged=True)
+    assert is_unchanged(not_modified, {"size": 4}, identity(not_modified), lambda: "")
+    assert not is_unchanged(not_modified, {"size": 5}, identity(not_modified), lambda: "")
+
+
+def test_renumbered_parts_keep_folder_chunk_and_kind() -> None:
+    assert renumbered("m=1/part-00003-000012.parquet", 5) == "m=1/part-00005-000012.parquet"
+    assert renumbered("_rejected/rejected-00003-000000.jsonl", 0) == "_rejected/rejected-00000-000000.jsonl"
+    assert renumbered("part-00003-000001.csv", 12345) == "part-12345-000001.csv"
+
+
+def test_fingerprint_follows_output_shaping_settings_only(tmp_path: Path) -> None:
+    base = fingerprint(job(tmp_path))
+    assert fingerprint(job(tmp_path, "overwrite", "transform.workers=7", "read.threads=3")) == base
+    assert fingerprint(job(tmp_path, "overwrite", "read.chunk_rows=10")) != base
+    assert fingerprint(job(tmp_path, "overwrite", 'transform.steps[0].expr="x > 1"')) != base
+    assert fingerprint(job(tmp_path, "overwrite", "output.format=csv")) != base
+
+
+def test_unreadable_manifest_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = job(tmp_path)
+    cfg.job_state_dir.mkdir(parents=True)
+    (cfg.job_state_dir / "manifest.json").write_text('{"version": 1, "sources": {')
+    with caplog.at_level(logging.WARNING):
+        m = Manifest.load(cfg.job_state_dir)
+    assert m.published == {} and m.pending is None and "manifest.json" in caplog.text
+    (cfg.job_state_dir / "manifest.json").write_text(json.dumps({"version": 99}))
+    assert Manifest.load(cfg.job_state_dir).published == {}

@@ -1,0 +1,133 @@
+"""transform.executor = "dask" on a LocalCluster of 2 worker processes (real processes, real kill -9)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+
+from etl.core.config import load_job  # noqa: E402
+from etl.run.pipeline import RunOptions, run_job  # noqa: E402
+from tests.conftest import JobWriter  # noqa: E402
+from tests.run.test_pipeline import job_text  # noqa: E402
+
+KILLER = '''
+import os, threading
+
+def step(df, marker, fifo):
+    """The first chunk a Dask worker gets tells the test its pid, then waits to be killed."""
+    from distributed import get_worker
+    try:
+        get_worker()
+    except ValueError:  # not a Dask worker: e.g. etl.run.resources measuring a chunk beforehand
+        return df
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return df
+    with open(fifo, "w") as f:
+        f.write(str(os.getpid()))
+    threading.Event().wait(30)  # SIGKILL arrives long before
+    return df
+'''
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def run(path: Path, *overrides: str) -> object:
+    return asyncio.run(run_job(load_job(path, list(overrides)), RunOptions(full_refresh=True)))
+
+
+def test_dask_output_equals_the_process_executors_file_for_file(trips_dir: Path, write_job: JobWriter) -> None:
+    sources = '["data/trips-*.csv"]'
+    run(write_job(job_text(sources, "process", out="out-process")))
+    summary = run(write_job(job_text(sources, "dask", out="out-dask"), "dask.toml"))
+    root = trips_dir.parent
+    want = tree_hashes(root / "out-process")
+    assert len(want) > 10  # several chunks, three months each
+    assert tree_hashes(root / "out-dask") == want
+    assert summary.chunks > 4 and summary.transform["retries"] == 0
+
+
+def kill_when_told(fifo: Path, killed: list[int]) -> threading.Thread:
+    """Read a worker's pid from the FIFO (open blocks until the step opens it) and SIGKILL it."""
+
+    def wait_and_kill() -> None:
+        with open(fifo) as f:
+            text = f.read()
+        if text:  # empty when the test released us because no chunk ever got there
+            os.kill(int(text), signal.SIGKILL)
+            killed.append(int(text))
+
+    thread = threading.Thread(target=wait_and_kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def release(fifo: Path, thread: threading.Thread) -> None:
+    """Unblock a killer thread still waiting for a writer."""
+    if thread.is_alive():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # it opened the FIFO meanwhile and is finishing on its own
+        thread.join(5)
+
+
+def test_a_killed_dask_worker_costs_a_retry_not_the_run(trips_dir: Path, write_job: JobWriter) -> None:
+    root = trips_dir.parent
+    (root / "killer.py").write_text(KILLER)
+    marker, fifo = root / "killed.marker", root / "pid.fifo"
+    os.mkfifo(fifo)
+    step = (f'{{op = "python", function = "killer:step", '
+            f'params = {{marker = "{marker}", fifo = "{fifo}"}}}},')  # fmt: skip
+    text = job_text('["data/trips-*.csv"]', "dask", out="out-dask").replace("steps = [\n", "steps = [\n  " + step + "\n")
+
+    marker.touch()  # the reference run: the step lets every chunk through
+    run(write_job(text.replace('"dask"', '"serial"').replace("out-dask", "out-serial"), "serial.toml"))
+    marker.unlink()
+
+    killed: list[int] = []
+    killer = kill_when_told(fifo, killed)
+    try:
+        summary = run(write_job(text))
+    finally:
+        release(fifo, killer)
+    assert len(killed) == 1  # a real worker process died mid-chunk
+    assert summary.transform["retries"] >= 1, summary.transform
+    assert tree_hashes(root / "out-dask") == tree_hashes(root / "out-serial")
+
+
+def test_a_wrong_scheduler_address_fails_with_a_clear_error(trips_dir: Path, write_job: JobWriter) -> None:
+    from etl.core.errors import ETLError
+
+    import dask
+
+    job = write_job(job_text('["data/trips-0.csv"]', "dask"))
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), pytest.raises(ETLError) as e:
+        run(job, 'transform.dask.address="tcp://127.0.0.1:9"')
+    assert "transform.dask.address" in str(e.value) and "127.0.0.1:9" in str(e.value)
+
+
+def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, write_job: JobWriter) -> None:
+    from etl.transform.distributed import DaskExecutor
+    from etl.transform.stage import WorkerSpec
+
+    cfg = load_job(write_job(job_text('["data/trips-*.csv"]', executor="dask")))
+    executor = DaskExecutor(WorkerSpec(cfg.transform, cfg.output, cfg.read), 2, cfg.transform, budget=2 * 2**30)
+    try:
+        assert executor._cluster is not None
+        limits = [w.memory_manager.memory_limit for w in executor._cluster.workers.values()]
+    finally:
+        executor.close()
+    assert limits == [2**30, 2**30]  # the 2 GiB budget split between two workers

@@ -1,0 +1,384 @@
+"""Output parts and the output folder: real files in tmp_path, real crashed processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from etl.core.config import OutputConfig
+from etl.core.errors import OutputError
+from etl.core.records import Part
+from etl.write.folder import HIVE_NULL, OutputWriter, encode_parts
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": pd.array(range(12), dtype="int64"),
+            "name": pd.array([f"n{i}" if i % 4 else None for i in range(12)], dtype="string"),
+            "city": pd.array(
+                ["Paris", "a/b", "x=y%", None, "", "Paris"] * 2, dtype="string"
+            ),
+        }
+    )
+
+
+def materialize(parts: list[Part], root: Path) -> None:
+    for part in parts:
+        path = root / part.relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(part.data)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def part(relpath: str, text: str = "x") -> Part:
+    return Part(relpath, text.encode(), 1)
+
+
+# ------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_partitioned_parts_read_back_with_hive_partitioning(tmp_path: Path, fmt: str) -> None:
+    out = OutputConfig(path=tmp_path / "out", format=fmt, partition_by=["city"])
+    df = frame()
+
+    parts = encode_parts(df, out, source_index=3, chunk_index=12)
+    materialize(parts, tmp_path / "out")
+
+    assert sorted({p.relpath.split("/")[0] for p in parts}) == sorted(
+        ["city=Paris", "city=a%2Fb", "city=x%3Dy%25", f"city={HIVE_NULL}"]
+    )
+    file_format: Any = fmt
+    if fmt == "csv":
+        file_format = ds.CsvFileFormat(
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
+        )
+    got = ds.dataset(tmp_path / "out", format=file_format, partitioning="hive").to_table()
+    got_rows = sorted(got.to_pylist(), key=lambda r: r["id"])
+    expected = [
+        {"id": r.id, "name": None if pd.isna(r.name) else r.name,
+         "city": None if pd.isna(r.city) or r.city == "" else r.city}
+        for r in df.itertuples(index=False)
+    ]  # fmt: skip
+    assert got_rows == expected
+
+
+def test_partition_columns_are_not_inside_the_files_and_rows_keep_order() -> None:
+    out = OutputConfig(path=Path("out"), partition_by=["city"])
+    parts = {p.relpath: p for p in encode_parts(frame(), out, source_index=3, chunk_index=12)}
+
+    paris = pq.read_table(pa.BufferReader(parts["city=Paris/part-00003-000012.parquet"].data))
+
+    assert paris.column_names == ["id", "name"]
+    assert paris.column("id").to_pylist() == [0, 5, 6, 11]
+    # null and "" both map to the default partition: one file holding both, in order
+    default = parts[f"city={HIVE_NULL}/part-00003-000012.parquet"]
+    assert pq.read_table(pa.BufferReader(default.data)).column("id").to_pylist() == [3, 4, 9, 10]
+    assert default.rows == 4
+
+
+def test_nested_partitions_follow_the_configured_order() -> None:
+    df = pd.DataFrame({"y": [2026, 2026], "d": pd.to_datetime(["2026-01-01", "2026-02-01"]).date,
+                       "v": [1.5, 2.5]})  # fmt: skip
+    out = OutputConfig(path=Path("out"), format="csv", partition_by=["y", "d"])
+
+    parts = encode_parts(df, out, source_index=0, chunk_index=1)
+
+    assert [p.relpath for p in parts] == [
+        "y=2026/d=2026-01-01/part-00000-000001.csv",
+        "y=2026/d=2026-02-01/part-00000-000001.csv",
+    ]
+    assert parts[0].data.decode().splitlines() == ['"v"', "1.5"]
+
+
+def test_unpartitioned_part_keeps_arrow_types_and_name() -> None:
+    df = pd.DataFrame({"n": pd.array([1, None], dtype="Int64"), "c": pd.Categorical(["a", "b"]),
+                       "t": pd.array(["2026-01-01", None], dtype="timestamp[ms][pyarrow]")})  # fmt: skip
+    (only,) = encode_parts(df, OutputConfig(path=Path("o")), source_index=1, chunk_index=2)
+
+    schema = pq.read_schema(pa.BufferReader(only.data))
+
+    assert only.relpath == "part-00001-000002.parquet"
+    assert schema.field("n").type == pa.int64()
+    assert pa.types.is_dictionary(schema.field("c").type)
+    assert schema.field("t").type == pa.timestamp("ms")
+
+
+@pytest.mark.parametrize(("setting", "codec"), [("none", "UNCOMPRESSED"), ("zstd", "ZSTD")])
+def test_parquet_compression_follows_config(setting: str, codec: str) -> None:
+    out = OutputConfig(path=Path("o"), compression=setting)  # type: ignore[arg-type]
+    (only,) = encode_parts(frame(), out, source_index=0, chunk_index=0)
+    meta = pq.ParquetFile(pa.BufferReader(only.data)).metadata
+    assert meta.row_group(0).column(0).compression == codec
+
+
+def test_empty_frame_gives_no_parts() -> None:
+    out = OutputConfig(path=Path("o"), partition_by=["city"])
+    assert encode_parts(frame().iloc[0:0], out, source_index=0, chunk_index=0) == []
+
+
+def test_missing_partition_column_names_it_and_the_columns() -> None:
+    out = OutputConfig(path=Path("o"), partition_by=["town"])
+    with pytest.raises(OutputError) as e:
+        encode_parts(frame(), out, source_index=0, chunk_index=4, label="f.csv[chunk 4, rows 8-11]")
+    assert e.value.item == "f.csv[chunk 4, rows 8-11]"
+    assert "'town'" in e.value.message and "id, name, city" in e.value.message
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def previous_output(target: Path) -> dict[str, bytes]:
+    """A published folder from an earlier run, returned as its snapshot."""
+    (target / "city=Paris").mkdir(parents=True)
+    (target / "city=Paris" / "part-old-00000-000000.parquet").write_bytes(b"old paris")
+    (target / "part-old-00001-000000.parquet").write_bytes(b"old root")
+    return snapshot(target)
+
+
+def siblings(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def test_overwrite_publish_replaces_the_previous_output(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    previous_output(target)
+    writer = OutputWriter(OutputConfig(path=target), "run2")
+    writer.write(part("city=Rome/part-00000-000000.parquet", "rome"))
+    writer.write(part("part-00001-000000.parquet", "root"))
+    writer.write_rejects(part("part-00001-000000.jsonl", "bad row"))
+
+    published = writer.publish()
+
+    assert published == [
+        "_rejected/part-00001-000000.jsonl",
+        "city=Rome/part-00000-000000.parquet",
+        "part-00001-000000.parquet",
+    ]
+    assert snapshot(target) == {p: t.encode() for p, t in zip(published, ["bad row", "rome", "root"])}
+    assert siblings(target) == []
+
+
+def test_discard_leaves_previous_output_byte_for_byte(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    before = previous_output(target)
+    writer = OutputWriter(OutputConfig(path=target), "run2")
+    writer.write(part("city=Paris/part-00000-000000.parquet", "new paris"))
+
+    writer.discard()
+
+    assert snapshot(target) == before
+    assert siblings(target) == []
+    with pytest.raises(OutputError, match="after publish or discard"):
+        writer.publish()
+
+
+def test_overwrite_with_no_parts_publishes_an_empty_folder(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    previous_output(target)
+    assert OutputWriter(OutputConfig(path=target), "run2").publish() == []
+    assert target.is_dir() and snapshot(target) == {}
+
+
+def test_append_adds_run_named_parts_beside_previous_ones(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    before = previous_output(target)
+    out = OutputConfig(path=target, mode="append")
+    writer = OutputWriter(out, "run2")
+    writer.write(part("city=Paris/part-00000-000003.parquet", "paris"))
+    writer.write(part("city=Rome/part-00000-000004.parquet", "rome"))
+    writer.write_rejects(part("part-00000-000004.jsonl", "bad"))
+
+    published = writer.publish()
+
+    assert published == [
+        "_rejected/part-run2-00000-000004.jsonl",
+        "city=Paris/part-run2-00000-000003.parquet",
+        "city=Rome/part-run2-00000-000004.parquet",
+    ]
+    after = snapshot(target)
+    assert {k: after[k] for k in before} == before
+    assert set(after) == set(before) | set(published)
+    assert siblings(target) == []
+
+
+def test_append_into_a_missing_folder_creates_it(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "out"
+    writer = OutputWriter(OutputConfig(path=target, mode="append"), "r1")
+    writer.write(part("part-00000-000000.csv"))
+    assert writer.publish() == ["part-r1-00000-000000.csv"]
+    assert snapshot(target) == {"part-r1-00000-000000.csv": b"x"}
+
+
+def test_append_never_overwrites_an_existing_part(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    out = OutputConfig(path=target, mode="append")
+    first = OutputWriter(out, "same")
+    first.write(part("part-00000-000000.csv", "first"))
+    first.publish()
+    before = snapshot(target)
+    again = OutputWriter(out, "same")
+    again.write(part("part-00000-000000.csv", "second"))
+
+    with pytest.raises(OutputError, match="would overwrite 1 existing part"):
+        again.publish()
+    again.discard()
+
+    assert snapshot(target) == before
+
+
+def blocked_append(tmp_path: Path) -> tuple[Path, OutputConfig, OutputWriter, dict[str, bytes]]:
+    """An append whose second move fails: a file sits where the 'city=Rome' folder goes."""
+    target = tmp_path / "out"
+    previous_output(target)
+    (target / "city=Rome").write_bytes(b"not a folder")
+    before = snapshot(target)
+    out = OutputConfig(path=target, mode="append")
+    writer = OutputWriter(out, "run2")
+    writer.write(part("city=Berlin/part-00000-000000.parquet"))
+    writer.write(part("city=Rome/part-00000-000001.parquet"))
+    return target, out, writer, before
+
+
+def test_failed_append_takes_back_the_parts_it_moved(tmp_path: Path) -> None:
+    target, _, writer, before = blocked_append(tmp_path)
+
+    with pytest.raises(OutputError, match="cannot append parts"):
+        writer.publish()
+
+    assert snapshot(target) == before  # taken back by publish itself
+    assert not (target / "city=Berlin").exists()
+    writer.discard()
+    assert siblings(target) == []
+
+
+def test_write_is_thread_safe(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    writer = OutputWriter(OutputConfig(path=target, partition_by=["k"]), "r1")
+    names = [f"k={i % 5}/part-00000-{i:06d}.parquet" for i in range(200)]
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: writer.write(part(n, n)), names))
+    writer.publish()
+
+    assert snapshot(target) == {n: n.encode() for n in names}
+
+
+@pytest.mark.parametrize("relpath", ["../escape.parquet", "/abs/part.parquet", "a/../../b"])
+def test_part_paths_cannot_leave_the_output_folder(tmp_path: Path, relpath: str) -> None:
+    writer = OutputWriter(OutputConfig(path=tmp_path / "out"), "r1")
+    with pytest.raises(OutputError, match="stay inside the output folder"):
+        writer.write(part(relpath))
+
+
+# -------------------------------------------------------------- crashes, leftovers
+
+CRASHING_RUN = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from etl.core.config import OutputConfig
+    from etl.core.records import Part
+    from etl.write.folder import OutputWriter
+
+    target, mode, event, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    writer = OutputWriter(OutputConfig(path=Path(target), mode=mode), "crashed")
+    writer.write(Part("city=Berlin/part-00000-000000.parquet", b"berlin", 1))
+    writer.write(Part("city=Rome/part-00000-000001.parquet", b"rome", 1))
+    seen = 0
+
+    def die(name, args):
+        global seen
+        if name == event:
+            seen += 1
+            if seen == nth:
+                os._exit(9)  # the process dies right before this operation
+
+    sys.addaudithook(die)
+    writer.publish()
+    """
+)
+
+
+def crash_during_publish(target: Path, mode: str, event: str, nth: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_RUN, str(target), mode, event, str(nth)],
+        env=env, capture_output=True, timeout=20,
+    )  # fmt: skip
+    assert done.returncode == 9, done.stderr.decode()
+
+
+def test_clean_leftovers_restores_output_after_crash_between_renames(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    before = previous_output(target)
+    crash_during_publish(target, "overwrite", "os.rename", 2)  # target already moved aside
+    assert not target.exists()
+
+    handled = OutputWriter.clean_leftovers(OutputConfig(path=target))
+
+    assert snapshot(target) == before
+    assert siblings(target) == []
+    assert sorted(p.name for p in handled) == [".out.old-crashed", ".out.tmp-crashed"]
+
+
+def test_clean_leftovers_removes_old_copy_after_crash_past_the_swap(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    previous_output(target)
+    crash_during_publish(target, "overwrite", "shutil.rmtree", 1)  # new output in place
+
+    OutputWriter.clean_leftovers(OutputConfig(path=target))
+
+    assert snapshot(target) == {
+        "city=Berlin/part-00000-000000.parquet": b"berlin",
+        "city=Rome/part-00000-000001.parquet": b"rome",
+    }
+    assert siblings(target) == []
+
+
+def test_clean_leftovers_takes_back_a_half_done_append(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    before = previous_output(target)
+    # renames: the saved part list, Berlin's part, then (never reached) Rome's part
+    crash_during_publish(target, "append", "os.rename", 3)
+    assert (target / "city=Berlin" / "part-crashed-00000-000000.parquet").exists()
+    assert not (target / "city=Rome" / "part-crashed-00000-000001.parquet").exists()
+
+    OutputWriter.clean_leftovers(OutputConfig(path=target, mode="append"))
+
+    assert snapshot(target) == before
+    assert not (target / "city=Berlin").exists() and not (target / "city=Rome").exists()
+    assert siblings(target) == []
+
+
+def test_clean_leftovers_removes_temp_folder_of_a_run_that_died_writing(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    before = previous_output(target)
+    OutputWriter(OutputConfig(path=target), "dead").write(part("part-00000-000000.parquet"))
+
+    handled = OutputWriter.clean_leftovers(OutputConfig(path=target))
+
+    assert [p.name for p in handled] == [".out.tmp-dead"]
+    assert snapshot(target) == before and siblings(target) == []
