@@ -211,9 +211,9 @@ async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
 
 def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     """Print what a run would do (per source), the output and the mode; touch nothing."""
-    from etl.run.commits import Commits
     from etl.core.redact import redact_url
     from etl.download.sources import expand_sources
+    from etl.run.commits import Commits
 
     sources = expand_sources(cfg)
     plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
@@ -239,9 +239,9 @@ def load_and_check(path: Path, overrides: list[str]) -> JobConfig:
 
 def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
     """Run under the job lock; always leave a run report (and metrics file) behind."""
-    from etl.run.pipeline import RunOptions, run_job
     from etl.ops.progress import choose_mode
     from etl.ops.report import RunReport, config_hash, format_summary
+    from etl.run.pipeline import RunOptions, run_job
     from etl.run.state import JobLock
 
     opts = RunOptions(full_refresh=args.full_refresh, progress=choose_mode(args.quiet))

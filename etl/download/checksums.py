@@ -1,14 +1,13 @@
-"""Checksums of staged files: hashers per source, digest checks, hashed and fsynced writes.
+"""Checksums of staged files: hashers per source, digest checks, hashed writes.
 
 A source always gets a sha256 hasher, and an md5 one when it declares ``md5``;
-``_checksum_problem`` compares the digests with the source's expected values. The file
+``checksum_problem`` compares the digests with the source's expected values. The file
 helpers here are blocking: the download stage runs them in a thread.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -16,14 +15,14 @@ from typing import IO, Any
 from etl.core.records import Source
 
 
-def _new_hashers(src: Source) -> dict[str, Any]:
+def new_hashers(src: Source) -> dict[str, Any]:
     hashers: dict[str, Any] = {"sha256": hashlib.sha256()}
     if src.md5:
         hashers["md5"] = hashlib.md5(usedforsecurity=False)
     return hashers
 
 
-def _checksum_problem(src: Source, digests: Mapping[str, Any]) -> str | None:
+def checksum_problem(src: Source, digests: Mapping[str, Any]) -> str | None:
     for algo in ("sha256", "md5"):
         expected = getattr(src, algo)
         if expected and (actual := digests[algo]) != expected:
@@ -31,11 +30,11 @@ def _checksum_problem(src: Source, digests: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _digests(hashers: Mapping[str, Any]) -> dict[str, str]:
+def hexdigests(hashers: Mapping[str, Any]) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-def _hash_file(path: Path, hashers: dict[str, Any], limit: int | None = None) -> int:
+def hash_file(path: Path, hashers: dict[str, Any], limit: int | None = None) -> int:
     """Feed the first ``limit`` bytes (all when None) of ``path`` to ``hashers``; returns the size read."""
     size = 0
     with open(path, "rb") as f:
@@ -49,16 +48,8 @@ def _hash_file(path: Path, hashers: dict[str, Any], limit: int | None = None) ->
     return size
 
 
-def _write_and_hash(f: IO[bytes], data: bytes | bytearray, hashers: dict[str, Any]) -> None:
+def write_and_hash(f: IO[bytes], data: bytes | bytearray, hashers: dict[str, Any]) -> None:
     if data:
         f.write(data)
         for h in hashers.values():
             h.update(data)
-
-
-def _close_synced(f: IO[bytes]) -> None:
-    try:
-        f.flush()
-        os.fsync(f.fileno())
-    finally:
-        f.close()

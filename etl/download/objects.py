@@ -33,7 +33,6 @@ Output (``ObjectOutputWriter``), atomic for readers that follow the manifest::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -43,9 +42,16 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from etl.core import durable
 from etl.core.config import OutputConfig
 from etl.core.errors import ChecksumMismatch, ConfigError, OutputError, SourceError
 from etl.core.records import Part, Source, StagedFile
+from etl.download.checksums import (
+    checksum_problem,
+    hexdigests,
+    new_hashers,
+    write_and_hash,
+)
 from etl.write.folder import REJECTS_DIR, OutputWriter
 
 log = logging.getLogger("etl.objectstore")
@@ -135,26 +141,25 @@ def _fetch(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
     fs, path = filesystem(src.url, key="sources")
     dest = staging_dir / src.name
     partial = dest.with_name(dest.name + ".part")
-    hashers = {k: hashlib.new(k) for k in ("sha256", "md5") if getattr(src, k)}
+    hashers = new_hashers(src)
     size = 0
     try:
-        with fs.open(path, "rb", block_size=block_bytes) as r, open(partial, "wb") as w:
-            while data := r.read(block_bytes):
-                w.write(data)
-                for h in hashers.values():
-                    h.update(data)
-                size += len(data)
-            w.flush()
-            os.fsync(w.fileno())
+        with fs.open(path, "rb", block_size=block_bytes) as r:
+            w = open(partial, "wb")
+            try:
+                while data := r.read(block_bytes):
+                    write_and_hash(w, data, hashers)
+                    size += len(data)
+            finally:
+                durable.close_synced(w)
     except FileNotFoundError:
         raise SourceError(f"object not found: {src.url}", item=src.url) from None
     except _errors() as e:
         raise SourceError(f"cannot fetch: {type(e).__name__}: {e}", item=src.url, retryable=True) from e
-    for name, h in hashers.items():
-        if h.hexdigest() != getattr(src, name):
-            partial.unlink(missing_ok=True)
-            raise ChecksumMismatch(f"{name} is {h.hexdigest()}, expected {getattr(src, name)}", item=src.url)
-    os.replace(partial, dest)
+    if problem := checksum_problem(src, hexdigests(hashers)):
+        partial.unlink(missing_ok=True)
+        raise ChecksumMismatch(problem, item=src.url)
+    durable.promote(partial, dest)
     return StagedFile(src, dest, size)
 
 

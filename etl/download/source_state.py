@@ -3,7 +3,7 @@
 ``SourceState.load`` reads ``{"version": 1, "files": {url: {name, etag, last_modified,
 size, sha256[, md5]}}}`` (an unreadable file is ignored with a warning: it is only a
 cache); ``SourceState.save`` writes it atomically (temp file in the same folder, fsync,
-``os.replace``), at most every ``STATE_SAVE_SECONDS`` when throttled. ``_write_json_atomic``
+``os.replace``: ``etl.core.durable``), at most every ``STATE_SAVE_SECONDS`` when throttled. ``durable.write_json``
 is also used for the ``.part.json`` resume validators.
 """
 
@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from etl.core import durable
 
 log = logging.getLogger("etl.download")  # the download stage's logger: messages stay under its name
 
@@ -51,14 +52,4 @@ class SourceState:
         async with self._lock:
             self._saved_at = time.monotonic()
             files = {u: e for u, e in self.entries.items() if keep is None or u in keep}
-            await asyncio.to_thread(_write_json_atomic, self.path, {"version": 1, "files": files})
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            await asyncio.to_thread(durable.write_json, self.path, {"version": 1, "files": files}, indent=1, sort_keys=True)

@@ -42,7 +42,6 @@ import asyncio
 import email.utils
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -55,20 +54,29 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict
 from tenacity import (
-    AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay,
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
     wait_random_exponential,
 )  # fmt: skip
 
-from etl.download.checksums import (
-    _checksum_problem, _close_synced, _digests, _hash_file, _new_hashers, _write_and_hash,
-)  # fmt: skip
+from etl.core import durable
 from etl.core.config import DownloadConfig
 from etl.core.errors import ChecksumMismatch, ETLError, SourceError
 from etl.core.queues import BoundedQueue, drain
-from etl.download.objects import is_object_url, stage_object
 from etl.core.records import Source, StagedFile
 from etl.core.redact import _secret_values, redact_url
-from etl.download.source_state import SourceState, _write_json_atomic
+from etl.download.checksums import (
+    checksum_problem,
+    hash_file,
+    hexdigests,
+    new_hashers,
+    write_and_hash,
+)  # fmt: skip
+from etl.download.objects import is_object_url, stage_object
+from etl.download.source_state import SourceState
 
 log = logging.getLogger("etl.download")
 
@@ -261,13 +269,13 @@ async def _stage_local(src: Source) -> StagedFile:
     try:
         if not (src.sha256 or src.md5):
             return StagedFile(src, path, (await asyncio.to_thread(path.stat)).st_size)
-        hashers = _new_hashers(src)
-        size = await asyncio.to_thread(_hash_file, path, hashers)
+        hashers = new_hashers(src)
+        size = await asyncio.to_thread(hash_file, path, hashers)
     except FileNotFoundError:
         raise SourceError(f"local file not found: {path}", item=src.url) from None
     except OSError as e:
         raise SourceError(f"cannot read local file: {e}", item=src.url) from e
-    if problem := _checksum_problem(src, _digests(hashers)):
+    if problem := checksum_problem(src, hexdigests(hashers)):
         raise ChecksumMismatch(problem, item=src.url)
     return StagedFile(src, path, size)
 
@@ -439,10 +447,10 @@ class _Transfer:
         the last byte and the rename); anything else is stale, and restarts from byte 0."""
         m = re.fullmatch(r"bytes \*/(\d+)", resp.headers.get("Content-Range", "").strip())
         if m and int(m.group(1)) == offset and (self.src.sha256 or self.src.md5):
-            hashers = _new_hashers(self.src)
-            await asyncio.to_thread(_hash_file, self.part, hashers, offset)
-            digests = _digests(hashers)
-            if not _checksum_problem(self.src, digests):
+            hashers = new_hashers(self.src)
+            await asyncio.to_thread(hash_file, self.part, hashers, offset)
+            digests = hexdigests(hashers)
+            if not checksum_problem(self.src, digests):
                 log.info("%s: HTTP 416: the partial file already holds all %d bytes, checksum verified",
                          self.safe_url, offset, extra=self._extra())  # fmt: skip
                 meta = await asyncio.to_thread(self._read_meta)
@@ -454,9 +462,9 @@ class _Transfer:
         raise _Restart
 
     async def _stream(self, resp: aiohttp.ClientResponse, offset: int, total: int | None) -> StagedFile:
-        hashers = _new_hashers(self.src)
+        hashers = new_hashers(self.src)
         if offset:
-            await asyncio.to_thread(_hash_file, self.part, hashers, offset)
+            await asyncio.to_thread(hash_file, self.part, hashers, offset)
         chunk = self.f.cfg.chunk_bytes
         size = offset
         f: IO[bytes] = await asyncio.to_thread(open, self.part, "ab" if offset else "wb")
@@ -469,18 +477,18 @@ class _Transfer:
                 self.f.report(nbytes=len(piece))
                 if len(buf) >= chunk:
                     data, buf = buf, bytearray()
-                    await asyncio.to_thread(_write_and_hash, f, data, hashers)
+                    await asyncio.to_thread(write_and_hash, f, data, hashers)
         finally:
             # Keep what did arrive: the next attempt resumes after it.
-            await asyncio.to_thread(_write_and_hash, f, buf, hashers)
-            await asyncio.to_thread(_close_synced, f)
+            await asyncio.to_thread(write_and_hash, f, buf, hashers)
+            await asyncio.to_thread(durable.close_synced, f)
         if total is not None and size != total:
             if size > total:
                 await asyncio.to_thread(self._discard)
             raise SourceError(f"incomplete body: received {size} of {total} bytes",
                               item=self.safe_url, retryable=True)  # fmt: skip
-        digests = _digests(hashers)
-        if problem := _checksum_problem(self.src, digests):
+        digests = hexdigests(hashers)
+        if problem := checksum_problem(self.src, digests):
             await asyncio.to_thread(self._discard)
             raise ChecksumMismatch(problem, item=self.safe_url)
         return await self._finish(size, digests, resp.headers)
@@ -553,17 +561,12 @@ class _Transfer:
 
     def _write_meta(self, headers: Mapping[str, str]) -> None:
         etag, modified = headers.get("ETag"), headers.get("Last-Modified")
-        _write_json_atomic(self.meta, {"url": self.src.url, "etag": etag, "last_modified": modified})
+        durable.write_json(self.meta, {"url": self.src.url, "etag": etag, "last_modified": modified})
 
     def _discard(self) -> None:
         self.part.unlink(missing_ok=True)
         self.meta.unlink(missing_ok=True)
 
     def _publish(self) -> None:
-        os.replace(self.part, self.final)
+        durable.promote(self.part, self.final)
         self.meta.unlink(missing_ok=True)
-        dir_fd = os.open(self.final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself survive a crash
-        finally:
-            os.close(dir_fd)

@@ -24,13 +24,12 @@ rows, and at most ``workers`` files are in progress at once.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from etl.core import durable
 from etl.core.errors import ConfigError
 
 FORMATS = ("csv", "csv.gz", "jsonl", "jsonl.gz", "parquet")
@@ -267,17 +267,13 @@ def zones_table() -> pa.Table:
 
 def _write_atomic(path: Path, fmt: str, tables: Iterator[pa.Table]) -> None:
     """Write beside the target and rename, so an interrupted run leaves no half file."""
-    tmp = path.with_name(f".{path.name}.part")
-    try:
+    with durable.replacing(path) as raw:
         if fmt == "parquet":
-            _write_parquet(tmp, tables)
+            _write_parquet(raw, tables)
         else:
-            with open(tmp, "wb") as raw, _maybe_gzip(raw, fmt.endswith(".gz")) as out:
+            with _maybe_gzip(raw, fmt.endswith(".gz")) as out:
                 write = _write_csv if fmt.startswith("csv") else _write_jsonl
                 write(out, tables)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _GzipSink:
@@ -325,9 +321,9 @@ def _write_jsonl(out: BinaryIO | _GzipSink, tables: Iterator[pa.Table]) -> None:
         out.write(lines.encode())
 
 
-def _write_parquet(path: Path, tables: Iterator[pa.Table]) -> None:
+def _write_parquet(sink: IO[bytes], tables: Iterator[pa.Table]) -> None:
     first = next(tables)
-    with pq.ParquetWriter(path, first.schema, compression="zstd") as writer:
+    with pq.ParquetWriter(sink, first.schema, compression="zstd") as writer:
         writer.write_table(first)
         for table in tables:
             writer.write_table(table)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etl.core import durable
 from etl.core.config import JobConfig
-from etl.run.state import read_json, write_json_atomic
+from etl.run.state import read_json
 
 
 def _mib(n: int) -> str:
@@ -40,7 +39,9 @@ def format_summary(s: Any) -> str:
         f"  speed    {s.rows_in / wall:,.0f} rows/s, {s.bytes_read / wall / 2**20:,.1f} MiB/s read",
     ]
     if getattr(s, "stats", None):
-        from etl.core.stats import format_stats  # per-stage table and bottleneck (issue 7)
+        from etl.core.stats import (
+            format_stats,  # per-stage table and bottleneck (issue 7)
+        )
 
         lines.append(format_stats(s.stats))
     return "\n".join(lines)
@@ -88,7 +89,7 @@ class RunReport:
 def write_report(report: RunReport, state_dir: Path, keep: int) -> Path:
     folder = state_dir / "reports"
     path = folder / f"run-{report.run_id}.json"
-    write_json_atomic(path, report.as_dict())
+    durable.write_json(path, report.as_dict())
     for old in sorted(folder.glob("run-*.json"))[:-keep]:  # run ids start with a UTC timestamp
         old.unlink(missing_ok=True)
     return path
@@ -133,12 +134,7 @@ def write_metrics(path: Path, report: RunReport, state_dir: Path) -> None:
         "# TYPE etl_bytes_downloaded gauge",
         f'etl_bytes_downloaded{{job="{job}"}} {s.get("bytes_downloaded", 0)}',
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    durable.write_bytes(path, ("\n".join(lines) + "\n").encode(), mode=0o644)  # node_exporter reads it
 
 
 def dumps(report: RunReport) -> str:

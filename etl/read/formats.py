@@ -35,9 +35,9 @@ from isal import igzip
 from isal.igzip_lib import IsalError
 
 from etl.core.config import OutputConfig, ReadConfig
-from etl.read.csv_cut import csv_options, split_csv, splittable
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
+from etl.read.csv_cut import csv_options, split_csv, splittable
 
 CSV_BLOCK_BYTES = 4 << 20
 """Bytes pyarrow parses per CSV block: bigger means fewer round trips and more memory per

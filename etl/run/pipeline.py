@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from etl.core.config import JobConfig
-from etl.download.stage import download_stage
 from etl.core.errors import ETLError
 from etl.core.queues import BoundedQueue, QueueAborted, drain
-from etl.run.memguard import GatedChunks, MemoryGuard
-from etl.ops.progress import Progress
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
-from etl.run.resources import plan_resources
-from etl.download.sources import expand_sources
-from etl.run.commits import Commits
 from etl.core.stats import MeteredExecutor, MeteredPut, RunStats
-from etl.write.folder import OutputWriter, read_chunks
+from etl.download.sources import expand_sources
+from etl.download.stage import download_stage
+from etl.ops.progress import Progress
+from etl.run.commits import Commits
+from etl.run.memguard import GatedChunks, MemoryGuard
+from etl.run.resources import plan_resources
 from etl.transform.stage import WorkerSpec, make_executor, transform_stage
+from etl.write.folder import OutputWriter, read_chunks
 
 log = logging.getLogger("etl.pipeline")
 

@@ -34,8 +34,8 @@ from typing import Any
 import psutil
 
 from etl.core.config import JobConfig, parse_size
-from etl.run.probe import Probe, measure
 from etl.core.records import Source
+from etl.run.probe import Probe, measure
 
 log = logging.getLogger("etl.resources")
 

@@ -58,10 +58,10 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Self
 
+from etl.core import durable
 from etl.core.config import JobConfig
 from etl.core.errors import LockHeld
 from etl.core.records import StagedFile
@@ -70,25 +70,6 @@ log = logging.getLogger("etl.state")
 
 MANIFEST_VERSION = 1
 _INDEXED_NAME = re.compile(r"^(part|rejected)-\d{5}-")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see old or new, never half."""
-    write_bytes_atomic(path, json.dumps(data, indent=2, default=str).encode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -177,7 +158,7 @@ class Manifest:
         return json.dumps(self.data, separators=(",", ":"), default=str).encode()
 
     def save(self, data: bytes | None = None) -> None:
-        write_bytes_atomic(self.path, self.dump() if data is None else data)
+        durable.write_bytes(self.path, self.dump() if data is None else data)
 
 
 def file_sha256(path: Path) -> str:

@@ -61,7 +61,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl.transform.functions import FUNCTIONS, Value, _boolean, _coerce_literal, _is_string, _OpError
+from etl.transform.functions import (
+    FUNCTIONS,
+    Value,
+    _boolean,
+    _coerce_literal,
+    _is_string,
+    _OpError,
+)
 
 Node = Callable[["_Frame"], Value]
 

@@ -65,7 +65,13 @@ import pandas as pd
 import pebble
 
 from etl.core.config import OutputConfig, ReadConfig, TransformConfig
-from etl.core.errors import ChunkTimeout, ETLError, RemoteTraceback, StepError, WorkerCrashed
+from etl.core.errors import (
+    ChunkTimeout,
+    ETLError,
+    RemoteTraceback,
+    StepError,
+    WorkerCrashed,
+)
 from etl.core.queues import BoundedQueue, drain
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 from etl.transform.recovery import ChunkRunner, encode_rejects
@@ -319,7 +325,9 @@ def make_executor(cfg: TransformConfig, spec: WorkerSpec, workers: int, budget: 
         return ThreadExecutor(spec, workers)
     if cfg.executor == "process":
         return ProcessExecutor(spec, workers, cfg.chunk_timeout)
-    from etl.transform.distributed import DaskExecutor  # optional extra: imported only when asked for
+    from etl.transform.distributed import (
+        DaskExecutor,  # optional extra: imported only when asked for
+    )
 
     return DaskExecutor(spec, workers, cfg, budget=budget)
 

@@ -33,12 +33,22 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from etl.transform.casts import _Problem, cast_column
 from etl.core.config import (
-    CastStep, DeriveStep, DropnaStep, DropStep, FillnaStep, FilterStep, LookupStep,
-    ParseDatetimeStep, PythonStep, RenameStep, SelectStep, Step,
+    CastStep,
+    DeriveStep,
+    DropnaStep,
+    DropStep,
+    FillnaStep,
+    FilterStep,
+    LookupStep,
+    ParseDatetimeStep,
+    PythonStep,
+    RenameStep,
+    SelectStep,
+    Step,
 )  # fmt: skip
 from etl.core.errors import ConfigError, StepError
+from etl.transform.casts import _Problem, cast_column
 from etl.transform.expr import ExprError, check_expr, compile_expr, to_arrow
 
 _LOOKUP_CACHE = 16  # lookup tables kept per process; a job has a handful, each small

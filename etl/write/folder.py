@@ -42,11 +42,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from etl.core import durable
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
+from etl.core.records import Part
+
 # Reading and IPC live in etl.read.formats; re-exported because stages import them from here.
 from etl.read.formats import decode_ipc, encode_ipc, encode_table, read_chunks  # noqa: F401
-from etl.core.records import Part
 
 __all__ = ["OutputWriter", "encode_parts", "read_chunks", "encode_ipc", "decode_ipc"]
 
@@ -246,7 +248,7 @@ class OutputWriter:
         self._finish("publish")
         relpaths = sorted(self._written)
         try:
-            _fsync_tree(self.tmp)
+            durable.fsync_tree(self.tmp)
         except OSError as e:
             raise OutputError(f"cannot sync the temp folder: {e}", item=str(self.tmp)) from e
         if self.out.mode == "overwrite" or not self.target.exists():
@@ -339,7 +341,7 @@ class OutputWriter:
                 if had_old:
                     os.rename(old, self.target)
                 raise
-            _fsync_dir(self.target.parent)
+            durable.fsync_dir(self.target.parent)
         except OSError as e:
             raise OutputError(f"cannot publish: {e}", item=str(self.target)) from e
         if had_old:
@@ -360,7 +362,7 @@ class OutputWriter:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.tmp / relpath, dest)
             for folder in {(self.target / r).parent for r in relpaths}:
-                _fsync_dir(folder)
+                durable.fsync_dir(folder)
             (self.tmp / APPEND_LIST).unlink()  # the commit point: nothing to take back now
         except OSError as e:
             try:
@@ -409,28 +411,7 @@ def _prune_empty_dirs(folder: Path, stop: Path) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a ``.inprogress`` file, fsynced, then renamed."""
-    partial = path.with_name(path.name + ".inprogress")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        durable.write_bytes(path, data)
     except OSError as e:
         raise OutputError(f"cannot write file: {e}", item=str(path)) from e
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every folder under ``root`` so the renames inside them are on disk."""
-    for folder, _, _ in os.walk(root):
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
