@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 
+
 def nginx_binary() -> str | None:
     """Debian's nginx, or None. CI sets ``ETL_REQUIRE_NGINX=1``: there a missing nginx fails
     the suite instead of quietly skipping the tests that need a production server."""

@@ -133,7 +133,7 @@ def test_a_wrong_engine_output_is_a_mismatch(tmp_path: Path) -> None:
 def test_benchmark_servers_serve_the_folder(tmp_path: Path, kind: str) -> None:
     import urllib.request
 
-    from benchmarks.common import default_server, serve
+    from benchmarks.common import serve
 
     if kind == "nginx" and nginx_binary() is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")

@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -172,3 +173,12 @@ async def drain(queue: Gettable[Item], limit: int, handle: Callable[[Item], Awai
             if item is None:
                 break
             tg.create_task(one(item))
+
+
+def in_pool(pool: Executor, work: Callable[[Item], None]) -> Callable[[Item], Awaitable[None]]:
+    """``work`` run in ``pool``, awaited from the loop: a ``drain`` handler for a thread stage."""
+
+    async def handle(item: Item) -> None:
+        await asyncio.get_running_loop().run_in_executor(pool, work, item)
+
+    return handle

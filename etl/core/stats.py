@@ -37,7 +37,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, Protocol
 
 import psutil
 
@@ -338,3 +338,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     )
     lines.append("  " + bottleneck_line(stats["bottleneck"]))
     return "\n".join(lines)
+
+
+class ProgressSink(Protocol):
+    """What a stage reports progress to (``etl.ops.progress.StageProgress``); thread-safe."""
+
+    def update(self, items: int = 0, nbytes: int = 0) -> None: ...

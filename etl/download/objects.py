@@ -1,117 +1,34 @@
-"""Sources and outputs on object storage: ``s3://bucket/prefix/…`` and any other fsspec URL.
+"""Sources on object storage: ``s3://bucket/prefix/…`` and any other fsspec URL
+(see ``etl.core.objstore`` for which URLs and where credentials come from).
 
-Any ``scheme://`` URL other than http(s) and file goes through fsspec, so every installed
-implementation works (``s3://`` with s3fs, the ``s3`` extra; ``gs://`` with gcsfs,
-``memory://`` built in). Credentials come only from the environment, as the SDKs read
-them (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
-``AWS_PROFILE``, ``AWS_REGION``); a custom endpoint (MinIO, Ceph, moto) from
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``. Never from the job file.
-
-Sources (``expand``, ``stage_object``)
-    A URL with ``*``/``?``/``[`` is a glob, one ending in ``/`` a prefix (every object
-    under it), anything else one object; matches come in sorted order and a pattern that
-    matches nothing is an error. The download stage streams each object to
-    ``staging/<name>`` (``.part`` first, fsynced, renamed) and verifies its checksum, so
-    the read stage sees a finished local file as for HTTP sources.
-
-Output (``ObjectOutputWriter``), atomic for readers that follow the manifest::
-
-    <prefix>/_runs/<run_id>/month=2026-01/part-00000-000000.parquet   a run's parts
-    <prefix>/_runs/<run_id>/_rejected/rejected-00000-000000.jsonl      its dead-letter rows
-    <prefix>/_manifests/<run_id>.json                                  written after every part
-    <prefix>/_latest                                                   {"run_id", "manifest"}: last
-
-    Object stores have no rename, so a run's parts stay under its own prefix and the
-    manifest (one PUT, atomic) is the commit: it lists every file of the dataset (in
-    ``append`` mode the previous manifest's files too), then ``_latest`` is switched to it.
-    A failed run writes no manifest and deletes its prefix; ``_latest`` still names the
-    previous run. Superseded runs are deleted after ``KEEP_RUNS`` newer ones, so a reader
-    that fetched the previous ``_latest`` can finish. Folders starting with ``_`` are
-    skipped by pyarrow and Spark, so listing ``<prefix>`` naively shows nothing half-done.
+A URL with ``*``/``?``/``[`` is a glob, one ending in ``/`` a prefix (every object under
+it), anything else one object; matches come in sorted order and a pattern that matches
+nothing is an error. The download stage streams each object to ``staging/<name>``
+(``.part`` first, fsynced, renamed) and verifies its checksum, so the read stage sees a
+finished local file as for HTTP sources.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import re
-import threading
-import time
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 from etl.core import durable
-from etl.core.config import OutputConfig
-from etl.core.errors import ChecksumMismatch, ConfigError, OutputError, SourceError
-from etl.core.records import Part, Source, StagedFile
+from etl.core.errors import ChecksumMismatch, ConfigError, SourceError
+from etl.core.objstore import filesystem, store_errors, url_of
+from etl.core.records import Source, StagedFile
 from etl.download.checksums import (
     checksum_problem,
     hexdigests,
     new_hashers,
     write_and_hash,
 )
-from etl.write.folder import REJECTS_DIR, OutputWriter
 
 log = logging.getLogger("etl.objectstore")
 
-RUNS_DIR = "_runs"
-MANIFESTS_DIR = "_manifests"
-LATEST = "_latest"
-# Published runs kept besides the newest: a reader that fetched the previous manifest a
-# moment before the switch can still read it; more costs storage for old outputs.
-KEEP_RUNS = 1
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-_LOCAL_SCHEMES = frozenset({"http", "https", "file"})
-
-
-def is_object_url(text: str) -> bool:
-    """``s3://b/k`` and other fsspec URLs; not http(s)://, not file://, not a local path."""
-    m = _URL.match(text)
-    return bool(m) and m.group(1).lower() not in _LOCAL_SCHEMES
-
-
-def storage_options(protocol: str) -> dict[str, Any]:
-    """Options from the environment only (the job file never holds credentials)."""
-    if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    return {}
-
-
-def filesystem(url: str, *, key: str, file: str = "") -> tuple[Any, str]:
-    """(fsspec filesystem, path without the scheme) for ``url``; ``ConfigError`` names ``key``
-    when no installed package handles its scheme."""
-    try:
-        import fsspec
-    except ImportError:
-        raise ConfigError(f"{url!r} needs fsspec: pip install 'etl-pipeline[s3]'", key=key, file=file) from None
-    protocol = _URL.match(url).group(1).lower()  # type: ignore[union-attr]
-    try:
-        return fsspec.core.url_to_fs(url, **storage_options(protocol))
-    except (ImportError, ValueError) as e:
-        hint = " (pip install 'etl-pipeline[s3]')" if protocol.startswith("s3") else ""
-        raise ConfigError(f"cannot open {protocol}:// URLs: {e}{hint}", key=key, file=file) from None
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    """What a filesystem call raises besides OSError (botocore's own errors, e.g. no credentials)."""
-    try:
-        from botocore.exceptions import BotoCoreError
-    except ImportError:
-        return (OSError,)
-    return (OSError, BotoCoreError)
-
-
-def _url(fs: Any, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return f"{protocol}://{path}"
-
-
-# ------------------------------------------------------------------------- sources
 
 
 def expand(url: str, *, where: str, file: str) -> list[str]:
@@ -125,11 +42,11 @@ def expand(url: str, *, where: str, file: str) -> list[str]:
             found = list(fs.find(path))
         else:
             found = [path] if fs.isfile(path) else []
-    except _errors() as e:
+    except store_errors() as e:
         raise SourceError(f"cannot list {url}: {type(e).__name__}: {e}", item=url) from e
     if not found:
         raise ConfigError(f"no object matches {url!r}", key=where, file=file)
-    return [_url(fs, p) for p in sorted(found)]
+    return [url_of(fs, p) for p in sorted(found)]
 
 
 async def stage_object(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
@@ -154,177 +71,10 @@ def _fetch(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
                 durable.close_synced(w)
     except FileNotFoundError:
         raise SourceError(f"object not found: {src.url}", item=src.url) from None
-    except _errors() as e:
+    except store_errors() as e:
         raise SourceError(f"cannot fetch: {type(e).__name__}: {e}", item=src.url, retryable=True) from e
     if problem := checksum_problem(src, hexdigests(hashers)):
         partial.unlink(missing_ok=True)
         raise ChecksumMismatch(problem, item=src.url)
     durable.promote(partial, dest)
     return StagedFile(src, dest, size)
-
-
-# -------------------------------------------------------------------------- output
-
-
-class ObjectOutputWriter(OutputWriter):
-    """``OutputWriter`` for an object-store prefix: a run prefix, then manifest, then ``_latest``.
-
-    ``OutputWriter(out, run_id)`` returns one of these when ``out.path`` is a URL.
-    """
-
-    def __init__(self, out: OutputConfig, run_id: str, adopt: Path | None = None) -> None:
-        if not _RUN_ID.match(run_id):
-            raise ValueError(f"run_id must match {_RUN_ID.pattern}, got {run_id!r}")
-        if adopt is not None:
-            log.warning("object-store outputs do not resume a dead run's parts; writing them again")
-        self.out = out
-        self.run_id = run_id
-        self.url = str(out.path).rstrip("/")
-        self.fs, self.root = filesystem(self.url, key="output.path")
-        self.prefix = f"{RUNS_DIR}/{run_id}"
-        # For etl.run.state's bookkeeping only: never a local folder, so a dead run is not adopted.
-        self.tmp = Path(f"{self.url}/{self.prefix}")
-        self._written: dict[str, tuple[int, int]] = {}  # relpath -> (rows, bytes)
-        self._lock = threading.Lock()
-        self._finished = False
-
-    def write(self, part: Part) -> str:
-        relpath = _check_relpath(part.relpath)
-        self._put(relpath, part.data, part.rows)
-        return relpath
-
-    def write_rejects(self, part: Part) -> str:
-        relpath = f"{REJECTS_DIR}/{_check_relpath(part.relpath)}"
-        self._put(relpath, part.data, part.rows)
-        return relpath
-
-    def add_existing(self, relpath: str, source: Path) -> None:
-        raise OutputError("carrying parts over from a local output is not supported on object storage",
-                          item=self.url)  # fmt: skip
-
-    def remove(self, relpath: str) -> None:
-        with self._lock:
-            self._written.pop(relpath, None)
-        self._call(self.fs.rm, f"{self.root}/{self.prefix}/{relpath}", missing_ok=True)
-
-    def publish(self) -> list[str]:
-        """Write the manifest, then point ``_latest`` at it; returns this run's files."""
-        if self._finished:
-            raise OutputError("publish after publish or discard", item=self.url)
-        self._finished = True
-        previous = _read_latest(self.fs, self.root, self.url)
-        mine = sorted(self._written)
-        files = [self._entry(r) for r in mine if not r.startswith(f"{REJECTS_DIR}/")]
-        rejected = [self._entry(r) for r in mine if r.startswith(f"{REJECTS_DIR}/")]
-        if self.out.mode == "append" and previous is not None:
-            files = previous["files"] + files
-            rejected = previous.get("rejected", []) + rejected
-        manifest = {
-            "version": 1, "run_id": self.run_id, "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mode": self.out.mode, "format": self.out.format, "partition_by": self.out.partition_by,
-            "previous": previous and previous["run_id"], "files": files, "rejected": rejected,
-        }  # fmt: skip
-        manifest_path = f"{MANIFESTS_DIR}/{self.run_id}.json"
-        self._call(self.fs.pipe_file, f"{self.root}/{manifest_path}", _json(manifest))
-        self._call(self.fs.pipe_file, f"{self.root}/{LATEST}", _json({"run_id": self.run_id, "manifest": manifest_path}))
-        _prune(self.fs, self.root, self.url, manifest)
-        return [f"{self.prefix}/{r}" for r in mine]
-
-    def discard(self) -> None:
-        """Delete this run's prefix; no manifest was written. Never raises."""
-        self._finished = True
-        try:
-            self.fs.rm(f"{self.root}/{self.prefix}", recursive=True)
-        except FileNotFoundError:
-            pass
-        except _errors() as e:
-            log.warning("could not delete %s/%s: %s (clean_leftovers will retry)", self.url, self.prefix, e)
-
-    @staticmethod
-    def clean_leftovers(out: OutputConfig, keep: Path | None = None) -> list[Any]:
-        """Delete run prefixes that have no manifest (dead runs). Call it under the job lock."""
-        url = str(out.path).rstrip("/")
-        fs, root = filesystem(url, key="output.path")
-        try:
-            fs.invalidate_cache()
-            runs = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{RUNS_DIR}", detail=False)}
-            manifests = {_manifest_id(p) for p in fs.ls(f"{root}/{MANIFESTS_DIR}", detail=False)}
-        except FileNotFoundError:
-            return []
-        except _errors() as e:
-            raise OutputError(f"cannot list the output: {type(e).__name__}: {e}", item=url) from e
-        dead = sorted(runs - manifests)
-        for run_id in dead:
-            fs.rm(f"{root}/{RUNS_DIR}/{run_id}", recursive=True)
-        return [f"{url}/{RUNS_DIR}/{r}" for r in dead]
-
-    # ------------------------------------------------------------------ internals
-
-    def _put(self, relpath: str, data: bytes, rows: int) -> None:
-        if self._finished:
-            raise OutputError("write after publish or discard", item=relpath)
-        self._call(self.fs.pipe_file, f"{self.root}/{self.prefix}/{relpath}", data)
-        with self._lock:
-            self._written[relpath] = (rows, len(data))
-
-    def _entry(self, relpath: str) -> dict[str, Any]:
-        rows, size = self._written[relpath]
-        return {"path": f"{self.prefix}/{relpath}", "rows": rows, "bytes": size}
-
-    def _call(self, fn: Any, path: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(path, *args, **kwargs)
-        except _errors() as e:
-            raise OutputError(f"cannot write: {type(e).__name__}: {e}", item=_url(self.fs, path)) from e
-
-
-def _check_relpath(relpath: str) -> str:
-    path = PurePosixPath(relpath)
-    if path.is_absolute() or ".." in path.parts or not path.name:
-        raise OutputError("part path must be relative and stay inside the output prefix", item=relpath)
-    return str(path)
-
-
-def _json(data: Any) -> bytes:
-    return json.dumps(data, indent=1).encode()
-
-
-def _manifest_id(path: str) -> str:
-    return path.rsplit("/", 1)[-1].removesuffix(".json")
-
-
-def read_manifest(url: str) -> dict[str, Any] | None:
-    """The manifest ``_latest`` names under the output ``url``, or None before any run."""
-    fs, root = filesystem(url.rstrip("/"), key="output.path")
-    return _read_latest(fs, root, url)
-
-
-def _read_latest(fs: Any, root: str, url: str) -> dict[str, Any] | None:
-    try:
-        fs.invalidate_cache()
-        latest = json.loads(fs.cat_file(f"{root}/{LATEST}"))
-        return json.loads(fs.cat_file(f"{root}/{latest['manifest']}"))
-    except FileNotFoundError:
-        return None
-    except (*_errors(), ValueError, KeyError) as e:
-        raise OutputError(f"cannot read the current manifest: {type(e).__name__}: {e}", item=url) from e
-
-
-def _prune(fs: Any, root: str, url: str, newest: dict[str, Any]) -> None:
-    """Delete runs and manifests no longer needed (see ``KEEP_RUNS``). Best effort: a
-    failure leaves storage behind, never a broken dataset."""
-    try:
-        chain, manifest = [newest], newest
-        while len(chain) <= KEEP_RUNS and manifest.get("previous"):
-            manifest = json.loads(fs.cat_file(f"{root}/{MANIFESTS_DIR}/{manifest['previous']}.json"))
-            chain.append(manifest)
-        keep_manifests = {m["run_id"] for m in chain}
-        keep_runs = keep_manifests | {f["path"].split("/")[1] for m in chain for f in m["files"] + m["rejected"]}
-        for path in fs.ls(f"{root}/{MANIFESTS_DIR}", detail=False):
-            run_id = _manifest_id(path)
-            if run_id not in keep_manifests:
-                if fs.exists(f"{root}/{RUNS_DIR}/{run_id}") and run_id not in keep_runs:
-                    fs.rm(f"{root}/{RUNS_DIR}/{run_id}", recursive=True)
-                fs.rm(path)
-    except (*_errors(), ValueError, KeyError) as e:
-        log.warning("could not delete superseded runs under %s: %s", url, e)

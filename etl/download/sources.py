@@ -41,10 +41,10 @@ from urllib.request import url2pathname
 
 from etl.core.config import JobConfig
 from etl.core.errors import ConfigError
+from etl.core.objstore import is_object_url
 from etl.core.records import Format, Source
 from etl.core.redact import redact_url
 from etl.download import objects as objectstore
-from etl.download.objects import is_object_url
 
 MAX_SOURCES = 1_000_000  # guards against a typo like {0..99999999}; raise it if a job needs more
 

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -65,9 +65,11 @@ from tenacity import (
 from etl.core import durable
 from etl.core.config import DownloadConfig
 from etl.core.errors import ChecksumMismatch, ETLError, SourceError
+from etl.core.objstore import is_object_url
 from etl.core.queues import BoundedQueue, drain
 from etl.core.records import Source, StagedFile
 from etl.core.redact import _secret_values, redact_url
+from etl.core.stats import ProgressSink
 from etl.download.checksums import (
     checksum_problem,
     hash_file,
@@ -75,7 +77,7 @@ from etl.download.checksums import (
     new_hashers,
     write_and_hash,
 )  # fmt: skip
-from etl.download.objects import is_object_url, stage_object
+from etl.download.objects import stage_object
 from etl.download.source_state import SourceState
 
 log = logging.getLogger("etl.download")
@@ -86,10 +88,6 @@ ADMISSION_PER_SLOT = 4
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _DEFAULT_HEADERS = {"Accept-Encoding": "identity"}  # the staged bytes must be the file itself
-
-
-class ProgressSink(Protocol):
-    def update(self, items: int = 0, nbytes: int = 0) -> None: ...
 
 
 @dataclass

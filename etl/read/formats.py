@@ -15,8 +15,7 @@ Reading (``read_chunks``, called from the parent's reader thread pool)
 
 IPC (``encode_ipc``/``decode_ipc``): how chunks cross the process boundary.
 
-Encoding (``encode_table``, called inside worker processes through
-``etl.write.folder.encode_parts``): one output file's bytes, Parquet or CSV.
+(Output files are encoded in the workers: ``etl.core.parts``.)
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import pyarrow.parquet as pq
 from isal import igzip
 from isal.igzip_lib import IsalError
 
-from etl.core.config import OutputConfig, ReadConfig
+from etl.core.config import ReadConfig
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
 from etl.read.csv_cut import csv_options, split_csv, splittable
@@ -409,15 +408,3 @@ _LOCATORS: dict[str, Locator] = {
 
 
 # ------------------------------------------------------------------------- encoding
-
-
-def encode_table(table: pa.Table, out: OutputConfig) -> bytes:
-    """The bytes of one output file: Parquet with ``out.compression`` (``none``:
-    uncompressed), or CSV (UTF-8, header row, nulls as empty fields)."""
-    sink = pa.BufferOutputStream()
-    if out.format == "parquet":
-        codec = None if out.compression == "none" else out.compression
-        pq.write_table(table, sink, compression=codec)
-    else:
-        pacsv.write_csv(table, sink, write_options=pacsv.WriteOptions(include_header=True))
-    return sink.getvalue().to_pybytes()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.core.config import JobConfig
+from etl.core.parts import APPEND_LIST, renumbered
 from etl.core.records import Source, StagedFile
 from etl.run.state import (
     Manifest,
@@ -30,7 +31,6 @@ from etl.run.state import (
     identity,
     is_unchanged,
     read_json,
-    renumbered,
 )  # fmt: skip
 
 log = logging.getLogger("etl.state")
@@ -98,7 +98,6 @@ class Commits:
 
         Call under the job lock, before ``OutputWriter.clean_leftovers(keep=...)``.
         """
-        from etl.write.folder import APPEND_LIST
 
         m = self.manifest
         p = m.pending

@@ -20,24 +20,25 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from etl.core.config import JobConfig
 from etl.core.errors import ETLError
-from etl.core.queues import BoundedQueue, QueueAborted, drain
+from etl.core.queues import BoundedQueue, QueueAborted
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
 from etl.core.stats import MeteredExecutor, MeteredPut, RunStats
 from etl.download.sources import expand_sources
 from etl.download.stage import download_stage
 from etl.ops.progress import Progress
+from etl.read.stage import read_stage
 from etl.run.commits import Commits
 from etl.run.memguard import GatedChunks, MemoryGuard
 from etl.run.resources import plan_resources
 from etl.transform.stage import WorkerSpec, make_executor, transform_stage
-from etl.write.folder import OutputWriter, read_chunks
+from etl.write.folder import OutputWriter
+from etl.write.stage import clean_leftovers, open_writer, write_stage
 
 log = logging.getLogger("etl.pipeline")
 
@@ -120,8 +121,8 @@ class Run:
         self.stats.start()
         self.commits = Commits(cfg, self.opts.run_id, self.opts.full_refresh)
         adopt = self.commits.recover(sources)  # before clean_leftovers: it may keep a temp folder
-        OutputWriter.clean_leftovers(cfg.output, keep=adopt)
-        writer = OutputWriter(cfg.output, self.opts.run_id, adopt=adopt)
+        clean_leftovers(cfg.output, keep=adopt)
+        writer = open_writer(cfg.output, self.opts.run_id, adopt=adopt)
         self.commits.begin(writer)
         executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output, cfg.read), workers, plan.budget)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
@@ -207,27 +208,11 @@ class Run:
         meter.count_in(len(sources), stats.bytes)
 
     async def _read(self) -> None:
-        bar = self.progress.stage("read", "chunks")
-        meter = self.stats.meters["read"]
-
-        def read_file(staged: StagedFile) -> None:
-            if not self.commits.check(staged):
-                return  # unchanged or already committed: its parts are in place
-            meter.count_in(1, staged.size)
-            chunks = 0
-            with meter.working():
-                for chunk in read_chunks(staged, self.cfg.read):
-                    with meter.blocked():
-                        self.chunks_q.put_threadsafe(chunk)
-                    chunks += 1
-                    meter.count_out(1, chunk.nbytes, chunk.rows if chunk.kind == "arrow" else 0)  # raw CSV: rows are known once parsed
-                    bar.update(items=1, nbytes=chunk.nbytes)
-            self.commits.read_done(staged.source, chunks)
-            self.summary.files_read += 1
-            self.summary.bytes_read += staged.size
-
-        await drain(self.files_q, self.cfg.read.threads, _in_pool(self.read_pool, read_file))
-        await self.chunks_q.close()
+        stats = await read_stage(
+            self.files_q, self.chunks_q, self.cfg.read, self.read_pool, meter=self.stats.meters["read"],
+            progress=self.progress.stage("read", "chunks"), admit=self.commits.check, done=self.commits.read_done,
+        )  # fmt: skip
+        self.summary.files_read, self.summary.bytes_read = stats.files, stats.bytes
 
     async def _transform(self, executor: Any, in_flight: int) -> None:
         bar = self.progress.stage("transform", "rows")
@@ -243,31 +228,12 @@ class Run:
         s.transform = stats.as_dict()
 
     async def _write(self, writer: OutputWriter) -> None:
-        bar = self.progress.stage("write", "parts")
-        meter = self.stats.meters["write"]
-
-        def write(result: ChunkResult) -> None:
-            meter.count_in(1, result.nbytes)
-            done: list[tuple[str, int, int]] = []  # (relpath, rows, bytes) for the manifest
-            with meter.working():
-                for part in result.parts:
-                    done.append((writer.write(part), part.rows, len(part.data)))
-                    bar.update(items=1, nbytes=len(part.data))
-                    meter.count_out(1, len(part.data), part.rows)
-                if (rej := result.rejects) is not None:
-                    done.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
-            self.commits.written(result, done)
-            self.summary.parts_written += len(result.parts)
-
-        await drain(self.results_q, self.cfg.output.writer_threads, _in_pool(self.write_pool, write))
-
-
-def _in_pool(pool: ThreadPoolExecutor, work: Callable[[Any], None]) -> Callable[[Any], Awaitable[None]]:
-    """``work`` run in ``pool``, awaited from the loop: a ``drain`` handler for a thread stage."""
-    async def handle(item: Any) -> None:
-        await asyncio.get_running_loop().run_in_executor(pool, work, item)
-
-    return handle
+        stats = await write_stage(
+            self.results_q, writer, self.cfg.output.writer_threads, self.write_pool,
+            meter=self.stats.meters["write"], progress=self.progress.stage("write", "parts"),
+            written=self.commits.written,
+        )  # fmt: skip
+        self.summary.parts_written = stats.parts
 
 
 def _first_error(e: BaseException) -> BaseException:

@@ -57,7 +57,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Self
 
@@ -69,7 +68,6 @@ from etl.core.records import StagedFile
 log = logging.getLogger("etl.state")
 
 MANIFEST_VERSION = 1
-_INDEXED_NAME = re.compile(r"^(part|rejected)-\d{5}-")
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -190,10 +188,3 @@ def is_unchanged(staged: StagedFile, entry: dict[str, Any], ident: dict[str, Any
     if not staged.source.is_remote and all(entry.get(k) == ident[k] for k in ("mtime_ns", "ino")):
         return True
     return entry.get("sha256") is not None and entry["sha256"] == sha()
-
-
-def renumbered(relpath: str, index: int) -> str:
-    """``m=1/part-00003-000000.parquet`` for source index 5 → ``m=1/part-00005-000000.parquet``."""
-    folder, _, name = relpath.rpartition("/")
-    name = _INDEXED_NAME.sub(lambda m: f"{m.group(1)}-{index:05d}-", name)
-    return f"{folder}/{name}" if folder else name

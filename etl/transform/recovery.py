@@ -19,9 +19,9 @@ one attempt and reports a dead, killed or timed-out worker as ``WorkerCrashed`` 
   N attempts") and ``"skip"`` only counts its rows as rejected; the run goes on and
   exits 3 (rows out + rows rejected = rows in).
 
-Also here: the dead-letter encoding of rejected rows (``encode_rejects``, one
-``rejected-…`` JSON Lines file per chunk), which workers use for rows a step rejects and
-the runner uses for a whole chunk set aside.
+Dead-letter rows are encoded by ``etl.core.parts.encode_rejects`` (one ``rejected-…``
+JSON Lines file per chunk), which workers use for rows a step rejects and the runner for
+a whole chunk set aside.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import pandas as pd
 
 from etl.core.config import ReadConfig, TransformConfig
 from etl.core.errors import ChunkTimeout, WorkerCrashed
+from etl.core.parts import encode_rejects, rejects_name, split_name
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 
 if TYPE_CHECKING:  # etl.transform.stage imports this module; these are for annotations only
@@ -46,22 +47,6 @@ MIN_SPLIT_ROWS = 1_000  # smallest half of an OOM-killed chunk: smaller means mo
 OOM_KILL = "killed by SIGKILL"  # how describe_exit() names the OOM killer's signal
 
 # ------------------------------------------------------------ dead-letter output
-
-
-def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:
-    """Dead-letter rows as JSON Lines: source, row (or the file line, see ``Chunk.unit``),
-    step, reason and the raw input row."""
-    lines = [
-        json.dumps({"source": chunk.source_name, chunk.unit: int(r["_row"]), "step": r["_step"],
-                    "reason": r["_reason"], "raw": json.loads(r["_raw"]) if r["_raw"] else None})  # fmt: skip
-        for r in rejects.to_dict("records")
-    ]
-    data = ("\n".join(lines) + "\n").encode()
-    return Part(rejects_name(chunk), data, len(lines))
-
-
-def rejects_name(chunk: Chunk) -> str:
-    return f"rejected-{chunk.source_index:05d}-{chunk.index:06d}.jsonl"
 
 
 # ---------------------------------------------------------------- crashed chunks
@@ -187,10 +172,3 @@ def merge_pieces(chunk: Chunk, pieces: list[ChunkResult]) -> ChunkResult:
     if rejects:  # JSON Lines concatenate; pieces are in row order
         merged.rejects = Part(rejects_name(chunk), b"".join(r.data for r in rejects), sum(r.rows for r in rejects))
     return merged
-
-
-def split_name(relpath: str, path: str) -> str:
-    """``m=1/part-00001-000003.parquet`` + "01" → ``m=1/part-00001-000003-h01.parquet``."""
-    folder, slash, name = relpath.rpartition("/")
-    stem, dot, ext = name.partition(".")
-    return f"{folder}{slash}{stem}-h{path}{dot}{ext}"

@@ -72,9 +72,10 @@ from etl.core.errors import (
     StepError,
     WorkerCrashed,
 )
+from etl.core.parts import encode_parts, encode_rejects
 from etl.core.queues import BoundedQueue, drain
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
-from etl.transform.recovery import ChunkRunner, encode_rejects
+from etl.transform.recovery import ChunkRunner
 
 log = logging.getLogger("etl.transform")
 
@@ -125,7 +126,6 @@ def decode_chunk(chunk: Chunk, read: ReadConfig, on_error: str) -> tuple[pd.Data
 def run_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, transform and encode one chunk. Runs in a worker (or inline for serial)."""
     from etl.transform.steps import apply_steps
-    from etl.write.folder import encode_parts
 
     assert _SPEC is not None, "init_worker() was not called in this process"
     spec = _SPEC

@@ -1,9 +1,6 @@
-"""The output folder: part names, hive partition folders, a private temp folder, publishing.
+"""The output folder: a private temp folder per run, then publishing.
 
-``encode_parts`` (inside worker processes)
-    In: a transformed DataFrame and the ``OutputConfig``. Out: ``Part`` records whose
-    ``relpath`` is ``col=value/.../part-{source:05d}-{chunk:06d}.{parquet|csv}``, so sorting
-    the paths gives the serial order.
+Parts arrive already encoded and named by the workers (``etl.core.parts``).
 
 ``OutputWriter`` (in the parent's writer thread pool)
     Parts go to ``<parent>/.<name>.tmp-<run_id>`` beside the target (same filesystem, so
@@ -36,136 +33,16 @@ import re
 import shutil
 import threading
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
-
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 
 from etl.core import durable
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
+from etl.core.parts import APPEND_LIST, REJECTS_DIR, with_run_id
 from etl.core.records import Part
-
-# Reading and IPC live in etl.read.formats; re-exported because stages import them from here.
-from etl.read.formats import decode_ipc, encode_ipc, encode_table, read_chunks  # noqa: F401
-
-__all__ = ["OutputWriter", "encode_parts", "read_chunks", "encode_ipc", "decode_ipc"]
 
 log = logging.getLogger(__name__)
 
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
-# Characters Hive percent-encodes in partition folder names (FileUtils.escapePathName).
-_HIVE_UNSAFE = frozenset(chr(c) for c in range(0x20)) | set("\"#%'*/:=?\\\x7f{[]^")
-_MAX_NAME_BYTES = 255  # longest file or folder name on common filesystems
-REJECTS_DIR = "_rejected"  # readers (pyarrow, Spark) skip folders starting with "_"
-APPEND_LIST = ".append-parts"  # in the temp folder: parts an append publish is moving
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-# ------------------------------------------------------------------------- encoding
-
-
-def encode_parts(
-    df: pd.DataFrame,
-    out: OutputConfig,
-    *,
-    source_index: int,
-    chunk_index: int,
-    label: str = "",
-) -> list[Part]:
-    """Encode one transformed chunk as output files; an empty frame gives no parts.
-
-    With ``out.partition_by``, rows go to hive folders (``col=value/``, in the order
-    given, values percent-encoded as Hive does, null and "" as ``HIVE_NULL``) and the
-    partition columns are left out of the files, as pyarrow and Spark do. Rows keep
-    the chunk's order. ``label`` names the chunk in errors (pass ``Chunk.label``).
-    """
-    label = label or f"source {source_index}[chunk {chunk_index}]"
-    if len(df) == 0:
-        return []
-    table = _to_arrow(df, label)
-    name = f"part-{source_index:05d}-{chunk_index:06d}.{out.format}"
-    if not out.partition_by:
-        return [Part(name, _encode(table, out, label), table.num_rows)]
-    _check_partition_columns(table, out.partition_by, label)
-    parts = []
-    for folder, rows in _partitions(table, out.partition_by, label):
-        piece = table.take(rows).drop_columns(out.partition_by)
-        parts.append(Part(f"{folder}/{name}", _encode(piece, out, label), piece.num_rows))
-    return parts
-
-
-def _to_arrow(df: pd.DataFrame, label: str) -> pa.Table:
-    try:
-        return pa.Table.from_pandas(df, preserve_index=False)
-    except (pa.ArrowException, TypeError, ValueError) as e:
-        raise OutputError(f"cannot convert the chunk to Arrow for writing: {e}", item=label) from e
-
-
-def _encode(table: pa.Table, out: OutputConfig, label: str) -> bytes:
-    try:
-        return encode_table(table, out)
-    except (pa.ArrowException, OSError) as e:  # e.g. nested columns in CSV
-        raise OutputError(f"cannot encode the chunk as {out.format}: {e}", item=label) from e
-
-
-def _check_partition_columns(table: pa.Table, columns: list[str], label: str) -> None:
-    for column in columns:
-        if column not in table.column_names:
-            raise OutputError(
-                f"output.partition_by names column {column!r}, which the data does not "
-                f"have; columns are: {', '.join(table.column_names)}",
-                item=label,
-            )
-    if set(table.column_names) <= set(columns):
-        raise OutputError(
-            f"output.partition_by uses every column ({', '.join(columns)}); the files "
-            "would hold no data: keep at least one column out of it",
-            item=label,
-        )
-
-
-def _partitions(
-    table: pa.Table, columns: list[str], label: str
-) -> Iterator[tuple[str, np.ndarray]]:
-    """(hive folder, row indices in chunk order) per folder, in order of first appearance.
-
-    Keys are grouped by folder name, not by value: null and "" (or 1 and "1" in a mixed
-    column) share a folder and must share one part file.
-    """
-    keyed = table.select(columns).append_column("__row", pa.arange(0, table.num_rows))
-    groups = keyed.group_by(columns, use_threads=False).aggregate([("__row", "list")])
-    rows = groups.column("__row_list")
-    folders: dict[str, list[np.ndarray]] = {}
-    for i, key in enumerate(groups.select(columns).to_pylist()):
-        folder = "/".join(_hive_segment(c, key[c], label) for c in columns)
-        folders.setdefault(folder, []).append(rows[i].values.to_numpy())
-    for folder, pieces in folders.items():
-        yield folder, pieces[0] if len(pieces) == 1 else np.sort(np.concatenate(pieces))
-
-
-def _hive_segment(column: str, value: Any, label: str) -> str:
-    segment = f"{_hive_escape(column)}={_hive_escape(_hive_value(value))}"
-    if len(segment.encode()) > _MAX_NAME_BYTES:
-        raise OutputError(
-            f"partition folder for column {column!r} would be longer than {_MAX_NAME_BYTES} "
-            f"bytes, the filesystem limit (value starts {str(value)[:60]!r})",
-            item=label,
-        )
-    return segment
-
-
-def _hive_value(value: Any) -> str:
-    if value is None or value == "":
-        return HIVE_NULL  # as Hive and Spark do: "col=" could not be read back
-    if isinstance(value, bool):
-        return "true" if value else "false"  # as Spark writes them
-    return str(value)  # dates: 2026-01-01; datetimes: 2026-01-01 10:00:00
-
-
-def _hive_escape(text: str) -> str:
-    return "".join(f"%{ord(c):02X}" if c in _HIVE_UNSAFE else c for c in text)
 
 
 # --------------------------------------------------------------------------- writer
@@ -173,15 +50,6 @@ def _hive_escape(text: str) -> str:
 
 class OutputWriter:
     """Collects one run's parts in a temp folder and publishes them, or discards them."""
-
-    def __new__(cls, out: OutputConfig, *args: Any, **kwargs: Any) -> "OutputWriter":
-        # An object-store URL (a str; local paths are Path) gets the manifest-publishing
-        # writer of etl.download.objects, so the pipeline needs no branch of its own.
-        if cls is OutputWriter and isinstance(out.path, str):
-            from etl.download.objects import ObjectOutputWriter
-
-            return super().__new__(ObjectOutputWriter)
-        return super().__new__(cls)
 
     def __init__(self, out: OutputConfig, run_id: str, adopt: Path | None = None) -> None:
         """``adopt``: a temp folder a dead run of this job left (see ``etl.run.state``); its
@@ -272,10 +140,6 @@ class OutputWriter:
         """Repair what dead runs left beside ``out.path``; returns the folders removed or
         restored. ``keep`` is a temp folder the manifest adopts for resuming. Call it only
         while holding the job's lock: a live run's temp folder looks the same as a dead one's."""
-        if isinstance(out.path, str):  # an object-store URL
-            from etl.download.objects import ObjectOutputWriter
-
-            return ObjectOutputWriter.clean_leftovers(out, keep)
         target = Path(out.path)
         if not target.parent.is_dir():
             return []
@@ -314,7 +178,7 @@ class OutputWriter:
                 "part path must be relative and stay inside the output folder", item=relpath
             )
         if self.out.mode == "append":
-            path = path.with_name(f"part-{self.run_id}-{path.name.removeprefix('part-')}")
+            return with_run_id(str(path), self.run_id)
         return str(path)
 
     def _store(self, relpath: str, data: bytes) -> None:
@@ -381,8 +245,13 @@ def _files_under(folder: Path) -> set[str]:
     """Relpaths of the finished files in an adopted temp folder."""
     return {
         str(p.relative_to(folder)) for p in folder.rglob("*")
-        if p.is_file() and not p.name.endswith(".inprogress") and p.name != APPEND_LIST
+        if p.is_file() and not _unfinished(p.name) and p.name != APPEND_LIST
     }  # fmt: skip
+
+
+def _unfinished(name: str) -> bool:
+    """A temp file of ``durable`` (or of an older version of this tool) that was never renamed."""
+    return name.endswith(".inprogress") or (name.startswith(".") and name.endswith(durable.TEMP_SUFFIX))
 
 
 def _undo_append(target: Path, tmp: Path) -> None:

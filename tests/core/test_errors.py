@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pickle
 
-from etl.core.errors import (ChecksumMismatch, ConfigError, ETLError, ExitCode, Interrupted, SourceError,
-                        StepError, WorkerCrashed)
+from etl.core.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ETLError,
+    ExitCode,
+    Interrupted,
+    SourceError,
+    StepError,
+    WorkerCrashed,
+)
 
 
 def test_errors_pickle_with_their_fields() -> None:

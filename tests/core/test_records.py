@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part, Source, StagedFile
+from etl.core.records import (
+    RESULT_COUNTERS,
+    Chunk,
+    ChunkResult,
+    Part,
+    Source,
+    StagedFile,
+)
 
 
 def test_source_pickles_and_knows_if_it_is_remote() -> None:

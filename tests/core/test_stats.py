@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 from etl.core.config import load_job
-from etl.run.pipeline import RunOptions, run_job
-from etl.ops.report import format_summary
 from etl.core.stats import STAGES, TreeSampler, bottleneck
+from etl.ops.report import format_summary
+from etl.run.pipeline import RunOptions, run_job
 
 # Slot accounting may lose a little to scheduling between "item finished" and "next item
 # taken"; it must never double count. Tolerances are about that, not about speed.

@@ -6,7 +6,13 @@ import hashlib
 from pathlib import Path
 
 from etl.core.records import Source
-from etl.download.checksums import checksum_problem, hash_file, hexdigests, new_hashers, write_and_hash
+from etl.download.checksums import (
+    checksum_problem,
+    hash_file,
+    hexdigests,
+    new_hashers,
+    write_and_hash,
+)
 
 DATA = b"trip_id,fare\n" + b"".join(f"{i},{i * 1.5}\n".encode() for i in range(50_000))
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -20,9 +20,9 @@ from typing import Iterator
 import pytest
 
 from etl.core.config import DownloadConfig
-from etl.download.stage import download_stage
 from etl.core.queues import BoundedQueue
 from etl.core.records import Source, StagedFile
+from etl.download.stage import download_stage
 from tests.conftest import nginx_binary
 
 NGINX = nginx_binary()

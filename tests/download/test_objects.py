@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +16,8 @@ moto_server = pytest.importorskip("moto.server")
 
 from etl.core.config import load_job  # noqa: E402
 from etl.core.errors import ConfigError, StepError  # noqa: E402
-from etl.download.objects import filesystem, read_manifest  # noqa: E402
+from etl.core.objstore import filesystem  # noqa: E402
+from etl.write.objects import read_manifest  # noqa: E402
 from etl.run.pipeline import RunOptions, run_job  # noqa: E402
 from tests.conftest import JobWriter, write_trips_csv  # noqa: E402
 

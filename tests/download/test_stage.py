@@ -18,11 +18,24 @@ from urllib.parse import urlsplit
 import pytest
 
 from etl.core.config import DownloadConfig, Retry, Timeout
-from etl.download.stage import DownloadStats, download_stage, parse_retry_after, redact_url
 from etl.core.errors import ChecksumMismatch, SourceError
 from etl.core.queues import BoundedQueue
 from etl.core.records import Source, StagedFile
-from tests.http_server import Drop, Mutate, RangeFrom, ScriptedServer, Stall, Status, serve_folder_in_thread
+from etl.download.stage import (
+    DownloadStats,
+    download_stage,
+    parse_retry_after,
+    redact_url,
+)
+from tests.http_server import (
+    Drop,
+    Mutate,
+    RangeFrom,
+    ScriptedServer,
+    Stall,
+    Status,
+    serve_folder_in_thread,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

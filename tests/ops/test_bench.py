@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from etl.ops.bench import Point, PointResult, auto_search, grid, key_stages, parse_vary
 from etl.core.errors import ConfigError
+from etl.ops.bench import Point, PointResult, auto_search, grid, key_stages, parse_vary
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from etl.ops.cron import check_schedule
 from etl.core.errors import ConfigError
+from etl.ops.cron import check_schedule
 from tests.conftest import write_trips_csv
 
 ROOT = Path(__file__).resolve().parents[2]

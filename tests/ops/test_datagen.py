@@ -13,9 +13,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from etl.core.errors import ConfigError
 from etl.ops import datagen
 from etl.ops.datagen import COLUMNS, ZONE_COUNT, generate
-from etl.core.errors import ConfigError
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 

@@ -13,10 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.core.config import ReadConfig
-from etl.read.csv_cut import COUNT_BLOCK_BYTES, count_byte, head, parse_csv_chunk, record_end, split_in_half
 from etl.core.errors import DataError
-from etl.read.formats import read_chunks
 from etl.core.records import Chunk, Source, StagedFile
+from etl.read.csv_cut import (
+    COUNT_BLOCK_BYTES,
+    count_byte,
+    head,
+    parse_csv_chunk,
+    record_end,
+    split_in_half,
+)
+from etl.read.formats import read_chunks
 
 pytestmark = pytest.mark.timeout(60)
 

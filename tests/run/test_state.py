@@ -11,18 +11,18 @@ from typing import Any
 
 import pytest
 
-from etl.run.commits import Commits
 from etl.core.config import JobConfig, load_job
+from etl.core.parts import APPEND_LIST, renumbered
 from etl.core.records import Source, StagedFile
+from etl.run.commits import Commits
 from etl.run.state import (
     Manifest,
     file_sha256,
     fingerprint,
     identity,
     is_unchanged,
-    renumbered,
 )
-from etl.write.folder import APPEND_LIST, OutputWriter
+from etl.write.folder import OutputWriter
 
 JOB = """
 [job]
@@ -91,7 +91,7 @@ def test_adoption_keeps_only_committed_intact_parts(tmp_path: Path) -> None:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_bytes(data)
     (tmp / "k=1/part-00001-000000.parquet").write_bytes(b"bb")  # listed, but shorter than recorded
-    (tmp / "k=2/part-00001-000002.parquet.inprogress").write_bytes(b"half")
+    (tmp / "k=2/.part-00001-000002.parquet.x1y2.tmp").write_bytes(b"half")  # durable's temp file
     other = tmp_path / ".out.tmp-older"
     other.mkdir()
     pending = {srcs[0].url: entry(0, "a.csv", good), srcs[1].url: entry(1, "b.csv", cut)}

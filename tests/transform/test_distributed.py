@@ -109,9 +109,9 @@ def test_a_killed_dask_worker_costs_a_retry_not_the_run(trips_dir: Path, write_j
 
 
 def test_a_wrong_scheduler_address_fails_with_a_clear_error(trips_dir: Path, write_job: JobWriter) -> None:
-    from etl.core.errors import ETLError
-
     import dask
+
+    from etl.core.errors import ETLError
 
     job = write_job(job_text('["data/trips-0.csv"]', "dask"))
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), pytest.raises(ETLError) as e:

@@ -11,11 +11,11 @@ import asyncio
 import csv
 import json
 import os
-import tempfile
 import select
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -27,11 +27,17 @@ from hypothesis import strategies as st
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import WorkerCrashed
-from etl.run.pipeline import RunOptions, run_job
+from etl.core.parts import split_name
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
-from etl.transform.recovery import MIN_SPLIT_ROWS, split_name
+from etl.run.pipeline import RunOptions, run_job
+from etl.transform.recovery import MIN_SPLIT_ROWS
+from etl.transform.stage import (
+    ProcessExecutor,
+    ThreadExecutor,
+    WorkerSpec,
+    decode_chunk,
+)
 from etl.write.folder import read_chunks
-from etl.transform.stage import ProcessExecutor, ThreadExecutor, WorkerSpec, decode_chunk
 from tests.conftest import write_trips_csv
 
 ROOT = Path(__file__).resolve().parents[2]

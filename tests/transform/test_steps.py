@@ -23,7 +23,12 @@ from pydantic import TypeAdapter
 
 from etl.core.config import Step
 from etl.core.errors import ConfigError, StepError
-from etl.transform.steps import apply_steps, cast_column, read_lookup_table, validate_steps
+from etl.transform.steps import (
+    apply_steps,
+    cast_column,
+    read_lookup_table,
+    validate_steps,
+)
 
 START = 1000  # the chunk's first source row number
 _STEPS = TypeAdapter(list[Step])

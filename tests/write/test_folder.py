@@ -19,8 +19,9 @@ import pytest
 
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
+from etl.core.parts import HIVE_NULL, encode_parts
 from etl.core.records import Part
-from etl.write.folder import HIVE_NULL, OutputWriter, encode_parts
+from etl.write.folder import OutputWriter
 
 pytestmark = pytest.mark.timeout(30)
 

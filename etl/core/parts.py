@@ -1,0 +1,207 @@
+"""Output parts: their names and their bytes, the contract between workers and the writer.
+
+Workers encode (``encode_parts``, ``encode_rejects``): a transformed chunk becomes ``Part``
+records, each the bytes of one finished output file and its path relative to the output
+folder. The write stage stores those bytes under those paths and never re-encodes them.
+
+Names (every rule in one place)::
+
+    [col=value/...]part-<source:05d>-<chunk:06d>[-h<half path>].<parquet|csv>
+    _rejected/rejected-<source:05d>-<chunk:06d>.jsonl
+
+Sorting the paths gives the serial row order: source, then chunk, then the halves of a
+chunk that was split after its worker was killed (``split_name``). In append mode the
+writer inserts the run id after ``part-`` (``with_run_id``) so runs never collide; a
+resumed run renumbers parts whose source moved in the list (``renumbered``).
+
+Partition folders follow Hive: ``col=value`` in the order of ``output.partition_by``,
+values percent-encoded as Hive does, null and "" as ``HIVE_NULL``; partition columns are
+left out of the files, as pyarrow and Spark do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from etl.core.config import OutputConfig
+from etl.core.errors import OutputError
+from etl.core.records import Chunk, Part
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+# Characters Hive percent-encodes in partition folder names (FileUtils.escapePathName).
+_HIVE_UNSAFE = frozenset(chr(c) for c in range(0x20)) | set("\"#%'*/:=?\\\x7f{[]^")
+_MAX_NAME_BYTES = 255  # longest file or folder name on common filesystems
+REJECTS_DIR = "_rejected"  # readers (pyarrow, Spark) skip folders starting with "_"
+APPEND_LIST = ".append-parts"  # in a run's temp folder: the parts an append publish is moving
+_INDEXED_NAME = re.compile(r"^(part|rejected)-\d{5}-")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def part_name(source_index: int, chunk_index: int, ext: str) -> str:
+    """``part-00001-000003.parquet``: a chunk's file in one partition folder."""
+    return f"part-{source_index:05d}-{chunk_index:06d}.{ext}"
+
+
+def with_run_id(relpath: str, run_id: str) -> str:
+    """``m=1/part-00001-000003.parquet`` → ``m=1/part-<run_id>-00001-000003.parquet`` (append)."""
+    folder, slash, name = relpath.rpartition("/")
+    return f"{folder}{slash}part-{run_id}-{name.removeprefix('part-')}"
+
+
+def split_name(relpath: str, path: str) -> str:
+    """``m=1/part-00001-000003.parquet`` + "01" → ``m=1/part-00001-000003-h01.parquet``."""
+    folder, slash, name = relpath.rpartition("/")
+    stem, dot, ext = name.partition(".")
+    return f"{folder}{slash}{stem}-h{path}{dot}{ext}"
+
+
+def renumbered(relpath: str, index: int) -> str:
+    """``m=1/part-00003-000000.parquet`` for source index 5 → ``m=1/part-00005-000000.parquet``."""
+    folder, _, name = relpath.rpartition("/")
+    name = _INDEXED_NAME.sub(lambda m: f"{m.group(1)}-{index:05d}-", name)
+    return f"{folder}/{name}" if folder else name
+
+
+# ------------------------------------------------------------------------ encoding
+
+
+def encode_parts(
+    df: pd.DataFrame,
+    out: OutputConfig,
+    *,
+    source_index: int,
+    chunk_index: int,
+    label: str = "",
+) -> list[Part]:
+    """Encode one transformed chunk as output files; an empty frame gives no parts.
+
+    With ``out.partition_by``, rows go to hive folders (``col=value/``, in the order
+    given, values percent-encoded as Hive does, null and "" as ``HIVE_NULL``) and the
+    partition columns are left out of the files, as pyarrow and Spark do. Rows keep
+    the chunk's order. ``label`` names the chunk in errors (pass ``Chunk.label``).
+    """
+    label = label or f"source {source_index}[chunk {chunk_index}]"
+    if len(df) == 0:
+        return []
+    table = _to_arrow(df, label)
+    name = part_name(source_index, chunk_index, out.format)
+    if not out.partition_by:
+        return [Part(name, _encode(table, out, label), table.num_rows)]
+    _check_partition_columns(table, out.partition_by, label)
+    parts = []
+    for folder, rows in _partitions(table, out.partition_by, label):
+        piece = table.take(rows).drop_columns(out.partition_by)
+        parts.append(Part(f"{folder}/{name}", _encode(piece, out, label), piece.num_rows))
+    return parts
+
+
+def _to_arrow(df: pd.DataFrame, label: str) -> pa.Table:
+    try:
+        return pa.Table.from_pandas(df, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise OutputError(f"cannot convert the chunk to Arrow for writing: {e}", item=label) from e
+
+
+def _encode(table: pa.Table, out: OutputConfig, label: str) -> bytes:
+    try:
+        return encode_table(table, out)
+    except (pa.ArrowException, OSError) as e:  # e.g. nested columns in CSV
+        raise OutputError(f"cannot encode the chunk as {out.format}: {e}", item=label) from e
+
+
+def _check_partition_columns(table: pa.Table, columns: list[str], label: str) -> None:
+    for column in columns:
+        if column not in table.column_names:
+            raise OutputError(
+                f"output.partition_by names column {column!r}, which the data does not "
+                f"have; columns are: {', '.join(table.column_names)}",
+                item=label,
+            )
+    if set(table.column_names) <= set(columns):
+        raise OutputError(
+            f"output.partition_by uses every column ({', '.join(columns)}); the files "
+            "would hold no data: keep at least one column out of it",
+            item=label,
+        )
+
+
+def _partitions(
+    table: pa.Table, columns: list[str], label: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(hive folder, row indices in chunk order) per folder, in order of first appearance.
+
+    Keys are grouped by folder name, not by value: null and "" (or 1 and "1" in a mixed
+    column) share a folder and must share one part file.
+    """
+    keyed = table.select(columns).append_column("__row", pa.arange(0, table.num_rows))
+    groups = keyed.group_by(columns, use_threads=False).aggregate([("__row", "list")])
+    rows = groups.column("__row_list")
+    folders: dict[str, list[np.ndarray]] = {}
+    for i, key in enumerate(groups.select(columns).to_pylist()):
+        folder = "/".join(_hive_segment(c, key[c], label) for c in columns)
+        folders.setdefault(folder, []).append(rows[i].values.to_numpy())
+    for folder, pieces in folders.items():
+        yield folder, pieces[0] if len(pieces) == 1 else np.sort(np.concatenate(pieces))
+
+
+def _hive_segment(column: str, value: Any, label: str) -> str:
+    segment = f"{_hive_escape(column)}={_hive_escape(_hive_value(value))}"
+    if len(segment.encode()) > _MAX_NAME_BYTES:
+        raise OutputError(
+            f"partition folder for column {column!r} would be longer than {_MAX_NAME_BYTES} "
+            f"bytes, the filesystem limit (value starts {str(value)[:60]!r})",
+            item=label,
+        )
+    return segment
+
+
+def _hive_value(value: Any) -> str:
+    if value is None or value == "":
+        return HIVE_NULL  # as Hive and Spark do: "col=" could not be read back
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as Spark writes them
+    return str(value)  # dates: 2026-01-01; datetimes: 2026-01-01 10:00:00
+
+
+def _hive_escape(text: str) -> str:
+    return "".join(f"%{ord(c):02X}" if c in _HIVE_UNSAFE else c for c in text)
+
+
+def encode_table(table: pa.Table, out: OutputConfig) -> bytes:
+    """The bytes of one output file: Parquet with ``out.compression`` (``none``:
+    uncompressed), or CSV (UTF-8, header row, nulls as empty fields)."""
+    sink = pa.BufferOutputStream()
+    if out.format == "parquet":
+        codec = None if out.compression == "none" else out.compression
+        pq.write_table(table, sink, compression=codec)
+    else:
+        pacsv.write_csv(table, sink, write_options=pacsv.WriteOptions(include_header=True))
+    return sink.getvalue().to_pybytes()
+
+
+def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:
+    """Dead-letter rows as JSON Lines: source, row (or the file line, see ``Chunk.unit``),
+    step, reason and the raw input row."""
+    lines = [
+        json.dumps({"source": chunk.source_name, chunk.unit: int(r["_row"]), "step": r["_step"],
+                    "reason": r["_reason"], "raw": json.loads(r["_raw"]) if r["_raw"] else None})  # fmt: skip
+        for r in rejects.to_dict("records")
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    return Part(rejects_name(chunk), data, len(lines))
+
+
+def rejects_name(chunk: Chunk) -> str:
+    """``rejected-<source>-<chunk>.jsonl``: the chunk's dead-letter file under ``REJECTS_DIR``."""
+    return f"rejected-{chunk.source_index:05d}-{chunk.index:06d}.jsonl"

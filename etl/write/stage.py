@@ -1,0 +1,104 @@
+"""The write stage: encoded results in, a published output out, on a pool of writer threads.
+
+Queues and flow::
+
+    results queue ──► drain (event loop) ──► writer thread: writer.write(part) ──► temp folder
+    (BoundedQueue[ChunkResult],             at most `output.writer_threads`        (or run prefix)
+     closed by the transform stage)         results at once                        ──► publish()
+
+* **In**: ``ChunkResult`` records from the results queue: each holds finished output
+  files (``Part``: path and bytes, encoded by the workers, see ``etl.core.parts``) and
+  at most one dead-letter file.
+* **Out**: files in the run's private temp folder (``etl.write.folder``) or run prefix
+  (``etl.write.objects``); ``written(result, files)`` is called once all of a result's
+  files are durable, with ``(relpath, rows, bytes)`` per file, for the run's manifest.
+* **Bound**: at most ``output.writer_threads`` results are taken at once; a slow disk
+  leaves results in the queue, whose bound pushes back on the transform stage.
+* **End of stream**: the stage ends when the results queue is closed and drained; it
+  closes nothing. Publishing (``writer.publish()``) is the pipeline's call, once every
+  stage has succeeded; after a failure it calls ``writer.discard()``.
+
+``open_writer`` and ``clean_leftovers`` pick the folder or the object-store writer from
+``output.path`` (a local path, or a URL).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from etl.core.config import OutputConfig
+from etl.core.queues import BoundedQueue, drain, in_pool
+from etl.core.records import ChunkResult
+from etl.core.stats import ProgressSink, StageMeter
+from etl.write.folder import OutputWriter
+
+Written = list[tuple[str, int, int]]
+"""(relpath, rows, bytes) of each file a result became."""
+
+
+def open_writer(out: OutputConfig, run_id: str, adopt: Path | None = None) -> OutputWriter:
+    """The writer for ``out.path``: a local folder, or an object-store prefix (a URL)."""
+    if isinstance(out.path, str):  # URLs stay str in the config; local paths are Path
+        from etl.write.objects import (
+            ObjectOutputWriter,  # fsspec only when an output needs it
+        )
+
+        return ObjectOutputWriter(out, run_id, adopt)
+    return OutputWriter(out, run_id, adopt)
+
+
+def clean_leftovers(out: OutputConfig, keep: Path | None = None) -> list[Any]:
+    """Repair what dead runs left at ``out.path`` (see each writer's ``clean_leftovers``).
+    Call it only under the job's lock: a live run's leftovers look like a dead one's."""
+    if isinstance(out.path, str):
+        from etl.write.objects import ObjectOutputWriter
+
+        return ObjectOutputWriter.clean_leftovers(out, keep)
+    return OutputWriter.clean_leftovers(out, keep)
+
+
+@dataclass
+class WriteStats:
+    parts: int = 0
+    """Output files written (dead-letter files not counted)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, parts: int) -> None:
+        with self._lock:
+            self.parts += parts
+
+
+async def write_stage(
+    results: BoundedQueue[ChunkResult],
+    writer: OutputWriter,
+    threads: int,
+    pool: ThreadPoolExecutor,
+    *,
+    meter: StageMeter,
+    progress: ProgressSink,
+    written: Callable[[ChunkResult, Written], None] = lambda result, files: None,
+) -> WriteStats:
+    """Write every result's files (see the module docstring); ``pool`` has ``threads``
+    threads and is owned by the caller (shut down off the loop)."""
+    stats = WriteStats()
+
+    def write(result: ChunkResult) -> None:
+        meter.count_in(1, result.nbytes)
+        files: Written = []
+        with meter.working():
+            for part in result.parts:
+                files.append((writer.write(part), part.rows, len(part.data)))
+                progress.update(items=1, nbytes=len(part.data))
+                meter.count_out(1, len(part.data), part.rows)
+            if (rej := result.rejects) is not None:
+                files.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
+        written(result, files)
+        stats.add(len(result.parts))
+
+    await drain(results, threads, in_pool(pool, write))
+    return stats
