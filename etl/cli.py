@@ -166,47 +166,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 def check_sources(cfg: JobConfig) -> int:
     """HEAD every remote source, stat every local one; print each failure; 1 if any failed."""
     from etl.core.redact import redact_url
+    from etl.download.http import check_sources as probe_sources
     from etl.download.sources import expand_sources
 
     sources = expand_sources(cfg)
-    problems = asyncio.run(_probe_all(cfg, sources))
+    problems = asyncio.run(probe_sources(cfg.download, sources))
     for src, problem in zip(sources, problems):
         if problem:
             print(f"FAILED {redact_url(src.url)}: {problem}")
     failed = sum(1 for p in problems if p)
     print(f"{len(sources) - failed} of {len(sources)} sources OK")
     return ExitCode.FAILED if failed else ExitCode.OK
-
-
-async def _probe_all(cfg: JobConfig, sources: list[Any]) -> list[str | None]:
-    import aiohttp
-
-    t = cfg.download.timeout
-    timeout = aiohttp.ClientTimeout(total=t.connect + t.read, sock_connect=t.connect, sock_read=t.read)
-    slots = asyncio.Semaphore(cfg.download.concurrency)
-    # One connection per probe: a server that sends a body after HEAD (some do) would
-    # otherwise corrupt the next response on a kept-alive connection.
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True) as session:
-
-        async def probe(src: Any) -> str | None:
-            if not src.is_remote:
-                return None if Path(src.url).is_file() else "local file not found"
-            headers = {**cfg.download.headers, **dict(src.headers)}
-            async with slots:
-                try:
-                    async with session.head(src.url, headers=headers, allow_redirects=True) as resp:
-                        status = resp.status
-                    if status in (405, 501):  # no HEAD support: ask for one byte instead
-                        async with session.get(src.url, headers={**headers, "Range": "bytes=0-0"}) as resp:
-                            status = resp.status
-                except (aiohttp.ClientError, TimeoutError) as e:
-                    from etl.core.redact import redact_url
-
-                    return f"{type(e).__name__}: {e}".replace(src.url, redact_url(src.url))
-            return None if status < 400 else f"HTTP {status}"
-
-        return await asyncio.gather(*(probe(s) for s in sources))
 
 
 def dry_run(cfg: JobConfig, full_refresh: bool) -> int:

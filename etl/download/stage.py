@@ -77,6 +77,7 @@ from etl.download.checksums import (
     new_hashers,
     write_and_hash,
 )  # fmt: skip
+from etl.download.http import client_session
 from etl.download.objects import stage_object
 from etl.download.source_state import SourceState
 
@@ -164,15 +165,8 @@ async def download_stage(
     stats = DownloadStats()
     await asyncio.to_thread(staging_dir.mkdir, parents=True, exist_ok=True)
     state = await asyncio.to_thread(SourceState.load, state_file)
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=cfg.timeout.connect, sock_read=cfg.timeout.read
-    )
-    connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.per_host)
-    # trust_env: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc like other tools on the host.
     try:
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, trust_env=True
-        ) as session:
+        async with client_session(cfg) as session:
             fetcher = _Fetcher(session, cfg, staging_dir, state, full_refresh, stats, progress, out)
             await _run_all(sources, fetcher.stage_one, cfg.concurrency * ADMISSION_PER_SLOT)
     finally:

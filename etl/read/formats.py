@@ -33,10 +33,11 @@ import pyarrow.parquet as pq
 from isal import igzip
 from isal.igzip_lib import IsalError
 
+from etl.core.chunks import csv_options, encode_ipc
 from etl.core.config import ReadConfig
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
-from etl.read.csv_cut import csv_options, split_csv, splittable
+from etl.read.csv_cut import split_csv, splittable
 
 CSV_BLOCK_BYTES = 4 << 20
 """Bytes pyarrow parses per CSV block: bigger means fewer round trips and more memory per
@@ -57,23 +58,6 @@ Locator = Callable[[StagedFile, ReadConfig, int | None, int, Exception], Found |
 
 
 # ------------------------------------------------------------------------------ IPC
-
-
-def encode_ipc(table: pa.Table | pa.RecordBatch) -> bytes:
-    """Arrow IPC stream bytes (uncompressed: chunks cross a pipe, where a memcpy is cheapest)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write(table)
-    return sink.getvalue().to_pybytes()
-
-
-def decode_ipc(data: bytes) -> pa.Table:
-    """The table in ``encode_ipc`` bytes; zero-copy, the table points into ``data``."""
-    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
-        return reader.read_all()
-
-
-# -------------------------------------------------------------------------- reading
 
 
 def read_chunks(

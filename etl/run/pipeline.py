@@ -18,24 +18,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import aiohttp
+import psutil
 
 from etl.core.config import JobConfig
 from etl.core.errors import ETLError
 from etl.core.queues import BoundedQueue, QueueAborted
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
 from etl.core.stats import MeteredExecutor, MeteredPut, RunStats
+from etl.download.http import fetch_head
 from etl.download.sources import expand_sources
 from etl.download.stage import download_stage
 from etl.ops.progress import Progress
+from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
 from etl.run.commits import Commits
 from etl.run.memguard import GatedChunks, MemoryGuard
-from etl.run.resources import plan_resources
+from etl.run.resources import (
+    FALLBACK_CHUNK_BYTES_PER_ROW,
+    FALLBACK_READER_BYTES,
+    FALLBACK_RESULT_BYTES_PER_ROW,
+    FALLBACK_WORK_BYTES_PER_ROW,
+    PROBE_READ_ROWS,
+    PROBE_ROWS,
+    READER_SLACK,
+    REMOTE_SAMPLE_BYTES,
+    Probe,
+    plan_resources,
+)  # fmt: skip
+from etl.transform.probe import measure_in_worker
 from etl.transform.stage import WorkerSpec, make_executor, transform_stage
 from etl.write.folder import OutputWriter
 from etl.write.stage import clean_leftovers, open_writer, write_stage
@@ -108,7 +128,7 @@ class Run:
         start = time.perf_counter()
         sources = expand_sources(cfg)
         summary.sources = len(sources)
-        plan = await asyncio.to_thread(plan_resources, cfg, sources)  # measures a chunk: seconds, off the loop
+        plan = await asyncio.to_thread(plan_resources, cfg, lambda c: measure(c, sources))  # seconds: off the loop
         read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
         transform = cfg.transform.model_copy(update={"executor": plan.executor})
         self.cfg = cfg = cfg.model_copy(update={"read": read, "transform": transform})
@@ -234,6 +254,60 @@ class Run:
             written=self.commits.written,
         )  # fmt: skip
         self.summary.parts_written = stats.parts
+
+
+def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
+    """What a chunk of this job costs (``etl.run.resources.Probe``): the first chunk of the
+    first local source, read as the read stage would and transformed in a throw-away worker.
+    A remote-only job is measured on the copy of its first source an earlier run staged,
+    else on the first ``REMOTE_SAMPLE_BYTES`` of it; without a chunk, on estimates."""
+    parent_base = psutil.Process().memory_info().rss
+    local = next((s for s in sources if not s.is_remote), None)
+    with tempfile.TemporaryDirectory(prefix="etl-probe-") as folder:
+        if local is None and sources:
+            local = _staged_copy(cfg, sources[0]) or _remote_sample(cfg, sources[0], Path(folder))
+        chunk, reader_bytes = None, FALLBACK_READER_BYTES
+        if local is not None:
+            try:
+                chunk, grown = sample_chunk(local, cfg.read, PROBE_ROWS, PROBE_READ_ROWS)
+                reader_bytes = int(grown * READER_SLACK)
+            except (ETLError, OSError) as e:  # the run itself reports bad input, with context
+                log.info("could not measure %s (%s); using estimates", local.name, e, extra={"stage": "plan"})
+    found = measure_in_worker(WorkerSpec(cfg.transform, cfg.output, cfg.read), chunk)
+    servers = sum(_rss(p) for p in psutil.Process().children(recursive=True))  # fork server, tracker
+    if chunk is None or "work" not in found:
+        rows = PROBE_ROWS
+        return Probe(rows, FALLBACK_CHUNK_BYTES_PER_ROW * rows, reader_bytes, parent_base, found["base"],
+                     FALLBACK_WORK_BYTES_PER_ROW * rows, result_bytes=FALLBACK_RESULT_BYTES_PER_ROW * rows,
+                     servers=servers)  # fmt: skip
+    return Probe(chunk.rows, chunk.nbytes, reader_bytes, parent_base, found["base"], found["work"],
+                 found["frame"], found["result"], servers, chunk.source_name)  # fmt: skip
+
+
+def _staged_copy(cfg: JobConfig, src: Source) -> Source | None:
+    """The copy an earlier run staged (a cron rerun): measured without a request."""
+    path = cfg.staging_dir / src.name
+    return Source(src.index, str(path), src.name, src.format) if path.is_file() else None
+
+
+def _remote_sample(cfg: JobConfig, src: Source, folder: Path) -> Source | None:
+    """The head of a remote CSV/JSONL source as a local file to measure; None when it
+    cannot be had (the run itself reports an unreachable source, with context)."""
+    if not can_sample_head(src):
+        return None
+    try:
+        raw = asyncio.run(fetch_head(cfg.download, src, REMOTE_SAMPLE_BYTES))
+        return sample_from_head(raw, src, folder)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError, zlib.error) as e:
+        log.info("could not sample %s (%s); using estimates", src.name, e, extra={"stage": "plan"})
+        return None
+
+
+def _rss(p: psutil.Process) -> int:
+    try:
+        return p.memory_info().rss
+    except psutil.Error:  # exited between listing and reading
+        return 0
 
 
 def _first_error(e: BaseException) -> BaseException:

@@ -6,8 +6,11 @@
 2. **A budget** (``memory_budget``): ``resources.memory_limit`` as bytes, a share of
    usable memory, or ``auto``: ``AUTO_MEMORY_SHARE`` of usable memory, at most
    ``AUTO_BYTES_PER_CPU`` per usable CPU (1 GiB on a 2-CPU host).
-3. **Measure** (``etl.run.probe.measure``): what one chunk costs in a worker, and what a
-   reader thread costs, measured in a throw-away worker before the run.
+3. **Measure** (``Probe``, taken by ``etl.run.pipeline.measure``): what one chunk costs in a
+   worker, and what a reader thread costs, measured in a throw-away worker before the run.
+   A job whose sources are all remote is measured on the copy of its first source an
+   earlier run staged, else on its first ``REMOTE_SAMPLE_BYTES``; when no chunk can be
+   had the ``FALLBACK_*`` costs (~2.5x the benchmark job's, so small chunks) are used.
 4. **Plan** (``plan_for``): the most workers (up to the usable CPUs), then the largest
    chunks (halving from the default ``read.chunk_rows``), then the most reader threads,
    then the deepest queues whose worst case (every worker at its peak, every queue and
@@ -27,6 +30,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,6 @@ from typing import Any
 import psutil
 
 from etl.core.config import JobConfig, parse_size
-from etl.core.records import Source
-from etl.run.probe import Probe, measure
 
 log = logging.getLogger("etl.resources")
 
@@ -50,6 +52,46 @@ PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WAT
 MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
 PROCESS_FLOOR = 3  # parent + fork server + one worker, each ~ the parent's RSS (pandas, pyarrow): below
 # this many parents' worth of budget, worker processes cannot fit and the transform runs in the parent
+
+
+# --------------------------------------------------------------------------- probe
+
+PROBE_ROWS = 50_000  # rows measured before the run: bigger is a truer per-row cost, but a slower start
+PROBE_READ_ROWS = 200_000  # rows read to measure a reader: its buffers keep growing over the first few blocks
+READER_SLACK = 1.5  # a reader's RSS creeps up past the probe over a long file (measured: ~130 -> ~200 MiB by 4M rows)
+REMOTE_SAMPLE_BYTES = 4 << 20  # fetched from a remote-only job to measure a chunk (~50k rows of gzip CSV):
+# more is a truer per-row cost, but a slower start
+FALLBACK_CHUNK_BYTES_PER_ROW = 320  # remote-only jobs: ~2.5x the taxi data's 130 B/row, for wider rows
+FALLBACK_WORK_BYTES_PER_ROW = 2560  # ~2.5x the taxi job's ~1 KiB/row; too high only costs smaller chunks
+FALLBACK_RESULT_BYTES_PER_ROW = 128  # ~4x the taxi job's zstd Parquet
+FALLBACK_READER_BYTES = 200 << 20  # a reader thread's decompression and parse buffers, after a long file
+
+
+
+@dataclass
+class Probe:
+    """What one measured chunk costs; per-row figures scale it to any chunk size."""
+
+    rows: int
+    chunk_bytes: int
+    """Arrow IPC bytes of the chunk: what queues and pipes hold."""
+    reader_bytes: int
+    """One reader thread's cost: parent RSS growth over the first ``PROBE_READ_ROWS`` rows."""
+    parent_base: int
+    worker_base: int
+    """A worker's RSS after start-up and a warm-up chunk (imports, lookup tables)."""
+    worker_work: int
+    """A worker's peak RSS over the chunk, above its base."""
+    frame_bytes: int = 0
+    """``DataFrame.memory_usage(deep=True)`` of the decoded chunk (for the report)."""
+    result_bytes: int = 0
+    servers: int = 0
+    """RSS of helper processes (fork server, resource tracker)."""
+    measured: str = "fallback"
+    """Where the figures come from: a source name, or ``fallback``."""
+
+    def per_row(self, name: str) -> float:
+        return getattr(self, name) / max(self.rows, 1)
 
 
 # ------------------------------------------------------------------------- machine
@@ -239,13 +281,14 @@ class CostModel:
         return parent + self.probe.servers + lay.workers * self.worker(lay.chunk_rows)
 
 
-def plan_resources(cfg: JobConfig, sources: list[Source], root: Path = Path("/")) -> ResourcePlan:
-    """Measure, then plan; logs the decision in one line."""
+def plan_resources(cfg: JobConfig, measure: Callable[[JobConfig], Probe], root: Path = Path("/")) -> ResourcePlan:
+    """Measure (``measure(cfg)``, for the executor this budget allows), then plan; logs the
+    decision in one line."""
     box = machine(root)
     budget = memory_budget(cfg.resources.memory_limit, box.memory, box.cpus)
     start = time.perf_counter()
     cfg, note = in_process_if_small(cfg, budget)
-    probe = measure(cfg, sources)
+    probe = measure(cfg)
     plan = plan_for(cfg, box, budget, probe)
     plan.decision = note + plan.decision
     log.log(logging.INFO if plan.fits else logging.WARNING, "%s (measured in %.1fs)", plan.decision,

@@ -49,7 +49,8 @@ from distributed.scheduler import KilledWorker
 from etl.core.config import TransformConfig
 from etl.core.errors import ChunkTimeout, ETLError, WorkerCrashed
 from etl.core.records import Chunk, ChunkResult
-from etl.transform.stage import Executor, WorkerSpec, init_worker, run_chunk
+from etl.transform.executors import Executor
+from etl.transform.worker import WorkerSpec, init_worker, run_chunk
 
 log = logging.getLogger("etl.dask")
 

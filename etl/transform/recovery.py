@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from etl.core.chunks import decode_chunk, split_chunk
 from etl.core.config import ReadConfig, TransformConfig
 from etl.core.errors import ChunkTimeout, WorkerCrashed
 from etl.core.parts import encode_rejects, rejects_name, split_name
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 
-if TYPE_CHECKING:  # etl.transform.stage imports this module; these are for annotations only
-    from etl.transform.stage import Executor, TransformStats
+if TYPE_CHECKING:
+    from etl.transform.executors import Executor, TransformStats
 
 log = logging.getLogger("etl.transform")  # the stage's logger: records keep their name
 
@@ -121,29 +122,8 @@ class ChunkRunner:
         return result
 
 
-def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk] | None:
-    """Two chunks holding the first and second half of ``chunk``'s rows (same index);
-    None when it cannot be split (one CSV record)."""
-    from etl.read.csv_cut import split_in_half
-    from etl.write.folder import decode_ipc, encode_ipc
-
-    if chunk.kind == "csv":
-        return split_in_half(chunk)
-
-    table = decode_ipc(chunk.data)
-    mid = table.num_rows // 2
-    return (
-        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, mid,
-              encode_ipc(table.slice(0, mid))),
-        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start + mid,
-              table.num_rows - mid, encode_ipc(table.slice(mid))),
-    )  # fmt: skip
-
-
 def whole_chunk_rejects(chunk: Chunk, reason: str, read: ReadConfig) -> tuple[int, Part]:
     """Every row of a chunk that could not be transformed: how many, and as dead-letter lines."""
-    from etl.transform.stage import decode_chunk
-
     df, malformed = decode_chunk(chunk, read, on_error="skip")  # the parent parses a CSV chunk: error path only
     raws = [json.dumps(r, ensure_ascii=False, default=str) for r in df.to_dict("records")]
     rejects = pd.DataFrame({

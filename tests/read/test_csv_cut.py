@@ -12,17 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.core.config import ReadConfig
-from etl.core.errors import DataError
-from etl.core.records import Chunk, Source, StagedFile
-from etl.read.csv_cut import (
+from etl.core.chunks import (
     COUNT_BLOCK_BYTES,
     count_byte,
     head,
     parse_csv_chunk,
     record_end,
-    split_in_half,
+    split_chunk,
 )
+from etl.core.config import ReadConfig
+from etl.core.errors import DataError
+from etl.core.records import Chunk, Source, StagedFile
 from etl.read.formats import read_chunks
 
 pytestmark = pytest.mark.timeout(60)
@@ -161,7 +161,7 @@ def test_halves_and_head_keep_whole_records_and_their_lines(tmp_path: Path) -> N
     [chunk] = list(read_chunks(staged(path), cfg))
     whole, _ = parse_csv_chunk(chunk, cfg, "fail")
 
-    halves = split_in_half(chunk)
+    halves = split_chunk(chunk)
 
     assert halves is not None
     parts = [parse_csv_chunk(h, cfg, "fail")[0] for h in halves]
@@ -173,4 +173,4 @@ def test_halves_and_head_keep_whole_records_and_their_lines(tmp_path: Path) -> N
 
 def test_one_record_cannot_be_split() -> None:
     chunk = Chunk(0, "t.csv", 0, 2, 1, b"1,a,2\n", kind="csv", columns=("id", "note", "n"))
-    assert split_in_half(chunk) is None
+    assert split_chunk(chunk) is None

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from etl.core.chunks import decode_ipc, parse_csv_chunk
 from etl.core.config import OutputConfig, ReadConfig
 from etl.core.errors import ConfigError, DataError
 from etl.core.parts import encode_table
 from etl.core.records import Chunk, Source, StagedFile
-from etl.read.csv_cut import parse_csv_chunk
-from etl.read.formats import decode_ipc, read_chunks
+from etl.read.formats import read_chunks
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -20,7 +20,7 @@ from etl.core.config import JobConfig, parse_size
 from etl.core.stats import TreeSampler
 from etl.ops.datagen import generate
 from etl.run.memguard import MemoryGuard
-from etl.run.probe import Probe
+from etl.run.resources import Probe
 from etl.run.resources import (
     PLAN_SHARE,
     Machine,
@@ -320,7 +320,7 @@ path = "{out}"
 def test_remote_only_job_is_measured_on_the_head_of_its_first_source(tmp_path: Path, served: bool) -> None:
     from etl.core.config import load_job
     from etl.download.sources import expand_sources
-    from etl.run.probe import measure
+    from etl.run.pipeline import measure
     from tests.http_server import serve_folder_in_thread
 
     data = tmp_path / "data"
@@ -353,7 +353,7 @@ def _write(path: Path, text: str) -> Path:
 def test_remote_job_rerun_is_measured_on_its_staged_copy_without_a_request(tmp_path: Path) -> None:
     from etl.core.config import load_job
     from etl.download.sources import expand_sources
-    from etl.run.probe import measure
+    from etl.run.pipeline import measure
 
     url = "http://127.0.0.1:9/trips-000.csv.gz"  # the discard port: nothing answers there
     cfg = load_job(_write(tmp_path / "job.toml", PROBE_JOB.format(state=tmp_path / "s", url=url, out=tmp_path / "o")))

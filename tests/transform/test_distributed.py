@@ -121,7 +121,7 @@ def test_a_wrong_scheduler_address_fails_with_a_clear_error(trips_dir: Path, wri
 
 def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, write_job: JobWriter) -> None:
     from etl.transform.distributed import DaskExecutor
-    from etl.transform.stage import WorkerSpec
+    from etl.transform.worker import WorkerSpec
 
     cfg = load_job(write_job(job_text('["data/trips-*.csv"]', executor="dask")))
     executor = DaskExecutor(WorkerSpec(cfg.transform, cfg.output, cfg.read), 2, cfg.transform, budget=2 * 2**30)

@@ -25,19 +25,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from etl.core.chunks import decode_chunk
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import WorkerCrashed
 from etl.core.parts import split_name
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
+from etl.read.formats import read_chunks
 from etl.run.pipeline import RunOptions, run_job
+from etl.transform.executors import ProcessExecutor, ThreadExecutor
 from etl.transform.recovery import MIN_SPLIT_ROWS
-from etl.transform.stage import (
-    ProcessExecutor,
-    ThreadExecutor,
-    WorkerSpec,
-    decode_chunk,
-)
-from etl.write.folder import read_chunks
+from etl.transform.worker import WorkerSpec
 from tests.conftest import write_trips_csv
 
 ROOT = Path(__file__).resolve().parents[2]
