@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator, Protocol
 
 import psutil
+
+from etl.core.machine import usable_cpus
 
 STAGES = ("download", "read", "transform", "write")
 SAMPLE_INTERVAL_S = 0.2  # RSS/CPU sampling (and the memory guard's): shorter catches briefer peaks, costs a /proc scan each
@@ -260,7 +261,7 @@ class RunStats:
 
     def finish(self, run_wall: float, queues: list[dict[str, Any]]) -> dict[str, Any]:
         self.sampler.stop()
-        cores = usable_cores()
+        cores = usable_cpus()
         cpu = self.sampler.cpu_seconds
         stages = {name: m.as_dict(run_wall) for name, m in self.meters.items()}
         return {
@@ -278,10 +279,6 @@ class RunStats:
             ],
             "bottleneck": bottleneck(stages),
         }
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def bottleneck(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:

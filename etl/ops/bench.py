@@ -41,7 +41,8 @@ from typing import Any
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ConfigError, ETLError, ExitCode
-from etl.core.stats import STAGES, usable_cores
+from etl.core.machine import usable_cpus
+from etl.core.stats import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]  # etl/ops/bench.py -> the clone (run.py)
 AUTO_MIN_GAIN = 0.05  # a step must gain this much throughput to be taken: less is noise here
@@ -264,7 +265,7 @@ def metrics(report: dict[str, Any], process_wall: float) -> dict[str, Any]:
 
 def ladders(cfg: JobConfig, vary: dict[str, list[str]]) -> dict[str, list[str]]:
     """Candidate values per searched key: the ``--vary`` lists, else ladders around the job's value."""
-    cores = usable_cores()
+    cores = usable_cpus()
     out = {
         "transform.workers": sorted({1, 2, 4, cores, 2 * cores}),
         "read.chunk_rows": [25_000, 50_000, 100_000, 200_000, 400_000, 800_000],
@@ -283,7 +284,7 @@ def current_value(cfg: JobConfig, key: str, ladder: list[str]) -> str:
     for part in key.split("."):
         node = getattr(node, part, None)
     if node == "auto" and key == "transform.workers":
-        node = usable_cores()
+        node = usable_cpus()
     if str(node) in ladder:
         return str(node)
     try:
@@ -457,7 +458,7 @@ def write_outputs(bench: Bench, varied: list[str], extra: dict[str, Any]) -> lis
     doc = {
         "config": str(bench.config), "base_overrides": bench.base, "repeat": bench.repeat,
         "include_download": bench.include_download, "varied": varied, "runs": bench.runs_done,
-        "cores": usable_cores(), "recommended": recommended(results, extra),
+        "cores": usable_cpus(), "recommended": recommended(results, extra),
         **extra,
         "points": [{**r.row(), "point": r.point, "stage_seconds": r.stage_seconds(), "run_metrics": r.runs}
                    for r in results],

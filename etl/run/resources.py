@@ -1,8 +1,8 @@
 """Size the run to the machine and the memory it is given: the sizing decision.
 
-1. **Know the machine** (``machine``): usable CPUs are the affinity mask capped by the
-   cgroup CPU quota; usable memory is the lower of the cgroup memory limit and what
-   psutil says is available (inside a container psutil alone reports the host).
+1. **Know the machine** (``etl.core.machine``): usable CPUs are the affinity mask capped
+   by the cgroup CPU quota; usable memory is the lower of the cgroup memory limit and
+   what psutil says is available (inside a container psutil alone reports the host).
 2. **A budget** (``memory_budget``): ``resources.memory_limit`` as bytes, a share of
    usable memory, or ``auto``: ``AUTO_MEMORY_SHARE`` of usable memory, at most
    ``AUTO_BYTES_PER_CPU`` per usable CPU (1 GiB on a 2-CPU host).
@@ -27,8 +27,6 @@ fork server and its workers once per process: an overestimate, so the budget err
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -38,12 +36,12 @@ from typing import Any
 import psutil
 
 from etl.core.config import JobConfig, parse_size
+from etl.core.machine import Machine, machine
 
 log = logging.getLogger("etl.resources")
 
 AUTO_MEMORY_SHARE = 0.5  # "auto": half of usable memory leaves the rest to the page cache and neighbours on a shared host
 AUTO_BYTES_PER_CPU = 512 << 20  # "auto" cap per usable CPU: past it memory buys queue depth, not speed
-CGROUP_UNLIMITED = 1 << 60  # v1 writes "no limit" as ~2**63 rounded to a page; no real limit is this big
 MIN_CHUNK_ROWS = 10_000  # smallest chunk the planner picks: smaller means many tiny output files
 ALLOCATOR_SLACK = 1.25  # measured per-row peaks scaled to bigger chunks, plus allocator fragmentation
 CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
@@ -92,100 +90,6 @@ class Probe:
 
     def per_row(self, name: str) -> float:
         return getattr(self, name) / max(self.rows, 1)
-
-
-# ------------------------------------------------------------------------- machine
-
-
-@dataclass(frozen=True)
-class Machine:
-    cpus: int
-    """Usable CPUs: affinity mask, capped by the cgroup quota."""
-    memory: int
-    """Usable bytes: the lower of the cgroup limit and available memory."""
-    affinity_cpus: int
-    cgroup_cpus: float | None
-    cgroup_memory: int | None
-    available: int
-
-
-def machine(root: Path = Path("/")) -> Machine:
-    quota, limit = cgroup_limits(root)
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cpus = max(1, min(affinity, math.ceil(quota))) if quota else affinity
-    available = psutil.virtual_memory().available
-    memory = min(available, limit) if limit else available
-    return Machine(cpus, memory, affinity, quota, limit, available)
-
-
-def cgroup_limits(root: Path = Path("/")) -> tuple[float | None, int | None]:
-    """(CPU quota in CPUs, memory limit in bytes) of this process's cgroup; None = no limit.
-
-    ``root`` is ``/`` or a fixture folder holding ``proc/self/cgroup`` and ``sys/fs/cgroup``.
-    Both v1 and v2 hierarchies are read (hybrid hosts have both). The cgroup's folder is
-    looked up from ``/proc/self/cgroup`` and every ancestor up to the mount point is read
-    too, because a parent's limit binds its children; inside a container the folder is
-    often the mount point itself, while ``/proc/self/cgroup`` still names the host path.
-    """
-    quotas: list[float] = []
-    limits: list[int] = []
-    for base, rel in _cgroup_dirs(root):
-        for folder in _up_to(base, rel):
-            if (q := _cpu_quota(folder)) is not None:
-                quotas.append(q)
-            if (m := _memory_limit(folder)) is not None:
-                limits.append(m)
-    return (min(quotas) if quotas else None), (min(limits) if limits else None)
-
-
-def _cgroup_dirs(root: Path) -> list[tuple[Path, str]]:
-    """(mount point, path inside it) for the v2 hierarchy and the v1 cpu and memory ones."""
-    fs = root / "sys/fs/cgroup"
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        hid, _, rest = line.partition(":")
-        controllers, _, rel = rest.partition(":")
-        if hid == "0" and not controllers:
-            found.append((fs if (fs / "cgroup.controllers").exists() else fs / "unified", rel))
-        elif {"cpu", "memory"} & set(controllers.split(",")):
-            found.append((fs / controllers, rel))
-    return found
-
-
-def _up_to(base: Path, rel: str) -> list[Path]:
-    parts = [p for p in rel.split("/") if p]
-    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _cpu_quota(folder: Path) -> float | None:
-    if (text := _read(folder / "cpu.max")) is not None:  # v2: "max 100000" or "150000 100000"
-        quota, _, period = text.partition(" ")
-        return None if quota == "max" else int(quota) / int(period or 100_000)
-    quota_us, period_us = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-    if quota_us is None or period_us is None or int(quota_us) <= 0:  # v1: -1 means no quota
-        return None
-    return int(quota_us) / int(period_us)
-
-
-def _memory_limit(folder: Path) -> int | None:
-    text = _read(folder / "memory.max")  # v2: "max" or bytes
-    if text is None:
-        text = _read(folder / "memory.limit_in_bytes")  # v1
-    if text is None or text == "max":
-        return None
-    value = int(text)
-    return None if value >= CGROUP_UNLIMITED else value
 
 
 def memory_budget(setting: str, usable: int, cpus: int) -> int:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import psutil
 import pytest
 
 from etl.core.queues import BoundedQueue
 from etl.core.records import Chunk, ChunkResult
+from etl.core.stats import TreeSampler
 from etl.run.memguard import HIGH_WATERMARK, LOW_WATERMARK, GatedChunks, MemoryGuard
 
 WAIT_S = 5  # upper bound for something that should happen at once; never reached when green
@@ -195,3 +197,54 @@ async def test_gate_admits_one_chunk_when_nothing_is_in_flight_so_the_run_never_
     await guard.observe(5000)  # the next sample wakes the waiter
     second = await asyncio.wait_for(held, WAIT_S)
     assert second.index == 1 and guard.forced == 2 and guard.paused
+
+
+# ------------------------------------------------------- moved from test_resources
+
+
+class Busy:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self) -> int:
+        return self.n
+
+
+async def test_guard_holds_chunks_back_until_nothing_is_in_flight() -> None:
+    guard = MemoryGuard(budget=1000)
+    await guard.observe(950)  # above the high watermark (900)
+    assert guard.paused
+    busy = Busy(2)
+    waiter = asyncio.create_task(guard.admit(busy))
+    await guard.observe(800)  # below the high watermark, above the low one (750): still held
+    await asyncio.sleep(0)
+    assert guard.paused and not waiter.done()  # two chunks running and memory high: wait
+    busy.n = 0
+    await guard.observe(800)
+    await asyncio.wait_for(waiter, 5)  # nothing running: one chunk goes through alone
+    assert guard.forced == 1 and guard.peak == 950
+    await guard.observe(700)  # below the low watermark: chunks flow again
+    assert not guard.paused
+
+
+async def test_guard_is_fed_by_the_run_sampler_with_the_tree_rss() -> None:
+    sampler, guard = TreeSampler(interval=0.01), MemoryGuard(budget=1)  # any process is above this
+    sampled = asyncio.Event()
+
+    async def after(rss: int) -> None:
+        sampled.set()
+
+    sampler.listeners += [guard.observe, after]
+    sampler.start()  # its first sample is taken at once, the loop's after one interval
+    try:
+        await asyncio.wait_for(sampled.wait(), 5)
+    finally:
+        sampler.stop()
+    assert guard.paused and guard.samples >= 1 and 0 < guard.peak <= sampler.peak_rss
+
+
+async def test_guard_admits_freely_below_the_watermark() -> None:
+    guard = MemoryGuard(budget=1 << 50)
+    await guard.observe(psutil.Process().memory_info().rss)
+    await asyncio.wait_for(guard.admit(Busy(10)), 1)
+    assert not guard.paused and guard.forced == 0 and guard.samples == 1

@@ -6,73 +6,22 @@ times larger than the memory limit, and read the peak process-tree RSS the run s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pyarrow.dataset as ds
 import pytest
 
 from etl.core.config import JobConfig, parse_size
-from etl.core.stats import TreeSampler
+from etl.core.machine import Machine
 from etl.ops.datagen import generate
-from etl.run.memguard import MemoryGuard
-from etl.run.resources import Probe
-from etl.run.resources import (
-    PLAN_SHARE,
-    Machine,
-    cgroup_limits,
-    machine,
-    memory_budget,
-    plan_for,
-)
+from etl.run.resources import PLAN_SHARE, Probe, memory_budget, plan_for
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "cgroup"
 MiB = 1 << 20
-
-
-# ---------------------------------------------------------------------------- cgroups
-
-
-def test_cgroup_v1_takes_the_tightest_limit_on_the_nested_path() -> None:
-    # cron.service: 1 GiB inside system.slice's 2 GiB; quota 1.5 CPUs on the service only
-    cpus, memory = cgroup_limits(FIXTURES / "v1")
-    assert memory == 1 << 30
-    assert cpus == 1.5
-
-
-def test_cgroup_v1_in_a_container_reads_the_mount_root() -> None:
-    # /proc/self/cgroup names the host's path; the container sees its own cgroup at the mount
-    cpus, memory = cgroup_limits(FIXTURES / "v1-container")
-    assert memory == 512 * MiB
-    assert cpus == 0.5
-    assert machine(FIXTURES / "v1-container").cpus == 1  # half a CPU still runs one worker
-
-
-def test_cgroup_v2_reads_memory_max_and_cpu_max_up_the_tree() -> None:
-    cpus, memory = cgroup_limits(FIXTURES / "v2")
-    assert memory == 768 * MiB  # the scope says "max"; its parent slice sets the limit
-    assert cpus == 2.5
-
-
-def test_cgroup_unlimited_means_no_limit() -> None:
-    # v1 "no limit" is a huge page-rounded number and a -1 quota; v2 says "max"
-    assert cgroup_limits(FIXTURES / "unlimited") == (None, None)
-    box = machine(FIXTURES / "unlimited")
-    assert box.cgroup_memory is None and box.memory == box.available
-
-
-def test_no_cgroup_files_means_no_limit(tmp_path: Path) -> None:
-    assert cgroup_limits(tmp_path) == (None, None)
-
-
-def test_usable_memory_is_the_lower_of_cgroup_and_available() -> None:
-    box = machine(FIXTURES / "v1-container")
-    assert box.memory == min(512 * MiB, box.available)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -152,57 +101,6 @@ def test_queue_bounds_hold_the_planned_chunks() -> None:
     chunk = p.chunk_bytes / p.rows * plan.chunk_rows
     assert plan.chunks_queue_bytes >= plan.chunks_queue_items * chunk  # a full queue is not refused
     assert plan.chunks_queue_bytes <= 2 * plan.chunks_queue_items * chunk  # and holds no more than planned
-
-
-# ------------------------------------------------------------------------------ guard
-
-
-class Busy:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __call__(self) -> int:
-        return self.n
-
-
-async def test_guard_holds_chunks_back_until_nothing_is_in_flight() -> None:
-    guard = MemoryGuard(budget=1000)
-    await guard.observe(950)  # above the high watermark (900)
-    assert guard.paused
-    busy = Busy(2)
-    waiter = asyncio.create_task(guard.admit(busy))
-    await guard.observe(800)  # below the high watermark, above the low one (750): still held
-    await asyncio.sleep(0)
-    assert guard.paused and not waiter.done()  # two chunks running and memory high: wait
-    busy.n = 0
-    await guard.observe(800)
-    await asyncio.wait_for(waiter, 5)  # nothing running: one chunk goes through alone
-    assert guard.forced == 1 and guard.peak == 950
-    await guard.observe(700)  # below the low watermark: chunks flow again
-    assert not guard.paused
-
-
-async def test_guard_is_fed_by_the_run_sampler_with_the_tree_rss() -> None:
-    sampler, guard = TreeSampler(interval=0.01), MemoryGuard(budget=1)  # any process is above this
-    sampled = asyncio.Event()
-
-    async def after(rss: int) -> None:
-        sampled.set()
-
-    sampler.listeners += [guard.observe, after]
-    sampler.start()  # its first sample is taken at once, the loop's after one interval
-    try:
-        await asyncio.wait_for(sampled.wait(), 5)
-    finally:
-        sampler.stop()
-    assert guard.paused and guard.samples >= 1 and 0 < guard.peak <= sampler.peak_rss
-
-
-async def test_guard_admits_freely_below_the_watermark() -> None:
-    guard = MemoryGuard(budget=1 << 50)
-    await guard.observe(psutil.Process().memory_info().rss)
-    await asyncio.wait_for(guard.admit(Busy(10)), 1)
-    assert not guard.paused and guard.forced == 0 and guard.samples == 1
 
 
 # ------------------------------------------------------------------------- end to end
