@@ -47,6 +47,9 @@ class StagedFile:
     size: int
     unchanged: bool = False
     """The server answered 304: same content as the previous run's."""
+    sha256: str | None = None
+    """The content's sha256 when the download stage already hashed it (every fetched file,
+    and a 304's remembered copy), so the run's bookkeeping does not read the file again."""
 
     @property
     def nbytes(self) -> int:

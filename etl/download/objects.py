@@ -73,8 +73,9 @@ def _fetch(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
         raise SourceError(f"object not found: {src.url}", item=src.url) from None
     except store_errors() as e:
         raise SourceError(f"cannot fetch: {type(e).__name__}: {e}", item=src.url, retryable=True) from e
-    if problem := checksum_problem(src, hexdigests(hashers)):
+    digests = hexdigests(hashers)
+    if problem := checksum_problem(src, digests):
         partial.unlink(missing_ok=True)
         raise ChecksumMismatch(problem, item=src.url)
     durable.promote(partial, dest)
-    return StagedFile(src, dest, size)
+    return StagedFile(src, dest, size, sha256=digests["sha256"])

@@ -267,9 +267,10 @@ async def _stage_local(src: Source) -> StagedFile:
         raise SourceError(f"local file not found: {path}", item=src.url) from None
     except OSError as e:
         raise SourceError(f"cannot read local file: {e}", item=src.url) from e
-    if problem := checksum_problem(src, hexdigests(hashers)):
+    digests = hexdigests(hashers)
+    if problem := checksum_problem(src, digests):
         raise ChecksumMismatch(problem, item=src.url)
-    return StagedFile(src, path, size)
+    return StagedFile(src, path, size, sha256=digests["sha256"])
 
 
 # --------------------------------------------------------------------- one transfer
@@ -490,7 +491,7 @@ class _Transfer:
         await asyncio.to_thread(self._publish)
         self._remember(size, digests, headers)
         await self.f.state.save(throttle=True)
-        return StagedFile(self.src, self.final, size)
+        return StagedFile(self.src, self.final, size, sha256=digests["sha256"])
 
     # ----------------------------------------------------------- incremental
 
@@ -516,9 +517,9 @@ class _Transfer:
 
     def _not_modified(self) -> StagedFile:
         self.f.stats.not_modified += 1
-        size = self.f.state.entries[self.src.url]["size"]
+        entry = self.f.state.entries[self.src.url]
         log.info("%s: not modified, reusing %s", self.safe_url, self.final, extra=self._extra())
-        return StagedFile(self.src, self.final, size, unchanged=True)
+        return StagedFile(self.src, self.final, entry["size"], unchanged=True, sha256=entry.get("sha256"))
 
     def _remember(self, size: int, digests: dict[str, str], headers: Mapping[str, str | None]) -> None:
         self.f.state.entries[self.src.url] = {

@@ -142,9 +142,9 @@ class Commits:
         """True when ``staged`` must be read and transformed; False when it is skipped."""
         src = staged.source
         ident = identity(staged)
-        sha: dict[str, str] = {}
+        sha: dict[str, str] = {"v": staged.sha256} if staged.sha256 else {}
 
-        def sha256() -> str:
+        def sha256() -> str:  # hashed here only when the download stage did not
             if "v" not in sha:
                 sha["v"] = file_sha256(staged.path)
             return sha["v"]

@@ -529,3 +529,19 @@ def test_server_in_a_thread_serves_a_folder_for_subprocess_tests(site: Path) -> 
         stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{base_url}/a.csv", timeout=5)
+
+
+async def test_a_fetched_file_carries_the_sha256_computed_while_it_arrived(tmp_path: Path) -> None:
+    """The run's bookkeeping uses this hash instead of reading the staged file again."""
+    body = os.urandom(300_000)
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "f.bin").write_bytes(body)
+    base, stop = serve_folder_in_thread(tmp_path / "srv")
+    try:
+        out: BoundedQueue[StagedFile] = BoundedQueue("files", 4, 1 << 30)
+        src = Source(0, f"{base}/f.bin", "f.bin", "csv")
+        await download_stage([src], DownloadConfig(), tmp_path / "staging", out)
+        staged = await out.get()
+    finally:
+        stop()
+    assert staged is not None and staged.sha256 == hashlib.sha256(body).hexdigest()

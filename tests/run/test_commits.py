@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from etl.core.config import JobConfig, load_job
+from etl.core.durable import write_json
 from etl.core.records import ChunkResult, Part, Source, StagedFile
 from etl.run.commits import Commits
-from etl.core.durable import write_json
 from etl.run.state import Manifest
 from etl.write.folder import OutputWriter
 
@@ -376,3 +376,25 @@ def test_plan_names_the_run_a_resume_would_adopt(tmp_path: Path) -> None:
     dead.process(a)
     del dead
     assert Commits(cfg, "dry", False).plan([a, b]) == ["resume (committed by run dead): unchanged", "process"]
+
+
+def test_a_file_the_download_stage_hashed_is_not_read_again(tmp_path: Path) -> None:
+    """The manifest takes the sha256 the download stage computed while the bytes arrived:
+    given one that differs from the file's real hash, it is the one recorded (so the file
+    was not read a second time); without one, the file is hashed here."""
+    import hashlib
+
+    cfg = job(tmp_path)
+    srcs = sources(tmp_path, ("a.csv", "b.csv"))
+    run = Run(cfg, "r1", srcs)
+    told = "f" * 64  # not a.csv's hash: only a lookup, never a read, can record it
+    downloaded = StagedFile(srcs[0], Path(srcs[0].url), Path(srcs[0].url).stat().st_size, sha256=told)
+    assert run.commits.check(downloaded)
+    assert run.commits.check(staged(srcs[1]))
+    for src in srcs:
+        run.chunk(src, 0)
+        run.commits.read_done(src, 1)
+    run.publish()
+    recorded = manifest(cfg).published
+    assert recorded[srcs[0].url]["sha256"] == told
+    assert recorded[srcs[1].url]["sha256"] == hashlib.sha256(Path(srcs[1].url).read_bytes()).hexdigest()
