@@ -17,16 +17,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 from etl import __version__
-from etl.core.config import JobConfig, load_job
-from etl.core.errors import ConfigError, ETLError, ExitCode, Interrupted, LockHeld
+from etl.core.config import JobConfig
+from etl.core.errors import ConfigError, ETLError, ExitCode
 from etl.ops.logs import setup_logging
-from etl.run.stopping import GracefulStop, run_with_signals
 
 log = logging.getLogger("etl")
 
@@ -198,63 +195,33 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
 
 def load_and_check(path: Path, overrides: list[str]) -> JobConfig:
     """Validate everything that can be checked before work starts: keys, steps, sources."""
-    from etl.download.sources import expand_sources
-    from etl.transform.steps import validate_steps
+    from etl.api import load_and_check as check
 
-    cfg = load_job(path, overrides)
-    validate_steps(cfg.transform.steps, cfg.base_dir, file=str(cfg.file))
-    expand_sources(cfg)
-    return cfg
+    return check(path, overrides)
 
 
 def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
-    """Run under the job lock; always leave a run report (and metrics file) behind."""
+    """Run under the job lock (``etl.api.run_job``); print or log the summary."""
+    from etl.api import run_job
     from etl.ops.progress import choose_mode
-    from etl.ops.report import RunReport, config_hash, format_summary
-    from etl.run.pipeline import RunOptions, run_job
-    from etl.run.state import JobLock
+    from etl.ops.report import format_summary
+    from etl.run.pipeline import RunOptions
 
-    opts = RunOptions(full_refresh=args.full_refresh, progress=choose_mode(args.quiet))
-    setup_logging(args.log_level, args.log_format, args.log_file, run_id=opts.run_id)
-    report = RunReport(opts.run_id, cfg.job.name, config_hash(cfg))
-    state = cfg.job_state_dir
-
-    def forced(signum: int, why: str) -> None:  # the watchdog's last words (GracefulStop.force)
-        name = signal.Signals(signum).name
-        report.finish("interrupted", 128 + signum, error=ETLError(f"stopped by {name}; {why}", stage="run"))
-        _save(report, state, cfg, args)
-
-    try:
-        with JobLock(state), GracefulStop(cfg.job.stop_grace_seconds, forced) as stop:
-            summary = asyncio.run(run_with_signals(run_job(cfg, opts), stop))
-    except LockHeld as e:
-        log.warning("%s", e, extra={"stage": "lock"})
-        return e.exit_code  # the holder writes the report; a skipped run leaves no trace to rotate
-    except ETLError as e:
-        status = "interrupted" if isinstance(e, Interrupted) else "failed"
-        report.finish(status, e.exit_code, error=e)
-        _save(report, state, cfg, args)
-        raise
-    except BaseException as e:
-        report.finish("failed", ExitCode.FAILED, error=e)
-        _save(report, state, cfg, args)
-        raise
-    code = ExitCode.REJECTED_ROWS if summary.rows_rejected else ExitCode.OK
-    report.finish("success_with_rejects" if summary.rows_rejected else "success", code, summary)
-    _save(report, state, cfg, args)
+    run_id = RunOptions().run_id
+    setup_logging(args.log_level, args.log_format, args.log_file, run_id=run_id)
+    result = run_job(cfg, full_refresh=args.full_refresh, metrics_file=args.metrics_file,
+                     progress=choose_mode(args.quiet), handle_signals=True, run_id=run_id)  # fmt: skip
+    if result.status == "skipped":
+        log.warning("%s", result.error, extra={"stage": "lock"})
+        return result.exit_code
+    if result.error is not None:
+        raise result.error
+    assert result.summary is not None
     if args.log_file is None and args.log_format == "text":
-        print(format_summary(summary), file=sys.stderr)
+        print(format_summary(result.summary), file=sys.stderr)
     else:
-        log.info("%s", format_summary(summary), extra={"stage": "run"})
-    return code
-
-
-def _save(report: Any, state: Path, cfg: JobConfig, args: argparse.Namespace) -> None:
-    from etl.ops.report import write_metrics, write_report
-
-    write_report(report, state, cfg.job.keep_reports)
-    if args.metrics_file:
-        write_metrics(args.metrics_file, report, state)
+        log.info("%s", format_summary(result.summary), extra={"stage": "run"})
+    return result.exit_code
 
 
 __all__ = ["ConfigError", "main"]
