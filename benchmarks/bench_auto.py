@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import REPO, Server, machine
 from benchmarks.run_transform import dataset
+from etl.core.errors import ETLError, ExitCode
 from etl.ops.bench import (
     AUTO_MIN_GAIN,
     Bench,
@@ -48,7 +49,6 @@ from etl.ops.bench import (
     ranked,
     write_outputs,
 )
-from etl.core.errors import ETLError, ExitCode
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VARY = ["transform.workers=1,2,3", "read.chunk_rows=25000,50000,100000,200000", "download.concurrency=2,8"]
@@ -59,17 +59,28 @@ RUNS_SHARE = 1 / 3  # issue #7: auto may use at most this share of the grid's ru
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=HERE / "jobs" / "transform.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"job overrides for every run, after the defaults {DEFAULT_SETS} (so they win)")
-    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                   help=f"candidates (repeatable; default {' '.join(DEFAULT_VARY)})")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"job overrides for every run, after the defaults {DEFAULT_SETS} (so they win)",
+    )
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help=f"candidates (repeatable; default {' '.join(DEFAULT_VARY)})",
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per point (medians are compared)")
     p.add_argument("--out", type=Path, default=Path(f"bench-auto-{time.strftime('%Y%m%dT%H%M%S')}"))
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--data-dir", type=Path, default=HERE / "data", help="where datasets are cached")
     p.add_argument("--http", action="store_true", help="serve the files over HTTP on 127.0.0.1 (default: local files)")
-    return p.parse_args(argv)  # fmt: skip
+    return p.parse_args(argv)
 
 
 def compare(grid_bench: Bench, auto_bench: Bench, chosen: PointResult) -> dict[str, Any]:
@@ -78,15 +89,24 @@ def compare(grid_bench: Bench, auto_bench: Bench, chosen: PointResult) -> dict[s
     in_grid = grid_bench.results.get(point_key(chosen.point))
     ratio = in_grid.throughput / best.throughput if in_grid else None
     return {
-        "grid": {"points": len(grid_bench.results), "runs": grid_bench.runs_done, "best": best.point,
-                 "rows_per_s": best.throughput},
-        "auto": {"points": len(auto_bench.results), "runs": auto_bench.runs_done, "chosen": chosen.point,
-                 "rows_per_s": chosen.throughput, "rows_per_s_in_grid": in_grid.throughput if in_grid else None,
-                 "vs_grid_best": ratio},
+        "grid": {
+            "points": len(grid_bench.results),
+            "runs": grid_bench.runs_done,
+            "best": best.point,
+            "rows_per_s": best.throughput,
+        },
+        "auto": {
+            "points": len(auto_bench.results),
+            "runs": auto_bench.runs_done,
+            "chosen": chosen.point,
+            "rows_per_s": chosen.throughput,
+            "rows_per_s_in_grid": in_grid.throughput if in_grid else None,
+            "vs_grid_best": ratio,
+        },
         "within_5pct": ratio is not None and ratio >= 1 - AUTO_MIN_GAIN,
         "runs_share": auto_bench.runs_done / grid_bench.runs_done,
         "runs_ok": auto_bench.runs_done <= grid_bench.runs_done * RUNS_SHARE,
-    }  # fmt: skip
+    }
 
 
 def side_by_side(bench: Bench, best: dict[str, str], pick: dict[str, str], rounds: int) -> list[float]:
@@ -121,25 +141,45 @@ def render(doc: dict[str, Any], grid_bench: Bench, auto_bench: Bench) -> str:
     lines = [
         f"# `bench --auto` against the full grid, one invocation ({doc['date']})",
         "",
-        (f"{m['cpu']} · {m['cores']} usable cores · {m['memory_gib']} GiB · Python {m['python']} · "
-         f"pandas {m['pandas']} · pyarrow {m['pyarrow']} · load average before: {doc['load_before']:.1f}"),
+        (
+            f"{m['cpu']} · {m['cores']} usable cores · {m['memory_gib']} GiB · Python {m['python']} · "
+            f"pandas {m['pandas']} · pyarrow {m['pyarrow']} · load average before: {doc['load_before']:.1f}"
+        ),
         "",
-        (f"Job `{doc['config']}` on {doc['data']} ({doc['source']}), "
-         f"`--set {' --set '.join(doc['sets'])}`, medians of {doc['repeat']} runs per point:"),
+        (
+            f"Job `{doc['config']}` on {doc['data']} ({doc['source']}), "
+            f"`--set {' --set '.join(doc['sets'])}`, medians of {doc['repeat']} runs per point:"
+        ),
         "",
         f"    {doc['command']}",
         "",
-        row("search", "points", "runs", "point", "rows/s (own runs)", "rows/s of that point in the grid", "× grid's best"),
+        row(
+            "search",
+            "points",
+            "runs",
+            "point",
+            "rows/s (own runs)",
+            "rows/s of that point in the grid",
+            "× grid's best",
+        ),
         "|---|---:|---:|---|---:|---:|---:|",
         row("full grid", g["points"], g["runs"], pt(g["best"]), num(g["rows_per_s"]), num(g["rows_per_s"]), "100.0%"),
-        row("--auto", a["points"], a["runs"], pt(a["chosen"]), num(a["rows_per_s"]), num(a["rows_per_s_in_grid"]), ratio),
+        row(
+            "--auto", a["points"], a["runs"], pt(a["chosen"]), num(a["rows_per_s"]), num(a["rows_per_s_in_grid"]), ratio
+        ),
         "",
         row("target (issue #7)", "measured", "met"),
         "|---|---:|---|",
-        row("auto's point, as measured in the grid, within 5% of the grid's best", ratio,
-            "yes" if c["within_5pct"] else "NO"),
-        row("auto's runs at most 1/3 of the grid's", f"{a['runs']} / {g['runs']} = {c['runs_share']:.0%}",
-            "yes" if c["runs_ok"] else "NO"),
+        row(
+            "auto's point, as measured in the grid, within 5% of the grid's best",
+            ratio,
+            "yes" if c["within_5pct"] else "NO",
+        ),
+        row(
+            "auto's runs at most 1/3 of the grid's",
+            f"{a['runs']} / {g['runs']} = {c['runs_share']:.0%}",
+            "yes" if c["runs_ok"] else "NO",
+        ),
         "",
         side_note(c),
         "",
@@ -151,12 +191,19 @@ def render(doc: dict[str, Any], grid_bench: Bench, auto_bench: Bench) -> str:
         "",
         row(*(k.split(".")[-1] for k in keys), "grid rows/s", "min-max", "bottleneck", "auto rows/s"),
         "|" + "---:|" * len(keys) + "---:|---|---|---:|",
-    ]  # fmt: skip
+    ]
     for r in ranked(grid_bench):
         lo, hi = r.spread("rows_per_s")
         mine = auto_bench.results.get(point_key(r.point))
-        lines.append(row(*(r.point[k] for k in keys), num(r.throughput), f"{lo:,.0f}-{hi:,.0f}", r.bottleneck,
-                         num(mine.throughput) if mine else ""))  # fmt: skip
+        lines.append(
+            row(
+                *(r.point[k] for k in keys),
+                num(r.throughput),
+                f"{lo:,.0f}-{hi:,.0f}",
+                r.bottleneck,
+                num(mine.throughput) if mine else "",
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -165,9 +212,11 @@ def side_note(c: dict[str, Any]) -> str:
     if ratios is None:
         return "Auto chose the grid's best point: no side-by-side check needed."
     runs = ", ".join(f"{r:.1%}" for r in ratios)
-    return (f"Side by side at the end (the grid's best, auto's pick, the grid's best, ...; each pick run "
-            f"against the geometric mean of the two around it): auto's pick runs at "
-            f"**{statistics.median(ratios):.1%}** of the grid's best (median of {runs}).")
+    return (
+        f"Side by side at the end (the grid's best, auto's pick, the grid's best, ...; each pick run "
+        f"against the geometric mean of the two around it): auto's pick runs at "
+        f"**{statistics.median(ratios):.1%}** of the grid's best (median of {runs})."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
 def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | None, argv: list[str] | None) -> int:
     urls = f"{url}/trips-{{000..{args.files - 1:03d}}}.csv.gz" if url else f"{data}/trips-*.csv.gz"
     # The job's ${BENCH_*}; Bench sets each run's own state and output folders on top.
-    os.environ.update(BENCH_DATA=str(data), BENCH_URLS=urls, BENCH_STATE=str(out / "state"),
-                      BENCH_OUT=str(out / "output"))  # fmt: skip
+    os.environ.update(
+        BENCH_DATA=str(data), BENCH_URLS=urls, BENCH_STATE=str(out / "state"), BENCH_OUT=str(out / "output")
+    )
     sets = DEFAULT_SETS + args.overrides
     vary = parse_vary(args.vary or DEFAULT_VARY)
     grid_bench = Bench(args.config, sets, out / "grid", args.repeat, include_download=False)
@@ -226,13 +276,19 @@ def measure_both(args: argparse.Namespace, out: Path, data: Path, url: str | Non
     if chosen is None:
         return code
     doc = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "load_before": load_before,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "load_before": load_before,
         "command": " ".join(["python", "benchmarks/bench_auto.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": os.path.relpath(args.config.resolve(), REPO), "data": f"{args.rows:,} rows in {args.files} gzip CSV files",
-        "source": "over HTTP" if url else "local files", "sets": sets, "repeat": args.repeat,
-        "space": space, "auto_log": auto_log,
+        "config": os.path.relpath(args.config.resolve(), REPO),
+        "data": f"{args.rows:,} rows in {args.files} gzip CSV files",
+        "source": "over HTTP" if url else "local files",
+        "sets": sets,
+        "repeat": args.repeat,
+        "space": space,
+        "auto_log": auto_log,
         "comparison": {**compare(grid_bench, auto_bench, chosen), "side_by_side": ratios},
-    }  # fmt: skip
+    }
     text = render(doc, grid_bench, auto_bench)
     print(text)
     (out / "bench_auto.md").write_text(text)

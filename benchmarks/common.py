@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import socket
 import platform
 import re
 import resource
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -113,9 +113,13 @@ def _reap_orphans(exclude: set[int], timeout: float) -> None:
 
 
 def measure(
-    cmd: list[str], *, env: dict[str, str] | None = None, exclude: set[int] = frozenset(),  # type: ignore[assignment]
-    timeout: float = 3600.0, cwd: Path = REPO,
-) -> Measurement:  # fmt: skip
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    exclude: set[int] = frozenset(),  # type: ignore[assignment]
+    timeout: float = 3600.0,
+    cwd: Path = REPO,
+) -> Measurement:
     """Run ``cmd`` to completion; figures cover it and every process it started."""
     exclude = set(exclude)
     _reap_orphans(exclude, timeout=10.0)  # leftovers from an earlier run must not count here
@@ -150,8 +154,11 @@ class Server:
     def __init__(self, folder: Path) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "run.py", "serve", str(folder), "--port", "0"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # blocks until the server prints its address
         m = re.search(r"http://[\w.\[\]:]+", line)
@@ -205,9 +212,12 @@ class NginxServer(Server):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         user = "user root;" if os.geteuid() == 0 else ""
-        (self.root / "nginx.conf").write_text(NGINX_CONF.format(root=self.root, port=port, www=folder.resolve(), user=user))
-        self.proc = subprocess.Popen([binary, "-c", str(self.root / "nginx.conf"), "-e", str(self.root / "error.log")],
-                                     stderr=subprocess.PIPE)  # fmt: skip
+        (self.root / "nginx.conf").write_text(
+            NGINX_CONF.format(root=self.root, port=port, www=folder.resolve(), user=user)
+        )
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.root / "nginx.conf"), "-e", str(self.root / "error.log")], stderr=subprocess.PIPE
+        )
         self.url = f"http://127.0.0.1:{port}"
         deadline, delay = time.monotonic() + NGINX_START_S, 0.005
         while True:  # readiness: connect, backing off, until it listens or has died
@@ -217,7 +227,9 @@ class NginxServer(Server):
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"nginx did not start: {(self.root / 'error.log').read_text(errors='replace')}")
+                    raise RuntimeError(
+                        f"nginx did not start: {(self.root / 'error.log').read_text(errors='replace')}"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
 
@@ -246,6 +258,7 @@ def parallel_ceiling(workers: int, tries: int = 3) -> float:
     A VM's vCPUs may be hyperthreads or be contended: this is the most any engine's
     ``workers``-way scaling can show on this machine (ideal: ``workers``).
     """
+
     def wall(n: int) -> float:
         started = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", CEILING_LOOP]) for _ in range(n)]
@@ -258,7 +271,6 @@ def parallel_ceiling(workers: int, tries: int = 3) -> float:
         one = wall(1)
         ratios.append(workers * one / wall(workers))
     return round(sorted(ratios)[len(ratios) // 2], 2)
-
 
 
 def machine() -> dict[str, object]:

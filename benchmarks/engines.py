@@ -39,10 +39,10 @@ def engines(workers: int) -> list[Engine]:
     """Every engine, in the order of the table; ``workers`` is the pool size for all."""
     w = f"transform.workers={workers}"
     return [
-        Engine(f"etl process ({workers} workers)", "etl", ("transform.executor=\"process\"", w)),
-        Engine("etl process (1 worker)", "etl", ("transform.executor=\"process\"", "transform.workers=1")),
-        Engine(f"etl thread ({workers} workers)", "etl", ("transform.executor=\"thread\"", w)),
-        Engine("etl serial", "etl", ("transform.executor=\"serial\"",)),
+        Engine(f"etl process ({workers} workers)", "etl", ('transform.executor="process"', w)),
+        Engine("etl process (1 worker)", "etl", ('transform.executor="process"', "transform.workers=1")),
+        Engine(f"etl thread ({workers} workers)", "etl", ('transform.executor="thread"', w)),
+        Engine("etl serial", "etl", ('transform.executor="serial"',)),
         Engine("plain pandas", "plain_pandas.py"),
         Engine(f"by-hand Pool ({workers} procs)", "by_hand_pool.py"),
         Engine(f"dask ({workers} workers)", "dask_df.py", needs=("dask", "distributed")),
@@ -67,17 +67,24 @@ def command(engine: Engine, paths: Paths, workers: int) -> tuple[list[str], dict
     """The argv and the extra environment variables for one run of ``engine``."""
     if engine.kind == "etl":
         env = {
-            "BENCH_STATE": str(paths.state), "BENCH_OUT": str(paths.out),
+            "BENCH_STATE": str(paths.state),
+            "BENCH_OUT": str(paths.out),
             "BENCH_DATA": str(paths.data),
             "BENCH_URLS": f"{paths.base_url}/trips-{{000..{paths.files - 1:03d}}}.csv.gz",
-        }  # fmt: skip
+        }
         run_py = (engine.root or HERE.parent) / "run.py"
         argv = [sys.executable, str(run_py), "--config", str(JOB), "--full-refresh", "--quiet"]
         for o in (*engine.overrides, *paths.extra_overrides):
             argv += ["--set", o]
         return argv, env
-    argv = [sys.executable, str(HERE / "baselines" / engine.kind), "--out", str(paths.out),
-            "--zones", str(paths.data / "zones.csv")]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(HERE / "baselines" / engine.kind),
+        "--out",
+        str(paths.out),
+        "--zones",
+        str(paths.data / "zones.csv"),
+    ]
     if engine.kind == "dask_df.py":
         argv += ["--workers", str(workers)]
     return argv + paths.urls(), {}
@@ -115,8 +122,13 @@ def check_output(out: Path) -> dict[str, float | int]:
         fare += pc.sum(t["fare_amount"]).as_py() or 0.0
         duration += pc.sum(t["duration_min"]).as_py() or 0.0
         nulls += t["borough"].null_count
-    return {"rows": rows, "fare_sum": round(fare, 4), "duration_sum": round(duration, 4),
-            "unmatched_zone": nulls, "months": len(months)}  # fmt: skip
+    return {
+        "rows": rows,
+        "fare_sum": round(fare, 4),
+        "duration_sum": round(duration, 4),
+        "unmatched_zone": nulls,
+        "months": len(months),
+    }
 
 
 def differences(got: dict[str, float | int], want: dict[str, float | int]) -> list[str]:

@@ -77,9 +77,16 @@ def etl_run(engine: Engine, data: Path, server: Server, files: int, work: Path) 
     if m.returncode != 0:
         raise RuntimeError(f"{engine.name} failed:\n{m.output[-3000:]}")
     report = json.loads(max(state.glob("*/reports/run-*.json")).read_text())["summary"]
-    return {"wall": m.wall, "cpu": m.cpu, "peak": m.peak_rss, "rows": check_output(out)["rows"],
-            "guard_peak": report["memory"]["peak_rss_bytes"], "budget": report["plan"]["budget"],
-            "decision": report["plan"]["decision"], "forced": report["memory"]["forced_admits"]}  # fmt: skip
+    return {
+        "wall": m.wall,
+        "cpu": m.cpu,
+        "peak": m.peak_rss,
+        "rows": check_output(out)["rows"],
+        "guard_peak": report["memory"]["peak_rss_bytes"],
+        "budget": report["plan"]["budget"],
+        "decision": report["plan"]["decision"],
+        "forced": report["memory"]["forced_admits"],
+    }
 
 
 def pandas_run(data: Path, files: int, work: Path) -> dict:
@@ -104,8 +111,7 @@ def mib(n: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scales = [int(s) for s in args.scales.split(",")]
-    etl_engines = [Engine("etl (HTTP)", "etl", DEFAULTS),
-                   Engine("etl (local)", "etl", DEFAULTS)]  # fmt: skip
+    etl_engines = [Engine("etl (HTTP)", "etl", DEFAULTS), Engine("etl (local)", "etl", DEFAULTS)]
     rows_out: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     started = time.perf_counter()
@@ -132,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat):
                     shutil.rmtree(work, ignore_errors=True)
                     runs.append(pandas_run(data, args.files, work))
-                rows_out.append({"engine": "plain pandas (read all)", "scale": scale, "input_rows": rows,
-                                 **median_of(runs)})  # fmt: skip
+                rows_out.append(
+                    {"engine": "plain pandas (read all)", "scale": scale, "input_rows": rows, **median_of(runs)}
+                )
                 print_row(rows_out[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -147,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['engine']:<24} {r['input_rows']:>11,} rows  peak {mib(r['peak']):>7} MiB  "
-          f"wall {r['wall']:6.1f}s  cpu {r['cpu']:6.1f}s", flush=True)  # fmt: skip
+    print(
+        f"{r['engine']:<24} {r['input_rows']:>11,} rows  peak {mib(r['peak']):>7} MiB  "
+        f"wall {r['wall']:6.1f}s  cpu {r['cpu']:6.1f}s",
+        flush=True,
+    )
 
 
 def verdicts(rows: list[dict]) -> list[tuple[str, bool]]:
@@ -158,13 +168,15 @@ def verdicts(rows: list[dict]) -> list[tuple[str, bool]]:
         if not mine:
             continue
         low, high = min(r["peak"] for r in mine), max(r["peak"] for r in mine)
-        flat = (f"{name}: peak flat within {FLAT_TOLERANCE:.0%} ({mib(low)}..{mib(high)} MiB, "
-                f"{high / low - 1:+.0%})")  # fmt: skip
+        flat = f"{name}: peak flat within {FLAT_TOLERANCE:.0%} ({mib(low)}..{mib(high)} MiB, {high / low - 1:+.0%})"
         out.append((flat, high <= low * (1 + FLAT_TOLERANCE)))
-        out.append((f"{name}: under the budget at every size",
-                    all(r["peak"] < r["budget"] for r in mine)))  # fmt: skip
-        out.append((f"{name}: under {mib(DEFAULT_CEILING)} MiB at default settings",
-                    all(r["peak"] < DEFAULT_CEILING for r in mine)))  # fmt: skip
+        out.append((f"{name}: under the budget at every size", all(r["peak"] < r["budget"] for r in mine)))
+        out.append(
+            (
+                f"{name}: under {mib(DEFAULT_CEILING)} MiB at default settings",
+                all(r["peak"] < DEFAULT_CEILING for r in mine),
+            )
+        )
     return out
 
 
@@ -173,10 +185,12 @@ def render(rows: list[dict], checks: list[tuple[str, bool]], args: argparse.Name
     lines = [
         "# Memory: peak process-tree RSS as the input grows",
         "",
-        (f"`python benchmarks/memory.py --rows {args.rows} --scales {args.scales} --files {args.files} "
-         f"--repeat {args.repeat}` on {m['cores']} cores, {m['memory_gib']} GiB ({m['cpu']}); "
-         f"medians of {args.repeat} run(s); {seconds / 60:.0f} min in all. Peak RSS is summed over the "
-         "whole process tree (parent, fork server, workers), sampled every 0.1 s."),
+        (
+            f"`python benchmarks/memory.py --rows {args.rows} --scales {args.scales} --files {args.files} "
+            f"--repeat {args.repeat}` on {m['cores']} cores, {m['memory_gib']} GiB ({m['cpu']}); "
+            f"medians of {args.repeat} run(s); {seconds / 60:.0f} min in all. Peak RSS is summed over the "
+            "whole process tree (parent, fork server, workers), sampled every 0.1 s."
+        ),
         "",
         "| engine | input rows | peak RSS MiB | x 1x peak | run's own sampled peak MiB | budget MiB | wall s | CPU s | rows out |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -185,8 +199,10 @@ def render(rows: list[dict], checks: list[tuple[str, bool]], args: argparse.Name
         base = next(b for b in rows if b["engine"] == r["engine"])
         guard = mib(r["guard_peak"]) if "guard_peak" in r else "-"
         budget = mib(r["budget"]) if "budget" in r else "-"
-        lines.append(f"| {r['engine']} | {r['input_rows']:,} | {mib(r['peak'])} | {r['peak'] / base['peak']:.2f} | "
-                     f"{guard} | {budget} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rows']:,} |")  # fmt: skip
+        lines.append(
+            f"| {r['engine']} | {r['input_rows']:,} | {mib(r['peak'])} | {r['peak'] / base['peak']:.2f} | "
+            f"{guard} | {budget} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rows']:,} |"
+        )
     lines += ["", "Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
     lines += ["", "Plans (largest input):", ""]
     for name in ("etl (HTTP)", "etl (local)"):

@@ -42,8 +42,12 @@ def targets(rows: list[dict], workers: int) -> list[dict[str, Any]]:
         for active, what in ((True, "from its first chunk to its last result"), (False, "from the run's start")):
             t1, tn = _transform_rate(one, active), _transform_rate(tool, active)
             if t1 and tn:
-                add(f"scaling of the transform stage (rows per second {what}, {workers} vs 1)",
-                    tn / t1, f">= {want:.2f}x", tn / t1 >= want)  # fmt: skip
+                add(
+                    f"scaling of the transform stage (rows per second {what}, {workers} vs 1)",
+                    tn / t1,
+                    f">= {want:.2f}x",
+                    tn / t1 >= want,
+                )
     return out
 
 
@@ -66,15 +70,21 @@ def render(result: dict[str, Any]) -> str:
     args = result["args"]
     ref = _find(rows, REFERENCE)
     lines = [
-        (f"## Transform benchmark: {int(args['rows']):,} rows in {args['files']} gzipped CSV files over HTTP "
-         f"({SERVERS.get(args.get('server', 'etl'), args.get('server'))})"),
+        (
+            f"## Transform benchmark: {int(args['rows']):,} rows in {args['files']} gzipped CSV files over HTTP "
+            f"({SERVERS.get(args.get('server', 'etl'), args.get('server'))})"
+        ),
         "",
-        (f"{result['date']} · {m['cpu']} · {m['cores']} usable cores · {m['memory_gib']} GiB · "
-         f"Python {m['python']} · pandas {m['pandas']} · pyarrow {m['pyarrow']} · numpy {m['numpy']} · "
-         f"dask {m['dask']} · duckdb {m['duckdb']}"),
-        (f"Parallel ceiling: {m['cores']} CPU-bound Python processes get "
-         f"{m.get('parallel_ceiling', 'n/a')}× the work of one done in the same time (ideal {m['cores']}×); "
-         "no engine can scale past that here."),
+        (
+            f"{result['date']} · {m['cpu']} · {m['cores']} usable cores · {m['memory_gib']} GiB · "
+            f"Python {m['python']} · pandas {m['pandas']} · pyarrow {m['pyarrow']} · numpy {m['numpy']} · "
+            f"dask {m['dask']} · duckdb {m['duckdb']}"
+        ),
+        (
+            f"Parallel ceiling: {m['cores']} CPU-bound Python processes get "
+            f"{m.get('parallel_ceiling', 'n/a')}× the work of one done in the same time (ideal {m['cores']}×); "
+            "no engine can scale past that here."
+        ),
         f"Medians of {args['repeat']} run(s) per engine, interleaved. CPU = user+sys of the whole "
         "process tree; peak RSS = largest sum over the tree, sampled every 0.1 s. "
         f"Ratios are throughput relative to {REFERENCE} in the same run. "
@@ -94,8 +104,12 @@ def render(result: dict[str, Any]) -> str:
             f"{r['peak_rss'] / 2**20:,.0f} | {c['rows']:,} | {c['fare_sum']:,.2f} | "
             f"{', '.join(str(w) for w in r['walls'])} |"
         )
-    lines += ["", "All engines agree (rows, fare and duration sums, unmatched zones, months)."
-              if not result["problems"] else "\n".join(f"**{p}**" for p in result["problems"])]  # fmt: skip
+    lines += [
+        "",
+        "All engines agree (rows, fare and duration sums, unmatched zones, months)."
+        if not result["problems"]
+        else "\n".join(f"**{p}**" for p in result["problems"]),
+    ]
     if result["targets"]:
         lines += ["", "| target (issue #4) | measured | target | met |", "|---|---:|---:|---|"]
         for t in result["targets"]:
@@ -108,13 +122,19 @@ def _stage_table(rows: list[dict]) -> list[str]:
     etl_rows = [r for r in rows if not r["failed"] and r.get("etl")]
     if not etl_rows:
         return []
-    out = ["", "This tool's stages (last run; stages overlap, so they do not add up to the wall time):",
-           "", "| engine | read s | transform s | first chunk at s | write s | worker busy s | transform starved s | chunks |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = [
+        "",
+        "This tool's stages (last run; stages overlap, so they do not add up to the wall time):",
+        "",
+        "| engine | read s | transform s | first chunk at s | write s | worker busy s | transform starved s | chunks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in etl_rows:
         e, s = r["etl"], r["etl"]["stage_seconds"]
         first = e.get("first_chunk_s")
-        out.append(f"| {r['engine']} | {s['read']:.1f} | {s['transform']:.1f} | "
-                   f"{'n/a' if first is None else f'{first:.1f}'} | {s['write']:.1f} | "
-                   f"{e['worker_seconds']:.1f} | {e['transform_starved_s']:.1f} | {e['chunks']} |")  # fmt: skip
+        out.append(
+            f"| {r['engine']} | {s['read']:.1f} | {s['transform']:.1f} | "
+            f"{'n/a' if first is None else f'{first:.1f}'} | {s['write']:.1f} | "
+            f"{e['worker_seconds']:.1f} | {e['transform_starved_s']:.1f} | {e['chunks']} |"
+        )
     return out

@@ -67,11 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--engines", default="", help="comma-separated name fragments (default: all)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="job override for this tool's runs, e.g. read.chunk_rows=250000")  # fmt: skip
-    p.add_argument("--server", choices=("nginx", "etl"), default=default_server(),
-                   help="HTTP server for the trips: nginx (sendfile, next to no CPU; default when "
-                        "installed) or this tool's own `run.py serve` (Python, most of a core while sending)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="job override for this tool's runs, e.g. read.chunk_rows=250000",
+    )
+    p.add_argument(
+        "--server",
+        choices=("nginx", "etl"),
+        default=default_server(),
+        help="HTTP server for the trips: nginx (sendfile, next to no CPU; default when "
+        "installed) or this tool's own `run.py serve` (Python, most of a core while sending)",
+    )
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--name", default="transform", help="results file stem")
@@ -115,10 +125,8 @@ def run_once(engine: Engine, paths: Paths, workers: int, exclude: set[int], time
         shutil.rmtree(folder, ignore_errors=True)
     argv, extra_env = command(engine, paths, workers)
     load = os.getloadavg()[0]  # other work on this shared machine skews the figures: record it
-    m = measure(argv, env={**os.environ, **extra_env}, exclude=exclude, timeout=timeout,
-                cwd=engine.root or REPO)
-    run: dict = {"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "returncode": m.returncode,
-                 "load_before": load}  # fmt: skip
+    m = measure(argv, env={**os.environ, **extra_env}, exclude=exclude, timeout=timeout, cwd=engine.root or REPO)
+    run: dict = {"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "returncode": m.returncode, "load_before": load}
     if m.returncode != 0:
         run["error"] = m.output[-3000:]
     else:
@@ -136,13 +144,17 @@ def summarize(name: str, runs: list[dict], input_rows: int) -> dict:
         return {"engine": name, "failed": True, "error": runs[-1].get("error", "")}
     wall = statistics.median(r["wall"] for r in ok)
     return {
-        "engine": name, "failed": False, "runs": len(ok), "wall": wall,
+        "engine": name,
+        "failed": False,
+        "runs": len(ok),
+        "wall": wall,
         "walls": [round(r["wall"], 2) for r in ok],
         "rows_per_s": input_rows / wall,
         "cpu": statistics.median(r["cpu"] for r in ok),
         "peak_rss": statistics.median(r["peak_rss"] for r in ok),
-        "check": ok[-1]["check"], "etl": ok[-1].get("etl"),
-    }  # fmt: skip
+        "check": ok[-1]["check"],
+        "etl": ok[-1].get("etl"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_once(e, paths, args.workers, {server.pid}, args.timeout)
                 runs[e.name].append(r)
                 status = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']})"
-                print(f"[{rep + 1}/{args.repeat}] {e.name:<24} {r['wall']:8.1f}s  cpu {r['cpu']:7.1f}s  "
-                      f"rss {r['peak_rss'] / 2**20:7.0f} MiB  load {r['load_before']:.1f}  {status}  {r.get('check', '')}", flush=True)  # fmt: skip
+                print(
+                    f"[{rep + 1}/{args.repeat}] {e.name:<24} {r['wall']:8.1f}s  cpu {r['cpu']:7.1f}s  "
+                    f"rss {r['peak_rss'] / 2**20:7.0f} MiB  load {r['load_before']:.1f}  {status}  {r.get('check', '')}",
+                    flush=True,
+                )
                 if "error" in r:
                     print(r["error"], flush=True)
     finally:
@@ -180,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "machine": {**machine(), "parallel_ceiling": ceiling},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows,
-        "targets": targets(rows, args.workers), "problems": problems,
-    }  # fmt: skip
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": rows,
+        "targets": targets(rows, args.workers),
+        "problems": problems,
+    }
     text = render(result)
     print(text)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -49,33 +49,55 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     p = _Parser(
-        prog=prog, description="Batch ETL: download, read, transform and write, as one job.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        prog=prog,
+        description="Batch ETL: download, read, transform and write, as one job.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     def job_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", "-c", required=True, type=Path, help="job file (TOML)")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a job key, e.g. --set transform.workers=4 (repeatable)")  # fmt: skip
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a job key, e.g. --set transform.workers=4 (repeatable)",
+        )
 
-    r = sub.add_parser("run", help="run a job (the default command)", epilog=EXIT_CODES_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    r = sub.add_parser(
+        "run",
+        help="run a job (the default command)",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     job_args(r)
     r.add_argument("--full-refresh", action="store_true", help="ignore saved state: fetch and process every source")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
     r.add_argument("--metrics-file", type=Path, help="write a Prometheus textfile (node_exporter) here")
     r.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     r.add_argument("--log-file", type=Path, help="write logs to this file instead of stderr")
-    r.add_argument("--dry-run", action="store_true",
-                   help="list the sources a run would fetch, process or skip, and the output; run nothing")  # fmt: skip
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the sources a run would fetch, process or skip, and the output; run nothing",
+    )
 
-    v = sub.add_parser("validate", help="check a job file without running it", epilog=EXIT_CODES_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    v = sub.add_parser(
+        "validate",
+        help="check a job file without running it",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     job_args(v)
-    v.add_argument("--check-sources", action="store_true",
-                   help="also send a HEAD request to each remote source (local ones must exist); exit 1 if any fails")  # fmt: skip
+    v.add_argument(
+        "--check-sources",
+        action="store_true",
+        help="also send a HEAD request to each remote source (local ones must exist); exit 1 if any fails",
+    )
 
     c = sub.add_parser("crontab", help="check a cron schedule and print a crontab line for the job")
     job_args(c)
@@ -131,8 +153,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
         from etl.ops.datagen import generate
 
-        paths = generate(args.out, rows=args.rows, files=args.files, seed=args.seed,
-                         fmt=args.format, bad_values=args.bad_values)  # fmt: skip
+        paths = generate(
+            args.out, rows=args.rows, files=args.files, seed=args.seed, fmt=args.format, bad_values=args.bad_values
+        )
         print(f"wrote {len(paths)} files to {args.out}")
         return ExitCode.OK
     if args.command == "bench":
@@ -184,8 +207,10 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
 
     sources = expand_sources(cfg)
     plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
-    print(f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "
-          f"(mode {cfg.output.mode}, {cfg.output.format}){' [full refresh]' if full_refresh else ''}")  # fmt: skip
+    print(
+        f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "
+        f"(mode {cfg.output.mode}, {cfg.output.format}){' [full refresh]' if full_refresh else ''}"
+    )
     for src, what in zip(sources, plan):
         print(f"  {src.index:5d}  {what:<45}  {redact_url(src.url)}")
     skipped = sum(1 for w in plan if w.startswith(("skip", "resume")))
@@ -209,8 +234,14 @@ def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
 
     run_id = RunOptions().run_id
     setup_logging(args.log_level, args.log_format, args.log_file, run_id=run_id)
-    result = run_job(cfg, full_refresh=args.full_refresh, metrics_file=args.metrics_file,
-                     progress=choose_mode(args.quiet), handle_signals=True, run_id=run_id)  # fmt: skip
+    result = run_job(
+        cfg,
+        full_refresh=args.full_refresh,
+        metrics_file=args.metrics_file,
+        progress=choose_mode(args.quiet),
+        handle_signals=True,
+        run_id=run_id,
+    )
     if result.status == "skipped":
         log.warning("%s", result.error, extra={"stage": "lock"})
         return result.exit_code

@@ -6,8 +6,8 @@ import csv
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -29,8 +29,9 @@ def write_trips_csv(path: Path, rows: int, seed: int, start_id: int = 0) -> None
     rng = random.Random(seed)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trip_id", "pickup_at", "dropoff_at", "passengers", "distance", "fare", "tip",
-                    "zone", "payment", "note"])  # fmt: skip
+        w.writerow(
+            ["trip_id", "pickup_at", "dropoff_at", "passengers", "distance", "fare", "tip", "zone", "payment", "note"]
+        )
         for i in range(start_id, start_id + rows):
             month = rng.choice([1, 2, 3])
             day, hour, minute = rng.randint(1, 28), rng.randint(0, 22), rng.randint(0, 59)
@@ -40,8 +41,20 @@ def write_trips_csv(path: Path, rows: int, seed: int, start_id: int = 0) -> None
             fare = rng.choice([f"{rng.uniform(-5, 80):.2f}", f" {rng.uniform(1, 50):.2f}", ""])
             tip = rng.choice([f"{rng.uniform(0, 10):.2f}", ""])
             note = rng.choice(["", "plain", "with, comma", 'quote "inside"', "two\nlines", "Ünïcode"])
-            w.writerow([i, pickup, dropoff, passengers, f"{rng.uniform(0, 30):.3f}", fare, tip,
-                        rng.randint(1, 6), rng.choice(PAYMENTS), note])  # fmt: skip
+            w.writerow(
+                [
+                    i,
+                    pickup,
+                    dropoff,
+                    passengers,
+                    f"{rng.uniform(0, 30):.3f}",
+                    fare,
+                    tip,
+                    rng.randint(1, 6),
+                    rng.choice(PAYMENTS),
+                    note,
+                ]
+            )
 
 
 def write_zones(path: Path) -> None:

@@ -86,9 +86,7 @@ class Hit:
 
 
 class ScriptedServer:
-    def __init__(
-        self, folder: Path, scripts: dict[str, list[Fault]] | None = None, *, hold: float = 0.0
-    ) -> None:
+    def __init__(self, folder: Path, scripts: dict[str, list[Fault]] | None = None, *, hold: float = 0.0) -> None:
         self.folder = Path(folder)
         self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
         self.hold = hold  # seconds each request waits before answering, so requests overlap

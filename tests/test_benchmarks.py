@@ -32,7 +32,8 @@ def expected_rows(data: Path) -> int:
     opts = pacsv.ConvertOptions(
         include_columns=["pickup_at", "dropoff_at", "trip_distance", "fare_amount"],
         column_types={"trip_distance": "string", "fare_amount": "string"},
-        null_values=[""], strings_can_be_null=True,
+        null_values=[""],
+        strings_can_be_null=True,
     )
     parse = pacsv.ParseOptions(newlines_in_values=True)  # the notes hold quoted newlines
     kept = 0
@@ -40,8 +41,9 @@ def expected_rows(data: Path) -> int:
         t = pacsv.read_csv(path, parse_options=parse, convert_options=opts)
         dist = pc.cast(pc.utf8_trim_whitespace(t["trip_distance"]), "float64")
         fare = pc.cast(pc.utf8_trim_whitespace(t["fare_amount"]), "float64")
-        ok = pc.and_kleene(pc.and_kleene(pc.greater_equal(fare, 0), pc.greater(dist, 0)),
-                           pc.greater(t["dropoff_at"], t["pickup_at"]))  # fmt: skip
+        ok = pc.and_kleene(
+            pc.and_kleene(pc.greater_equal(fare, 0), pc.greater(dist, 0)), pc.greater(t["dropoff_at"], t["pickup_at"])
+        )
         kept += pc.sum(pc.fill_null(ok, False)).as_py()
     return kept
 
@@ -50,11 +52,28 @@ def expected_rows(data: Path) -> int:
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     base = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/run_transform.py", "--rows", str(ROWS), "--files", str(FILES),
-         "--repeat", "1", "--data-dir", str(base / "data"), "--results", str(base / "results"),
-         "--name", "smoke"],
-        cwd=REPO, check=False, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "benchmarks/run_transform.py",
+            "--rows",
+            str(ROWS),
+            "--files",
+            str(FILES),
+            "--repeat",
+            "1",
+            "--data-dir",
+            str(base / "data"),
+            "--results",
+            str(base / "results"),
+            "--name",
+            "smoke",
+        ],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((base / "results" / "smoke.json").read_text())
     return result, base / "data" / f"rows{ROWS}-files{FILES}"
@@ -119,8 +138,7 @@ def test_a_wrong_engine_output_is_a_mismatch(tmp_path: Path) -> None:
     for month, fares in (("2024-01", [1.0, 2.0]), ("2024-02", [3.0])):
         folder = tmp_path / f"month={month}"
         folder.mkdir()
-        t = pa.table({"fare_amount": fares, "duration_min": [5.0] * len(fares),
-                      "borough": ["Queens"] * len(fares)})  # fmt: skip
+        t = pa.table({"fare_amount": fares, "duration_min": [5.0] * len(fares), "borough": ["Queens"] * len(fares)})
         pq.write_table(t, folder / "part-0.parquet")
     got = check_output(tmp_path)
     assert got == {"rows": 3, "fare_sum": 6.0, "duration_sum": 15.0, "unmatched_zone": 0, "months": 2}

@@ -32,8 +32,9 @@ RUN_PY = str(ROOT / "run.py")
 WAIT = 120  # seconds a test waits for a process before failing (a hang, never a timing check)
 
 
-def job_toml(sources: list[str], *, out: str = "out", state: str = "state", mode: str = "overwrite",
-             executor: str = "thread") -> str:  # fmt: skip
+def job_toml(
+    sources: list[str], *, out: str = "out", state: str = "state", mode: str = "overwrite", executor: str = "thread"
+) -> str:
     urls = ", ".join(json.dumps(s) for s in sources)
     return f"""
 [job]
@@ -85,7 +86,9 @@ def run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.
     cmd = [sys.executable, RUN_PY, *(args or ("run",)), "--config", str(cfg)]
     if not args:
         cmd.append("--quiet")
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=WAIT, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=WAIT, env=env, stdin=subprocess.DEVNULL
+    )
 
 
 def start(cfg: Path, *args: str) -> subprocess.Popen[str]:
@@ -241,8 +244,11 @@ def test_unchanged_sources_are_skipped_and_output_stays_a_clean_runs(tmp_path: P
     write_trips_csv(data / "t2.csv", rows=120, seed=99, start_id=20_000)
     assert run(cfg).returncode == 0
     assert statuses(last_report(tmp_path / "state")) == {
-        "t0.csv": "unchanged", "t1.csv": "unchanged", "t2.csv": "processed", "t3.csv": "unchanged"
-    }  # fmt: skip
+        "t0.csv": "unchanged",
+        "t1.csv": "unchanged",
+        "t2.csv": "processed",
+        "t3.csv": "unchanged",
+    }
     sources = [str(p) for p in sorted(data.glob("t*.csv"))]
     assert (rows_digest(tmp_path / "out"), layout(tmp_path / "out")) == clean_run(tmp_path, sources)
 
@@ -305,7 +311,9 @@ def test_validate_check_sources_names_each_failing_source(tmp_path: Path, data: 
         ok = run(good, "validate", "--check-sources", *one_at_a_time)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert "4 of 4 sources OK" in ok.stdout
-        bad = write(tmp_path, job_toml([f"{base}/t0.csv", f"{base}/missing.csv", "http://127.0.0.1:9/x.csv"]), "bad.toml")
+        bad = write(
+            tmp_path, job_toml([f"{base}/t0.csv", f"{base}/missing.csv", "http://127.0.0.1:9/x.csv"]), "bad.toml"
+        )
         proc = run(bad, "validate", "--check-sources", *one_at_a_time)
     finally:
         stop()
@@ -329,8 +337,13 @@ def test_no_control_characters_under_env_i_without_a_terminal(tmp_path: Path, da
     cfg = write(tmp_path, job_toml(["data/t*.csv"]))
     proc = subprocess.run(
         ["env", "-i", "PATH=/usr/bin:/bin", sys.executable, RUN_PY, "--config", str(cfg)],
-        check=False, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL, cwd="/",
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "rows" in proc.stderr  # the summary is there, as plain lines
     bad = [c for c in proc.stdout + proc.stderr if ord(c) < 32 and c not in "\n\t"]
@@ -346,8 +359,19 @@ def test_report_and_metrics_file_parse(tmp_path: Path, data: Path) -> None:
         entry = json.loads(line)
         assert {"time", "level", "stage", "source", "message", "run_id"} <= entry.keys()
     report = last_report(tmp_path / "state")
-    for key in ("run_id", "job", "config_hash", "start", "end", "status", "exit_code", "sources",
-                "rows", "bytes", "stage_seconds"):  # fmt: skip
+    for key in (
+        "run_id",
+        "job",
+        "config_hash",
+        "start",
+        "end",
+        "status",
+        "exit_code",
+        "sources",
+        "rows",
+        "bytes",
+        "stage_seconds",
+    ):
         assert key in report, key
     assert report["status"].startswith("success") and report["exit_code"] == proc.returncode
     assert [s["status"] for s in report["sources"]] == ["processed"] * 4

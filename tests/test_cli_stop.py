@@ -58,10 +58,13 @@ def hang_on(df, *, marker, hang_from, ignore_sigterm=False, child=False):
 '''
 
 
-def job_toml(*, executor: str, hang_from: int, grace: float, marker: Path, ignore_sigterm: bool = False,
-             child: bool = False) -> str:  # fmt: skip
-    params = (f'{{marker = {json.dumps(str(marker))}, hang_from = {hang_from}, '
-              f'ignore_sigterm = {str(ignore_sigterm).lower()}, child = {str(child).lower()}}}')  # fmt: skip
+def job_toml(
+    *, executor: str, hang_from: int, grace: float, marker: Path, ignore_sigterm: bool = False, child: bool = False
+) -> str:
+    params = (
+        f"{{marker = {json.dumps(str(marker))}, hang_from = {hang_from}, "
+        f"ignore_sigterm = {str(ignore_sigterm).lower()}, child = {str(child).lower()}}}"
+    )
     return f"""
 [job]
 name = "stop"
@@ -97,8 +100,14 @@ def job_dir(tmp_path: Path) -> Path:
 def run_ok(job_dir: Path) -> None:
     cfg = job_dir / "ok.toml"
     cfg.write_text(job_toml(executor="thread", hang_from=NEVER, grace=20, marker=job_dir / "unused"))
-    proc = subprocess.run([sys.executable, RUN_PY, "--config", str(cfg), "--quiet"], check=False,
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, RUN_PY, "--config", str(cfg), "--quiet"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -123,8 +132,9 @@ def start_hung_run(job_dir: Path, tag: str, **job: Any) -> tuple[subprocess.Pope
     log = job_dir / "run.log"
     cmd = [sys.executable, RUN_PY, "--config", str(cfg), "--quiet", "--log-file", str(log)]
     with open(job_dir / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, TAG: tag})  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, TAG: tag}
+        )
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None, f"run ended (exit {proc.returncode}) before its step hung: {read(log)}"
@@ -209,8 +219,13 @@ def test_sigterm_on_a_hung_step_kills_the_tree_after_the_grace_and_keeps_the_out
     assert report["status"] == "interrupted" and report["exit_code"] == 143
     assert (rows_digest(job_dir / "out"), layout(job_dir / "out")) == before  # nothing published
 
-    again = subprocess.run([sys.executable, RUN_PY, "--config", str(job_dir / "ok.toml"), "--quiet"],
-                           check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, RUN_PY, "--config", str(job_dir / "ok.toml"), "--quiet"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr
     assert (rows_digest(job_dir / "out"), layout(job_dir / "out")) == before
     assert leftovers(job_dir) == []
@@ -238,7 +253,10 @@ def test_stop_grace_seconds_must_be_a_positive_number(job_dir: Path, value: str)
     cfg.write_text(job_toml(executor="thread", hang_from=NEVER, grace=20, marker=job_dir / "unused"))
     proc = subprocess.run(
         [sys.executable, RUN_PY, "validate", "--config", str(cfg), "--set", f"job.stop_grace_seconds={value}"],
-        check=False, capture_output=True, text=True, timeout=WAIT,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "job.stop_grace_seconds" in proc.stderr

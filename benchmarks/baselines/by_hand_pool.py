@@ -54,9 +54,11 @@ def main() -> None:
     p.add_argument("urls", nargs="+")
     args = p.parse_args()
     tags = {url: f"part-{i:05d}" for i, url in enumerate(args.urls)}
-    with tempfile.TemporaryDirectory() as tmp, \
-            multiprocessing.Pool(os.cpu_count(), _init, (args.zones,)) as pool, \
-            ThreadPoolExecutor(DOWNLOAD_THREADS) as threads:  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        multiprocessing.Pool(os.cpu_count(), _init, (args.zones,)) as pool,
+        ThreadPoolExecutor(DOWNLOAD_THREADS) as threads,
+    ):
         futures = {threads.submit(_download, url, tmp): url for url in args.urls}
         pending = []
         for fut in as_completed(futures):

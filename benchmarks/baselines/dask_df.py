@@ -20,8 +20,9 @@ from plain_pandas import COLUMNS, DTYPES, TS_FORMAT, read_zones
 
 
 def build(urls: list[str], zones_path: str) -> dd.DataFrame:
-    df = dd.read_csv(urls, blocksize=None, compression="gzip", usecols=COLUMNS, dtype=DTYPES,
-                     keep_default_na=False, na_values=[""])  # fmt: skip
+    df = dd.read_csv(
+        urls, blocksize=None, compression="gzip", usecols=COLUMNS, dtype=DTYPES, keep_default_na=False, na_values=[""]
+    )
     # Dask infers the output schema from a sample; pin the integer keys so the merge
     # below joins int64 with int64 (it warned and upcast to float64 otherwise).
     df = df[COLUMNS].astype({"trip_id": "int64", "pickup_zone": "int64"})
@@ -50,8 +51,10 @@ def main() -> None:
     args = p.parse_args()
     # One thread per worker process: the pandas work holds the GIL, so more threads per
     # worker would only contend; processes give the parallelism.
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster):  # fmt: skip
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
         build(args.urls, args.zones).to_parquet(
             str(args.out), partition_on=["month"], compression="zstd", write_index=False
         )

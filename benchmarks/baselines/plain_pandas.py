@@ -18,12 +18,30 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-COLUMNS = ["trip_id", "pickup_at", "dropoff_at", "passenger_count", "trip_distance",
-           "pickup_zone", "payment_type", "fare_amount", "tip_amount", "total_amount"]  # fmt: skip
-DTYPES = {"trip_id": "int64", "passenger_count": "float64", "trip_distance": "float64",
-          "pickup_zone": "int64", "fare_amount": "float64", "tip_amount": "float64",
-          "total_amount": "float64", "payment_type": "str", "pickup_at": "str",
-          "dropoff_at": "str"}  # fmt: skip
+COLUMNS = [
+    "trip_id",
+    "pickup_at",
+    "dropoff_at",
+    "passenger_count",
+    "trip_distance",
+    "pickup_zone",
+    "payment_type",
+    "fare_amount",
+    "tip_amount",
+    "total_amount",
+]
+DTYPES = {
+    "trip_id": "int64",
+    "passenger_count": "float64",
+    "trip_distance": "float64",
+    "pickup_zone": "int64",
+    "fare_amount": "float64",
+    "tip_amount": "float64",
+    "total_amount": "float64",
+    "payment_type": "str",
+    "pickup_at": "str",
+    "dropoff_at": "str",
+}
 TS_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
@@ -57,8 +75,9 @@ def read_zones(path: str) -> pd.DataFrame:
 def write(df: pd.DataFrame, out: Path, tag: str) -> None:
     """Append this frame's rows to ``out/month=YYYY-MM/<tag>-0.parquet`` (zstd)."""
     table = pa.Table.from_pandas(df, preserve_index=False)
-    pq.write_to_dataset(table, out, partition_cols=["month"], compression="zstd",
-                        basename_template=f"{tag}-{{i}}.parquet")  # fmt: skip
+    pq.write_to_dataset(
+        table, out, partition_cols=["month"], compression="zstd", basename_template=f"{tag}-{{i}}.parquet"
+    )
 
 
 def main() -> None:

@@ -101,8 +101,10 @@ def count_byte(buf: bytes, byte: bytes, start: int = 0, end: int | None = None) 
     view = np.frombuffer(buf, dtype=np.uint8)
     end = len(buf) if end is None else end
     code = byte[0]
-    return sum(int(np.count_nonzero(view[i : min(i + COUNT_BLOCK_BYTES, end)] == code))
-               for i in range(start, end, COUNT_BLOCK_BYTES))  # fmt: skip
+    return sum(
+        int(np.count_nonzero(view[i : min(i + COUNT_BLOCK_BYTES, end)] == code))
+        for i in range(start, end, COUNT_BLOCK_BYTES)
+    )
 
 
 def record_end(buf: bytes, target: int) -> int:
@@ -132,6 +134,7 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
     read, parse, convert = csv_options(cfg, columns=chunk.columns)
     bad: list[tuple[int, str, str]] = []  # (record number within the chunk, reason, raw text)
     if on_error != "fail":
+
         def skip(row: pacsv.InvalidRow) -> str:
             reason = f"expected {row.expected_columns} fields as in the header, got {row.actual_columns}"
             bad.append((row.number or 0, reason, row.text))
@@ -139,11 +142,15 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
 
         parse.invalid_row_handler = skip
     try:
-        table = pacsv.read_csv(pa.py_buffer(chunk.data), read_options=read, parse_options=parse,
-                               convert_options=convert)  # fmt: skip
+        table = pacsv.read_csv(
+            pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
+        )
     except (pa.ArrowException, UnicodeError) as e:
-        hint = ('; if the file has quote characters inside unquoted fields, set read.parse = "reader"'
-                if QUOTE in chunk.data else "")  # fmt: skip
+        hint = (
+            '; if the file has quote characters inside unquoted fields, set read.parse = "reader"'
+            if QUOTE in chunk.data
+            else ""
+        )
         raise DataError(f"cannot parse CSV: {_locate(chunk, cfg, e)}{hint}", item=chunk.label) from e
     df = table.to_pandas(types_mapper=pd.ArrowDtype)
     if not bad and table.num_rows == chunk.rows:
@@ -174,19 +181,22 @@ def _record_lines(chunk: Chunk, records: int) -> np.ndarray:
         raise DataError(
             f"cannot find where the chunk's records start (pyarrow read {records}, the quote count "
             f"finds {len(lines)}): quote characters inside unquoted fields hide where records end; "
-            'set read.parse = "reader" for this file', item=chunk.label,
-        )  # fmt: skip
+            'set read.parse = "reader" for this file',
+            item=chunk.label,
+        )
     return lines
 
 
 def _malformed(starts: np.ndarray, bad: list[tuple[int, str, str]]) -> pd.DataFrame:
     string = pd.ArrowDtype(pa.string())
-    return pd.DataFrame({
-        "_row": pd.array([int(starts[n - 1]) for n, _, _ in bad], dtype=pd.ArrowDtype(pa.int64())),
-        "_step": pd.array([REJECT_STEP] * len(bad), dtype=string),
-        "_reason": pd.array([reason for _, reason, _ in bad], dtype=string),
-        "_raw": pd.array([json.dumps(text, ensure_ascii=False) for _, _, text in bad], dtype=string),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "_row": pd.array([int(starts[n - 1]) for n, _, _ in bad], dtype=pd.ArrowDtype(pa.int64())),
+            "_step": pd.array([REJECT_STEP] * len(bad), dtype=string),
+            "_reason": pd.array([reason for _, reason, _ in bad], dtype=string),
+            "_raw": pd.array([json.dumps(text, ensure_ascii=False) for _, _, text in bad], dtype=string),
+        }
+    )
 
 
 def _locate(chunk: Chunk, cfg: ReadConfig, error: Exception) -> str:
@@ -222,11 +232,27 @@ def _split_csv(chunk: Chunk) -> tuple[Chunk, Chunk] | None:
     first, second = chunk.data[:end], chunk.data[end:]
     lines = first.count(b"\n")
     return (
-        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, lines, first,
-              kind="csv", columns=chunk.columns),
-        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start + lines,
-              chunk.rows - lines, second, kind="csv", columns=chunk.columns),
-    )  # fmt: skip
+        Chunk(
+            chunk.source_index,
+            chunk.source_name,
+            chunk.index,
+            chunk.row_start,
+            lines,
+            first,
+            kind="csv",
+            columns=chunk.columns,
+        ),
+        Chunk(
+            chunk.source_index,
+            chunk.source_name,
+            chunk.index,
+            chunk.row_start + lines,
+            chunk.rows - lines,
+            second,
+            kind="csv",
+            columns=chunk.columns,
+        ),
+    )
 
 
 def _head_csv(chunk: Chunk, lines: int) -> Chunk:
@@ -237,8 +263,16 @@ def _head_csv(chunk: Chunk, lines: int) -> Chunk:
             return chunk
     end = record_end(chunk.data, pos) or len(chunk.data)
     data = chunk.data[:end]
-    return Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start,
-                 data.count(b"\n"), data, kind="csv", columns=chunk.columns)  # fmt: skip
+    return Chunk(
+        chunk.source_index,
+        chunk.source_name,
+        chunk.index,
+        chunk.row_start,
+        data.count(b"\n"),
+        data,
+        kind="csv",
+        columns=chunk.columns,
+    )
 
 
 # ------------------------------------------------------------------- either kind
@@ -263,11 +297,18 @@ def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk] | None:
     table = decode_ipc(chunk.data)
     mid = table.num_rows // 2
     return (
-        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, mid,
-              encode_ipc(table.slice(0, mid))),
-        Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start + mid,
-              table.num_rows - mid, encode_ipc(table.slice(mid))),
-    )  # fmt: skip
+        Chunk(
+            chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, mid, encode_ipc(table.slice(0, mid))
+        ),
+        Chunk(
+            chunk.source_index,
+            chunk.source_name,
+            chunk.index,
+            chunk.row_start + mid,
+            table.num_rows - mid,
+            encode_ipc(table.slice(mid)),
+        ),
+    )
 
 
 def head(chunk: Chunk, rows: int) -> Chunk:
@@ -276,5 +317,4 @@ def head(chunk: Chunk, rows: int) -> Chunk:
     if chunk.kind == "csv":
         return _head_csv(chunk, rows)
     table = decode_ipc(chunk.data).slice(0, rows)
-    return Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, table.num_rows,
-                 encode_ipc(table))  # fmt: skip
+    return Chunk(chunk.source_index, chunk.source_name, chunk.index, chunk.row_start, table.num_rows, encode_ipc(table))

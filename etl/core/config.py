@@ -19,7 +19,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -138,9 +138,19 @@ class ReadConfig(Model):
 # ----------------------------------------------------------------------- transform
 
 CastType = Literal[
-    "string", "int64", "Int64", "int32", "Int32", "float64", "float32",
-    "bool", "boolean", "category", "timestamp", "date",
-]  # fmt: skip
+    "string",
+    "int64",
+    "Int64",
+    "int32",
+    "Int32",
+    "float64",
+    "float32",
+    "bool",
+    "boolean",
+    "category",
+    "timestamp",
+    "date",
+]
 
 
 class SelectStep(Model):
@@ -226,12 +236,19 @@ class PythonStep(Model):
 
 
 Step = Annotated[
-    Union[
-        SelectStep, DropStep, RenameStep, CastStep, ParseDatetimeStep, FilterStep,
-        DeriveStep, FillnaStep, DropnaStep, LookupStep, PythonStep,
-    ],
+    SelectStep
+    | DropStep
+    | RenameStep
+    | CastStep
+    | ParseDatetimeStep
+    | FilterStep
+    | DeriveStep
+    | FillnaStep
+    | DropnaStep
+    | LookupStep
+    | PythonStep,
     Field(discriminator="op"),
-]  # fmt: skip
+]
 STEP_OPS = frozenset(
     m.model_fields["op"].annotation.__args__[0]  # type: ignore[union-attr]
     for m in Step.__origin__.__args__  # type: ignore[attr-defined]
@@ -278,6 +295,7 @@ class OutputConfig(Model):
         if isinstance(v, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v) and not v.lower().startswith("file://"):
             return v
         return Path(v) if isinstance(v, str) else v
+
     format: Literal["parquet", "csv"] = "parquet"
     """File format of the parts."""
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
@@ -293,8 +311,17 @@ class OutputConfig(Model):
 # ----------------------------------------------------------------------- resources
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -457,8 +484,7 @@ def _resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
         return p if p.is_absolute() else base / p
 
     steps = [
-        s.model_copy(update={"path": rel(s.path)}) if isinstance(s, LookupStep) else s
-        for s in cfg.transform.steps
+        s.model_copy(update={"path": rel(s.path)}) if isinstance(s, LookupStep) else s for s in cfg.transform.steps
     ]
     urls_file = cfg.sources.urls_file and rel(cfg.sources.urls_file)
     return cfg.model_copy(

@@ -136,9 +136,7 @@ def _check_partition_columns(table: pa.Table, columns: list[str], label: str) ->
         )
 
 
-def _partitions(
-    table: pa.Table, columns: list[str], label: str
-) -> Iterator[tuple[str, np.ndarray]]:
+def _partitions(table: pa.Table, columns: list[str], label: str) -> Iterator[tuple[str, np.ndarray]]:
     """(hive folder, row indices in chunk order) per folder, in order of first appearance.
 
     Keys are grouped by folder name, not by value: null and "" (or 1 and "1" in a mixed
@@ -194,8 +192,15 @@ def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:
     """Dead-letter rows as JSON Lines: source, row (or the file line, see ``Chunk.unit``),
     step, reason and the raw input row."""
     lines = [
-        json.dumps({"source": chunk.source_name, chunk.unit: int(r["_row"]), "step": r["_step"],
-                    "reason": r["_reason"], "raw": json.loads(r["_raw"]) if r["_raw"] else None})  # fmt: skip
+        json.dumps(
+            {
+                "source": chunk.source_name,
+                chunk.unit: int(r["_row"]),
+                "step": r["_step"],
+                "reason": r["_reason"],
+                "raw": json.loads(r["_raw"]) if r["_raw"] else None,
+            }
+        )
         for r in rejects.to_dict("records")
     ]
     data = ("\n".join(lines) + "\n").encode()

@@ -103,8 +103,15 @@ class Part:
     rows: int
 
 
-RESULT_COUNTERS = ("rows_in", "rows_out", "rows_rejected", "seconds", "decode_seconds",
-                   "steps_seconds", "encode_seconds")  # fmt: skip
+RESULT_COUNTERS = (
+    "rows_in",
+    "rows_out",
+    "rows_rejected",
+    "seconds",
+    "decode_seconds",
+    "steps_seconds",
+    "encode_seconds",
+)
 """The additive fields of a ``ChunkResult``: summed over split pieces and over a run."""
 
 

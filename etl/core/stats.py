@@ -35,15 +35,18 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import psutil
 
 from etl.core.machine import usable_cpus
 
 STAGES = ("download", "read", "transform", "write")
-SAMPLE_INTERVAL_S = 0.2  # RSS/CPU sampling (and the memory guard's): shorter catches briefer peaks, costs a /proc scan each
+SAMPLE_INTERVAL_S = (
+    0.2  # RSS/CPU sampling (and the memory guard's): shorter catches briefer peaks, costs a /proc scan each
+)
 TIE_SHARE = 0.05  # busy shares this close count as a tie, broken by the upstream blocked share
 
 
@@ -130,23 +133,36 @@ class StageMeter:
         run_wall = max(run_wall, 1e-9)
         busy, wait, blocked = (x / self.slots for x in (self._busy_ss, self._wait_ss, self._blocked_ss))
         return {
-            "slots": self.slots, "wall_s": round(wall, 4),
-            "busy_s": round(busy, 4), "wait_s": round(wait, 4), "blocked_s": round(blocked, 4),
-            "busy_share": round(busy / run_wall, 4), "wait_share": round(wait / run_wall, 4),
+            "slots": self.slots,
+            "wall_s": round(wall, 4),
+            "busy_s": round(busy, 4),
+            "wait_s": round(wait, 4),
+            "blocked_s": round(blocked, 4),
+            "busy_share": round(busy / run_wall, 4),
+            "wait_share": round(wait / run_wall, 4),
             "blocked_share": round(blocked / run_wall, 4),
-            "items_in": self.items_in, "items_out": self.items_out,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rows_out": self.rows_out,
+            "items_in": self.items_in,
+            "items_out": self.items_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rows_out": self.rows_out,
             "items_per_s": round(self.items_in / run_wall, 3),
             "mib_in_per_s": round(self.bytes_in / run_wall / 2**20, 3),
-        }  # fmt: skip
+        }
 
 
 class MeteredPut:
     """Wraps the queue a stage feeds: every put counts an item out and is metered as blocked."""
 
-    def __init__(self, queue: Any, meter: StageMeter, *, from_work: bool,
-                 size: Callable[[Any], int] = lambda item: item.nbytes,
-                 rows: Callable[[Any], int] = lambda item: 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        queue: Any,
+        meter: StageMeter,
+        *,
+        from_work: bool,
+        size: Callable[[Any], int] = lambda item: item.nbytes,
+        rows: Callable[[Any], int] = lambda item: 0,
+    ) -> None:
         self._queue, self._meter, self._from_work = queue, meter, from_work
         self._size, self._rows = size, rows
 
@@ -273,8 +289,18 @@ class RunStats:
             "rss_samples": self.sampler.samples,
             "stages": stages,
             "queues": [
-                {k: q[k] for k in ("name", "high_items", "max_items", "high_bytes", "max_bytes",
-                                   "put_blocked_s", "get_wait_s")}  # fmt: skip
+                {
+                    k: q[k]
+                    for k in (
+                        "name",
+                        "high_items",
+                        "max_items",
+                        "high_bytes",
+                        "max_bytes",
+                        "put_blocked_s",
+                        "get_wait_s",
+                    )
+                }
                 for q in queues
             ],
             "bottleneck": bottleneck(stages),
@@ -315,8 +341,10 @@ def format_stats(stats: dict[str, Any]) -> str:
     if not stats:
         return ""
     mib = 2**20
-    lines = [f"  {'stage':<10}{'slots':>5}{'wall s':>8}{'busy':>7}{'wait':>7}{'blocked':>8}"
-             f"{'items in/out':>15}{'MiB in/out':>19}{'MiB/s in':>10}"]  # fmt: skip
+    lines = [
+        f"  {'stage':<10}{'slots':>5}{'wall s':>8}{'busy':>7}{'wait':>7}{'blocked':>8}"
+        f"{'items in/out':>15}{'MiB in/out':>19}{'MiB/s in':>10}"
+    ]
     for name, s in stats["stages"].items():
         items = f"{s['items_in']}/{s['items_out']}"
         sizes = f"{s['bytes_in'] / mib:.1f}/{s['bytes_out'] / mib:.1f}"

@@ -24,8 +24,9 @@ def client_session(cfg: DownloadConfig, *, force_close: bool = False) -> aiohttp
     """A session with the job's limits and timeouts (connect, and the gap between reads;
     no total: a large file may take as long as it takes while bytes keep coming).
     ``force_close``: one connection per request (see ``check_sources``)."""
-    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=cfg.timeout.connect,
-                                    sock_read=cfg.timeout.read)  # fmt: skip
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=cfg.timeout.connect, sock_read=cfg.timeout.read
+    )
     connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.per_host, force_close=force_close)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, trust_env=True)
 

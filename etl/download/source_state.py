@@ -52,4 +52,6 @@ class SourceState:
         async with self._lock:
             self._saved_at = time.monotonic()
             files = {u: e for u, e in self.entries.items() if keep is None or u in keep}
-            await asyncio.to_thread(durable.write_json, self.path, {"version": 1, "files": files}, indent=1, sort_keys=True)
+            await asyncio.to_thread(
+                durable.write_json, self.path, {"version": 1, "files": files}, indent=1, sort_keys=True
+            )

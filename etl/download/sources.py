@@ -55,8 +55,12 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _MD5 = re.compile(r"^md5:([0-9a-fA-F]{32})$", re.IGNORECASE)
 
 _FORMATS: dict[str, Format] = {
-    ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
-}  # fmt: skip
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2")
 
 
@@ -85,27 +89,35 @@ def expand_sources(cfg: JobConfig) -> list[Source]:
         if (entry.sha256 or entry.md5) and len(urls) > 1:
             raise ConfigError(
                 f"a checksum applies to one file, but {entry.url!r} expands to {len(urls)} files",
-                key=where, file=job_file,
-            )  # fmt: skip
+                key=where,
+                file=job_file,
+            )
         headers = tuple(entry.headers.items())
         sha, md5 = _lower(entry.sha256), _lower(entry.md5)
         items += (_Item(u, where, job_file, sha, md5, headers) for u in urls)
     if cfg.sources.urls_file is not None:
         items += _read_urls_file(Path(cfg.sources.urls_file))
     if not items:
-        raise ConfigError("no sources: give sources.urls, sources.files or sources.urls_file",
-                          key="sources", file=job_file)  # fmt: skip
+        raise ConfigError(
+            "no sources: give sources.urls, sources.files or sources.urls_file", key="sources", file=job_file
+        )
     if len(items) > MAX_SOURCES:
-        raise ConfigError(f"{len(items)} sources is more than the limit of {MAX_SOURCES}",
-                          key="sources", file=job_file)  # fmt: skip
+        raise ConfigError(f"{len(items)} sources is more than the limit of {MAX_SOURCES}", key="sources", file=job_file)
     _check_duplicates(items)
     _check_credentials(items, cfg.download.headers)
     names = _unique_names(items)
     return [
-        Source(index=i, url=it.url, name=names[i], format=_format(it, names[i], cfg.sources.format),
-               sha256=it.sha256, md5=it.md5, headers=it.headers)
+        Source(
+            index=i,
+            url=it.url,
+            name=names[i],
+            format=_format(it, names[i], cfg.sources.format),
+            sha256=it.sha256,
+            md5=it.md5,
+            headers=it.headers,
+        )
         for i, it in enumerate(items)
-    ]  # fmt: skip
+    ]
 
 
 # ------------------------------------------------------------------- ranges and globs
@@ -204,8 +216,9 @@ def _parse_lines(lines: list[str], path: Path) -> Iterator[_Item]:
             raise ConfigError(
                 f"expected 'URL [sha256 | md5:<hex>]', got {len(fields)} fields: "
                 f"{' '.join(redact_url(f) for f in fields)!r}",
-                key="sources.urls_file", file=where,
-            )  # fmt: skip
+                key="sources.urls_file",
+                file=where,
+            )
         url = fields[0]
         sha256, md5 = _parse_checksum(fields[1], where) if len(fields) == 2 else (None, None)
         if _is_remote(url):
@@ -224,8 +237,9 @@ def _parse_checksum(text: str, where: str) -> tuple[str | None, str | None]:
         return None, m.group(1).lower()
     raise ConfigError(
         f"the second column must be a sha256 (64 hex digits) or md5:<32 hex digits>, got {text!r}",
-        key="sources.urls_file", file=where,
-    )  # fmt: skip
+        key="sources.urls_file",
+        file=where,
+    )
 
 
 # -------------------------------------------------------------------- names, format
@@ -236,9 +250,10 @@ def _check_duplicates(items: list[_Item]) -> None:
     for it in items:
         if (first := seen.get(it.url)) is not None:
             raise ConfigError(
-                f"duplicate source {redact_url(it.url)} (also listed at {first.where}); "
-                "each file may appear once", key=it.where, file=it.file,
-            )  # fmt: skip
+                f"duplicate source {redact_url(it.url)} (also listed at {first.where}); each file may appear once",
+                key=it.where,
+                file=it.file,
+            )
         seen[it.url] = it
 
 
@@ -251,8 +266,10 @@ def _check_credentials(items: list[_Item], common: dict[str, str]) -> None:
         if "authorization" in names:
             raise ConfigError(
                 f"{redact_url(it.url)} has credentials in the URL and an Authorization header "
-                "is set too; give one or the other", key=it.where, file=it.file,
-            )  # fmt: skip
+                "is set too; give one or the other",
+                key=it.where,
+                file=it.file,
+            )
 
 
 def _base_name(url: str) -> str:
@@ -266,8 +283,7 @@ def _unique_names(items: list[_Item]) -> list[str]:
     for it in items:
         name = _base_name(it.url)
         if name in ("", ".", ".."):
-            raise ConfigError(f"{redact_url(it.url)} does not end in a file name",
-                              key=it.where, file=it.file)  # fmt: skip
+            raise ConfigError(f"{redact_url(it.url)} does not end in a file name", key=it.where, file=it.file)
         names.append(name)
     counts = Counter(names)
     return [
@@ -290,8 +306,10 @@ def _format(item: _Item, name: str, configured: str) -> Format:
     raise ConfigError(
         f"cannot tell the format of {name!r} from its extension; known extensions: "
         f"{', '.join(_FORMATS)}, each optionally followed by {', '.join(_COMPRESSIONS)} "
-        "(or set sources.format)", key=item.where, file=item.file,
-    )  # fmt: skip
+        "(or set sources.format)",
+        key=item.where,
+        file=item.file,
+    )
 
 
 def _lower(value: str | None) -> str | None:

@@ -46,7 +46,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -60,7 +60,7 @@ from tenacity import (
     stop_after_attempt,
     stop_before_delay,
     wait_random_exponential,
-)  # fmt: skip
+)
 
 from etl.core import durable
 from etl.core.config import DownloadConfig
@@ -76,7 +76,7 @@ from etl.download.checksums import (
     hexdigests,
     new_hashers,
     write_and_hash,
-)  # fmt: skip
+)
 from etl.download.http import client_session
 from etl.download.objects import stage_object
 from etl.download.source_state import SourceState
@@ -122,8 +122,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class _TransientStatus(SourceError):
@@ -174,9 +174,15 @@ async def download_stage(
         stats.seconds = round(time.monotonic() - start, 3)
         log.info(
             "%d of %d files staged: %d bytes received, %d not modified, %d bytes resumed, %d retries, %.1fs",
-            stats.files, len(sources), stats.bytes, stats.not_modified, stats.resumed_bytes,
-            stats.retries, stats.seconds, extra={"stage": "download", "source": ""},
-        )  # fmt: skip
+            stats.files,
+            len(sources),
+            stats.bytes,
+            stats.not_modified,
+            stats.resumed_bytes,
+            stats.retries,
+            stats.seconds,
+            extra={"stage": "download", "source": ""},
+        )
     await out.close()
     return stats
 
@@ -214,10 +220,16 @@ class _Fetcher:
     """Shared state of one stage run: session, slots, state file, stats."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, cfg: DownloadConfig, staging_dir: Path,
-        state: SourceState, full_refresh: bool, stats: DownloadStats,
-        progress: ProgressSink | None, out: BoundedQueue[StagedFile],
-    ) -> None:  # fmt: skip
+        self,
+        session: aiohttp.ClientSession,
+        cfg: DownloadConfig,
+        staging_dir: Path,
+        state: SourceState,
+        full_refresh: bool,
+        stats: DownloadStats,
+        progress: ProgressSink | None,
+        out: BoundedQueue[StagedFile],
+    ) -> None:
         self.session = session
         self.cfg = cfg
         self.staging_dir = staging_dir
@@ -328,7 +340,9 @@ class _Transfer:
                 raise
             raise SourceError(
                 f"took longer than download.timeout.total = {total}s ({self.attempts} attempts)",
-                item=self.safe_url, retryable=True, attempts=self.attempts,
+                item=self.safe_url,
+                retryable=True,
+                attempts=self.attempts,
             ) from None
         except SourceError as e:
             raise self._give_up(e) from e.__cause__
@@ -340,9 +354,13 @@ class _Transfer:
         self.f.stats.retries += 1
         log.warning(
             "retry %s in %.2fs: attempt %d of %d failed: %s",
-            self.safe_url, delay, rs.attempt_number, self.f.cfg.retry.attempts, reason,
+            self.safe_url,
+            delay,
+            rs.attempt_number,
+            self.f.cfg.retry.attempts,
+            reason,
             extra=self._extra(attempt=rs.attempt_number, delay=delay, reason=reason),
-        )  # fmt: skip
+        )
 
     def _give_up(self, err: SourceError) -> SourceError:
         n = self.attempts
@@ -353,9 +371,7 @@ class _Transfer:
             message = f"gave up after {tries}; last error: {err.message}"
         else:
             message = f"{err.message} (not retried; {tries})"
-        return SourceError(
-            message, item=self.safe_url, retryable=err.retryable, status=err.status, attempts=n
-        )
+        return SourceError(message, item=self.safe_url, retryable=err.retryable, status=err.status, attempts=n)
 
     # --------------------------------------------------------------- one attempt
 
@@ -397,9 +413,11 @@ class _Transfer:
             return self._not_modified()
         if status in RETRY_STATUSES:
             raise _TransientStatus(
-                f"HTTP {status} {resp.reason or ''}".strip(), item=self.safe_url, status=status,
+                f"HTTP {status} {resp.reason or ''}".strip(),
+                item=self.safe_url,
+                status=status,
                 retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-            )  # fmt: skip
+            )
         if status == 416 and offset:
             return await self._unsatisfiable(resp, offset)
         if status == 206:
@@ -408,23 +426,40 @@ class _Transfer:
                 self.f.stats.resumed_bytes += offset
             elif start == 0:  # the file from its first byte, whatever we asked: a fresh start
                 if offset:
-                    log.info("%s: asked for bytes %d- but got Content-Range %r; restarting with it",
-                             self.safe_url, offset, resp.headers.get("Content-Range"), extra=self._extra())  # fmt: skip
+                    log.info(
+                        "%s: asked for bytes %d- but got Content-Range %r; restarting with it",
+                        self.safe_url,
+                        offset,
+                        resp.headers.get("Content-Range"),
+                        extra=self._extra(),
+                    )
                 offset = 0
                 await asyncio.to_thread(self._write_meta, resp.headers)
             elif offset:  # a range we did not ask for: never splice it onto our bytes
-                log.warning("%s: asked for bytes %d- but got Content-Range %r; restarting from byte 0",
-                            self.safe_url, offset, resp.headers.get("Content-Range"), extra=self._extra())  # fmt: skip
+                log.warning(
+                    "%s: asked for bytes %d- but got Content-Range %r; restarting from byte 0",
+                    self.safe_url,
+                    offset,
+                    resp.headers.get("Content-Range"),
+                    extra=self._extra(),
+                )
                 await asyncio.to_thread(self._discard)
                 raise _Restart
             else:
-                raise SourceError(f"HTTP 206 with Content-Range {resp.headers.get('Content-Range')!r} "
-                                  "to a request for the whole file", item=self.safe_url, retryable=True,
-                                  status=status)  # fmt: skip
+                raise SourceError(
+                    f"HTTP 206 with Content-Range {resp.headers.get('Content-Range')!r} "
+                    "to a request for the whole file",
+                    item=self.safe_url,
+                    retryable=True,
+                    status=status,
+                )
         elif status in (200, 203):
             if offset:
-                log.info("%s: server sent the whole file (changed, or no range support); restarting",
-                         self.safe_url, extra=self._extra())  # fmt: skip
+                log.info(
+                    "%s: server sent the whole file (changed, or no range support); restarting",
+                    self.safe_url,
+                    extra=self._extra(),
+                )
             offset = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -444,13 +479,21 @@ class _Transfer:
             await asyncio.to_thread(hash_file, self.part, hashers, offset)
             digests = hexdigests(hashers)
             if not checksum_problem(self.src, digests):
-                log.info("%s: HTTP 416: the partial file already holds all %d bytes, checksum verified",
-                         self.safe_url, offset, extra=self._extra())  # fmt: skip
+                log.info(
+                    "%s: HTTP 416: the partial file already holds all %d bytes, checksum verified",
+                    self.safe_url,
+                    offset,
+                    extra=self._extra(),
+                )
                 meta = await asyncio.to_thread(self._read_meta)
                 validators = {"ETag": meta.get("etag"), "Last-Modified": meta.get("last_modified")}
                 return await self._finish(offset, digests, validators)
-        log.info("%s: HTTP 416 for bytes %d-: the partial file is stale; restarting from byte 0",
-                 self.safe_url, offset, extra=self._extra())  # fmt: skip
+        log.info(
+            "%s: HTTP 416 for bytes %d-: the partial file is stale; restarting from byte 0",
+            self.safe_url,
+            offset,
+            extra=self._extra(),
+        )
         await asyncio.to_thread(self._discard)
         raise _Restart
 
@@ -478,8 +521,7 @@ class _Transfer:
         if total is not None and size != total:
             if size > total:
                 await asyncio.to_thread(self._discard)
-            raise SourceError(f"incomplete body: received {size} of {total} bytes",
-                              item=self.safe_url, retryable=True)  # fmt: skip
+            raise SourceError(f"incomplete body: received {size} of {total} bytes", item=self.safe_url, retryable=True)
         digests = hexdigests(hashers)
         if problem := checksum_problem(self.src, digests):
             await asyncio.to_thread(self._discard)

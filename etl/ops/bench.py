@@ -51,8 +51,13 @@ AUTO_STEP_RUNGS = 2  # a step looks this many rungs ahead: more finds gains spre
 AUTO_MAX_PASSES = 3  # passes over the keys; each pass starts from the newest bottleneck
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long a run may take to stop before it is killed
 OK_CODES = (ExitCode.OK, ExitCode.REJECTED_ROWS)
-STAGE_OF_SECTION = {"sources": "download", "download": "download", "read": "read", "transform": "transform",
-                    "output": "write"}  # fmt: skip
+STAGE_OF_SECTION = {
+    "sources": "download",
+    "download": "download",
+    "read": "read",
+    "transform": "transform",
+    "output": "write",
+}
 # Settings that speed up more than their own section's stage, main stage first: the chunk
 # size sets how many chunks every later stage handles (per-chunk overhead, part files).
 KEY_STAGES = {"read.chunk_rows": ("read", "transform", "write")}
@@ -94,15 +99,20 @@ class PointResult:
         """Mean busy / wait / blocked seconds per stage over the runs."""
         return {
             s: {k: statistics.fmean(r["stages"][s][k] for r in self.runs) for k in ("busy_s", "wait_s", "blocked_s")}
-            for s in STAGES if all(s in r["stages"] for r in self.runs)
-        }  # fmt: skip
+            for s in STAGES
+            if all(s in r["stages"] for r in self.runs)
+        }
 
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = dict(self.point)
         row["runs"] = len(self.runs)
         for key in ("wall_s", "rows_per_s", "mib_per_s"):
             lo, hi = self.spread(key)
-            row[f"{key}_median"], row[f"{key}_min"], row[f"{key}_max"] = round(self.median(key), 3), round(lo, 3), round(hi, 3)
+            row[f"{key}_median"], row[f"{key}_min"], row[f"{key}_max"] = (
+                round(self.median(key), 3),
+                round(lo, 3),
+                round(hi, 3),
+            )
         row["peak_rss_mib"] = round(self.median("peak_rss_mib"), 1)
         row["cpu_util"] = round(self.median("cpu_util"), 3)
         row["bottleneck"] = self.bottleneck
@@ -174,7 +184,7 @@ class Bench:
                     f"{run['peak_rss_mib']:,.0f} MiB, CPU {run['cpu_util']:.0%}, bottleneck {run['bottleneck']} "
                     f"(round {rnd}/{self.repeat})",
                     flush=True,
-                )  # fmt: skip
+                )
 
     def run_once(self, point: Point) -> dict[str, Any]:
         """One more run of ``point``, added to its result."""
@@ -191,21 +201,34 @@ class Bench:
         if not self.include_download and not keep_staging:
             seed_cache(self.out / "cache" / "state" / self.cfg.job.name, job_state)
         where = [f"job.state_dir={json.dumps(str(state))}", f"output.path={json.dumps(str(folder / 'output'))}"]
-        cmd = [sys.executable, str(ROOT / "run.py"), "run", "--config", str(self.config), "--quiet",
-               "--log-level", "WARNING", "--log-file", str(folder / "run.log")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "run",
+            "--config",
+            str(self.config),
+            "--quiet",
+            "--log-level",
+            "WARNING",
+            "--log-file",
+            str(folder / "run.log"),
+        ]
         for item in self.base + overrides(point) + where:
             cmd += ["--set", item]
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         # Its own session: the terminal's Ctrl-C reaches bench only, which passes on one SIGINT
         # (two would count as "stop now" and kill the run instead of stopping it cleanly).
-        code = _wait(subprocess.Popen(cmd, cwd=str(self.config.parent), stdin=subprocess.DEVNULL,
-                                      start_new_session=True))  # fmt: skip
+        code = _wait(
+            subprocess.Popen(cmd, cwd=str(self.config.parent), stdin=subprocess.DEVNULL, start_new_session=True)
+        )
         elapsed = time.perf_counter() - started
         if code not in OK_CODES:
             log = (folder / "run.log").read_text(errors="replace")[-2000:] if (folder / "run.log").exists() else ""
-            raise ETLError(f"bench run for {set_line(point) or 'the job as is'} exited with code {code} "
-                           f"(log: {folder / 'run.log'}):\n{log}")
+            raise ETLError(
+                f"bench run for {set_line(point) or 'the job as is'} exited with code {code} "
+                f"(log: {folder / 'run.log'}):\n{log}"
+            )
         report = _report(job_state)
         shutil.rmtree(folder / "output", ignore_errors=True)  # bounded disk: the numbers are in the report
         if not keep_staging:
@@ -252,12 +275,18 @@ def metrics(report: dict[str, Any], process_wall: float) -> dict[str, Any]:
     st = s.get("stats", {})
     wall = max(float(s["wall_seconds"]), 1e-9)
     return {
-        "wall_s": wall, "process_wall_s": round(process_wall, 3), "rows_in": s["rows_in"],
-        "rows_per_s": s["rows_in"] / wall, "mib_per_s": s["bytes_read"] / wall / 2**20,
-        "peak_rss_mib": st.get("peak_rss_bytes", 0) / 2**20, "cpu_util": st.get("cpu_util", 0.0),
-        "cpu_seconds": st.get("cpu_seconds", 0.0), "bottleneck": st.get("bottleneck", {}).get("stage", "?"),
-        "stages": st.get("stages", {}), "exit_code": report.get("exit_code"),
-    }  # fmt: skip
+        "wall_s": wall,
+        "process_wall_s": round(process_wall, 3),
+        "rows_in": s["rows_in"],
+        "rows_per_s": s["rows_in"] / wall,
+        "mib_per_s": s["bytes_read"] / wall / 2**20,
+        "peak_rss_mib": st.get("peak_rss_bytes", 0) / 2**20,
+        "cpu_util": st.get("cpu_util", 0.0),
+        "cpu_seconds": st.get("cpu_seconds", 0.0),
+        "bottleneck": st.get("bottleneck", {}).get("stage", "?"),
+        "stages": st.get("stages", {}),
+        "exit_code": report.get("exit_code"),
+    }
 
 
 # --------------------------------------------------------------------------- auto
@@ -303,6 +332,7 @@ def key_stages(key: str) -> tuple[str, ...]:
 
 def key_order(keys: list[str], bottleneck: str) -> list[str]:
     """Keys whose main stage is the bottleneck first, then keys that also touch it, then the rest."""
+
     def rank(key: str) -> int:
         stages = key_stages(key)
         return 0 if stages[:1] == (bottleneck,) else 1 if bottleneck in stages else 2
@@ -347,8 +377,10 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
         if best == start:
             break
     chosen = search.result(best)
-    log(f"auto: chose {chosen.label()} ({chosen.throughput:,.0f} rows/s, median of its {len(chosen.runs)} runs) "
-        f"after {len(bench.results)} points, {bench.runs_done} runs")  # fmt: skip
+    log(
+        f"auto: chose {chosen.label()} ({chosen.throughput:,.0f} rows/s, median of its {len(chosen.runs)} runs) "
+        f"after {len(bench.results)} points, {bench.runs_done} runs"
+    )
     return chosen
 
 
@@ -387,8 +419,10 @@ class _Search:
         gain = self.gains[pair] = statistics.median(ratios)
         moved = [k.split(".")[-1] + "=" + v for k, v in candidate.items() if best.get(k) != v]
         verdict = "a step" if gain >= 1 + AUTO_MIN_GAIN else "under the line"
-        self.log(f"auto: {' '.join(moved)} vs {self.result(best).label()}: {gain - 1:+.1%} side by side "
-                 f"({', '.join(f'{r - 1:+.1%}' for r in ratios)}): {verdict} [{self.bench.runs_done} runs]")  # fmt: skip
+        self.log(
+            f"auto: {' '.join(moved)} vs {self.result(best).label()}: {gain - 1:+.1%} side by side "
+            f"({', '.join(f'{r - 1:+.1%}' for r in ratios)}): {verdict} [{self.bench.runs_done} runs]"
+        )
         return gain
 
     def _side_by_side(self, best: Point, candidate: Point) -> list[float]:
@@ -426,8 +460,10 @@ class _Search:
             while True:
                 here = ladder.index(best[key])
                 rungs = [here + step * n for n in range(1, AUTO_STEP_RUNGS + 1) if 0 <= here + step * n < len(ladder)]
-                taken = next((c for c in ({**best, key: ladder[i]} for i in rungs)
-                              if self.gain(best, c) >= 1 + AUTO_MIN_GAIN), None)  # fmt: skip
+                taken = next(
+                    (c for c in ({**best, key: ladder[i]} for i in rungs) if self.gain(best, c) >= 1 + AUTO_MIN_GAIN),
+                    None,
+                )
                 if taken is None:
                     break
                 best = taken
@@ -456,13 +492,19 @@ def write_outputs(bench: Bench, varied: list[str], extra: dict[str, Any]) -> lis
         w.writeheader()
         w.writerows(rows)
     doc = {
-        "config": str(bench.config), "base_overrides": bench.base, "repeat": bench.repeat,
-        "include_download": bench.include_download, "varied": varied, "runs": bench.runs_done,
-        "cores": usable_cpus(), "recommended": recommended(results, extra),
+        "config": str(bench.config),
+        "base_overrides": bench.base,
+        "repeat": bench.repeat,
+        "include_download": bench.include_download,
+        "varied": varied,
+        "runs": bench.runs_done,
+        "cores": usable_cpus(),
+        "recommended": recommended(results, extra),
         **extra,
-        "points": [{**r.row(), "point": r.point, "stage_seconds": r.stage_seconds(), "run_metrics": r.runs}
-                   for r in results],
-    }  # fmt: skip
+        "points": [
+            {**r.row(), "point": r.point, "stage_seconds": r.stage_seconds(), "run_metrics": r.runs} for r in results
+        ],
+    }
     (out / "bench.json").write_text(json.dumps(doc, indent=2, default=str))
     files = [out / "bench.csv", out / "bench.json"]
     if results:

@@ -87,18 +87,30 @@ def _bad(message: str) -> None:
 
 
 def crontab_line(
-    cfg: JobConfig, config: Path, schedule: str, metrics_file: Path | None = None,
-    python: str = sys.executable, run_py: Path | None = None,
-) -> str:  # fmt: skip
+    cfg: JobConfig,
+    config: Path,
+    schedule: str,
+    metrics_file: Path | None = None,
+    python: str = sys.executable,
+    run_py: Path | None = None,
+) -> str:
     """One crontab line for the job; creates ``<state>/logs`` so cron's redirect works."""
     schedule = check_schedule(schedule)
     run_py = run_py or Path(__file__).resolve().parents[2] / "run.py"  # etl/ops/cron.py -> the clone
     logs = cfg.job_state_dir.resolve() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     argv = [
-        str(Path(python).absolute()), str(run_py.resolve()), "run", "--config", str(config.resolve()),
-        "--quiet", "--log-format", "json", "--log-file", str(logs / "cron.log"),
-    ]  # fmt: skip
+        str(Path(python).absolute()),
+        str(run_py.resolve()),
+        "run",
+        "--config",
+        str(config.resolve()),
+        "--quiet",
+        "--log-format",
+        "json",
+        "--log-file",
+        str(logs / "cron.log"),
+    ]
     if metrics_file is not None:
         argv += ["--metrics-file", str(metrics_file.resolve())]
     command = " ".join(shlex.quote(a) for a in argv) + f" >> {shlex.quote(str(logs / 'cron.out'))} 2>&1"

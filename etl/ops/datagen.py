@@ -64,34 +64,106 @@ NEGATIVE_FARE_SHARE = 0.005  # refunds: fare, tip and total negated
 ZERO_DISTANCE_SHARE = 0.01  # trip_distance 0 (cancelled or meter error)
 UNKNOWN_ZONE_SHARE = 0.002  # pickup_zone not in zones.csv
 NOTE_SHARE = 0.03  # notes filled in (always, messy or not); the rest are empty
-EMPTY_COLUMNS = ("passenger_count", "trip_distance", "dropoff_at", "dropoff_zone",
-                 "payment_type", "tip_amount", "store_and_fwd")  # fmt: skip
+EMPTY_COLUMNS = (
+    "passenger_count",
+    "trip_distance",
+    "dropoff_at",
+    "dropoff_zone",
+    "payment_type",
+    "tip_amount",
+    "store_and_fwd",
+)
 WHITESPACE_COLUMNS = ("trip_distance", "fare_amount", "total_amount")
 # With bad_values > 0, this share of each column below holds a value no cast accepts.
 BAD_VALUES = {"fare_amount": "n/a", "passenger_count": "unknown"}
 
-COLUMNS = ("trip_id", "vendor_id", "pickup_at", "dropoff_at", "passenger_count",
-           "trip_distance", "pickup_zone", "dropoff_zone", "payment_type", "fare_amount",
-           "tip_amount", "total_amount", "store_and_fwd", "notes")  # fmt: skip
+COLUMNS = (
+    "trip_id",
+    "vendor_id",
+    "pickup_at",
+    "dropoff_at",
+    "passenger_count",
+    "trip_distance",
+    "pickup_zone",
+    "dropoff_zone",
+    "payment_type",
+    "fare_amount",
+    "tip_amount",
+    "total_amount",
+    "store_and_fwd",
+    "notes",
+)
 
 PAYMENT_TYPES = ("card", "cash", "no charge", "dispute", "unknown")
 PAYMENT_P = (0.72, 0.24, 0.02, 0.01, 0.01)
 VENDORS = (1, 2, 6)
 VENDOR_P = (0.3, 0.68, 0.02)
 PASSENGER_P = (0.71, 0.14, 0.05, 0.03, 0.04, 0.03)  # 1..6 passengers
-PLAIN_NOTES = ("airport run", "regular customer", "luggage in trunk", "child seat",
-               "rain delay", "wheelchair access", "paid toll", "detour for roadworks")  # fmt: skip
-MESSY_NOTES = ('left bag, driver called back', 'said "step on it"', "two stops, one wait",
-               "line one\nline two", 'complaint: "AC broken",\nrefund asked')  # fmt: skip
+PLAIN_NOTES = (
+    "airport run",
+    "regular customer",
+    "luggage in trunk",
+    "child seat",
+    "rain delay",
+    "wheelchair access",
+    "paid toll",
+    "detour for roadworks",
+)
+MESSY_NOTES = (
+    "left bag, driver called back",
+    'said "step on it"',
+    "two stops, one wait",
+    "line one\nline two",
+    'complaint: "AC broken",\nrefund asked',
+)
 
-BOROUGHS = {"EWR": 1, "Queens": 69, "Bronx": 43, "Manhattan": 69, "Staten Island": 20,
-            "Brooklyn": 61}  # fmt: skip
-_NAME_HEADS = ("Astoria", "Bay", "Cedar", "Clinton", "Crown", "East", "Forest", "Fort",
-               "Garden", "Glen", "Harbor", "Hudson", "Jackson", "Kings", "Lake", "Lincoln",
-               "Madison", "Maple", "Mill", "Morris", "Ocean", "Pelham", "River", "Rock",
-               "Spring", "Union", "West", "Willow")  # fmt: skip
-_NAME_TAILS = ("Heights", "Park", "Village", "Gardens", "Square", "Point", "Hill", "Beach",
-               "Terrace", "Yards", "Flats", "North", "South", "Hill/Annex")  # fmt: skip
+BOROUGHS = {"EWR": 1, "Queens": 69, "Bronx": 43, "Manhattan": 69, "Staten Island": 20, "Brooklyn": 61}
+_NAME_HEADS = (
+    "Astoria",
+    "Bay",
+    "Cedar",
+    "Clinton",
+    "Crown",
+    "East",
+    "Forest",
+    "Fort",
+    "Garden",
+    "Glen",
+    "Harbor",
+    "Hudson",
+    "Jackson",
+    "Kings",
+    "Lake",
+    "Lincoln",
+    "Madison",
+    "Maple",
+    "Mill",
+    "Morris",
+    "Ocean",
+    "Pelham",
+    "River",
+    "Rock",
+    "Spring",
+    "Union",
+    "West",
+    "Willow",
+)
+_NAME_TAILS = (
+    "Heights",
+    "Park",
+    "Village",
+    "Gardens",
+    "Square",
+    "Point",
+    "Hill",
+    "Beach",
+    "Terrace",
+    "Yards",
+    "Flats",
+    "North",
+    "South",
+    "Hill/Annex",
+)
 
 
 def generate(
@@ -110,8 +182,7 @@ def generate(
 
     Raises ``ConfigError`` naming the argument for a bad count, share or format.
     """
-    _check_args(rows=rows, files=files, fmt=fmt, bad_values=bad_values,
-                slice_rows=slice_rows, workers=workers)  # fmt: skip
+    _check_args(rows=rows, files=files, fmt=fmt, bad_values=bad_values, slice_rows=slice_rows, workers=workers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_file = [rows // files + (1 if i < rows % files else 0) for i in range(files)]
@@ -135,11 +206,10 @@ def _check_args(**args: int | float | str) -> None:
         "rows": (lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
         "files": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
         "fmt": (lambda v: v in FORMATS, f"must be one of {', '.join(FORMATS)}"),
-        "bad_values": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
-                       "must be a share in [0, 1]"),
+        "bad_values": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "must be a share in [0, 1]"),
         "slice_rows": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
         "workers": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
-    }  # fmt: skip
+    }
     for name, value in args.items():
         ok, rule = rules[name]
         if not ok(value):
@@ -150,9 +220,14 @@ def _check_args(**args: int | float | str) -> None:
 
 
 def _slices(
-    seed: int, file_index: int, first_id: int, rows: int, slice_rows: int,
-    messy: bool, bad_values: float,
-) -> Iterator[pa.Table]:  # fmt: skip
+    seed: int,
+    file_index: int,
+    first_id: int,
+    rows: int,
+    slice_rows: int,
+    messy: bool,
+    bad_values: float,
+) -> Iterator[pa.Table]:
     """The file's rows as tables of at most ``slice_rows``; one empty table for 0 rows."""
     starts = range(0, rows, slice_rows) if rows else [0]
     for k, start in enumerate(starts):
@@ -255,11 +330,13 @@ def zones_table() -> pa.Table:
     names = [f"{h} {t}" for h in _NAME_HEADS for t in _NAME_TAILS]
     picked = rng.permutation(len(names))[:ZONE_COUNT]
     boroughs = [b for b, count in BOROUGHS.items() for _ in range(count)]
-    return pa.table({
-        "zone_id": pa.array(np.arange(1, ZONE_COUNT + 1, dtype="int16")),
-        "borough": pa.array(boroughs),
-        "zone_name": pa.array([names[i] for i in picked]),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "zone_id": pa.array(np.arange(1, ZONE_COUNT + 1, dtype="int16")),
+            "borough": pa.array(boroughs),
+            "zone_name": pa.array([names[i] for i in picked]),
+        }
+    )
 
 
 # ------------------------------------------------------------------------ writing

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,7 @@ class _RunContext(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "stage": record.stage,  # type: ignore[attr-defined]
             "source": record.source,  # type: ignore[attr-defined]
@@ -54,8 +54,7 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
-def setup_logging(level: str = "INFO", fmt: LogFormat = "text", log_file: Path | None = None,
-                  run_id: str = "") -> None:  # fmt: skip
+def setup_logging(level: str = "INFO", fmt: LogFormat = "text", log_file: Path | None = None, run_id: str = "") -> None:
     handler: logging.Handler
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)

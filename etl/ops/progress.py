@@ -49,8 +49,9 @@ class StageProgress:
         self._lock = threading.Lock()
         self._bar: tqdm | None = None
         if mode == "bar":
-            self._bar = tqdm(total=total, desc=f"{stage:<9}", unit=f" {unit}",
-                             position=position, leave=True, dynamic_ncols=True)  # fmt: skip
+            self._bar = tqdm(
+                total=total, desc=f"{stage:<9}", unit=f" {unit}", position=position, leave=True, dynamic_ncols=True
+            )
 
     def update(self, items: int = 0, nbytes: int = 0) -> None:
         with self._lock:

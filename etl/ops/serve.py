@@ -45,9 +45,12 @@ PACE_STEPS_PER_SECOND = 20
 
 # Types for the formats the pipeline reads; other names fall back to ``mimetypes``.
 CONTENT_TYPES = {
-    ".csv": "text/csv", ".jsonl": "application/jsonl", ".gz": "application/gzip",
-    ".parquet": "application/vnd.apache.parquet", ".zst": "application/zstd",
-}  # fmt: skip
+    ".csv": "text/csv",
+    ".jsonl": "application/jsonl",
+    ".gz": "application/gzip",
+    ".parquet": "application/vnd.apache.parquet",
+    ".zst": "application/zstd",
+}
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,11 @@ class _Options:
 _OPTIONS = web.AppKey("options", _Options)
 
 
-def make_app(
-    folder: Path, *, latency: float = 0.0, bandwidth: int | None = None
-) -> web.Application:
+def make_app(folder: Path, *, latency: float = 0.0, bandwidth: int | None = None) -> web.Application:
     """The aiohttp application serving ``folder``. Raises ``ConfigError`` for bad options."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"the folder to serve must exist and be a directory, got {str(folder)!r}",
-                          key="folder")  # fmt: skip
+        raise ConfigError(f"the folder to serve must exist and be a directory, got {str(folder)!r}", key="folder")
     if latency < 0:
         raise ConfigError(f"latency must be >= 0 seconds, got {latency!r}", key="latency")
     if bandwidth is not None and bandwidth <= 0:
@@ -79,9 +79,13 @@ def make_app(
 
 
 async def start_server(
-    folder: Path, *, host: str = "127.0.0.1", port: int = 0,
-    latency: float = 0.0, bandwidth: int | None = None,
-) -> tuple[web.AppRunner, str]:  # fmt: skip
+    folder: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    latency: float = 0.0,
+    bandwidth: int | None = None,
+) -> tuple[web.AppRunner, str]:
     """Start serving; return the runner (``await runner.cleanup()`` stops it) and base URL."""
     runner = web.AppRunner(make_app(folder, latency=latency, bandwidth=bandwidth), access_log=None)
     await runner.setup()
@@ -98,12 +102,15 @@ async def start_server(
 
 @asynccontextmanager
 async def serve(
-    folder: Path, *, host: str = "127.0.0.1", port: int = 0,
-    latency: float = 0.0, bandwidth: int | None = None,
-) -> AsyncIterator[str]:  # fmt: skip
+    folder: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    latency: float = 0.0,
+    bandwidth: int | None = None,
+) -> AsyncIterator[str]:
     """``async with serve(folder) as base_url:`` — the server stops when the block ends."""
-    runner, base_url = await start_server(folder, host=host, port=port, latency=latency,
-                                          bandwidth=bandwidth)  # fmt: skip
+    runner, base_url = await start_server(folder, host=host, port=port, latency=latency, bandwidth=bandwidth)
     try:
         yield base_url
     finally:
@@ -111,9 +118,13 @@ async def serve(
 
 
 def run_forever(
-    folder: Path, *, host: str = "127.0.0.1", port: int = 0,
-    latency: float = 0.0, bandwidth: int | None = None,
-) -> None:  # fmt: skip
+    folder: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    latency: float = 0.0,
+    bandwidth: int | None = None,
+) -> None:
     """Serve until SIGINT or SIGTERM, then close connections and return."""
 
     async def main() -> None:
@@ -124,8 +135,7 @@ def run_forever(
         opts = {"host": host, "port": port, "latency": latency, "bandwidth": bandwidth}
         async with serve(folder, **opts) as url:
             limit = f", {bandwidth} bytes/s per response" if bandwidth else ""
-            print(f"serving {folder} at {url} (latency {latency}s{limit}); Ctrl+C stops",
-                  flush=True)  # fmt: skip
+            print(f"serving {folder} at {url} (latency {latency}s{limit}); Ctrl+C stops", flush=True)
             await stop.wait()
         print("stopped", flush=True)
 
@@ -209,9 +219,7 @@ def _preconditions(request: web.Request, etag: str, mtime: int) -> int | None:
     return None
 
 
-def _byte_range(
-    request: web.Request, size: int, etag: str, mtime: int
-) -> tuple[int, int] | None:
+def _byte_range(request: web.Request, size: int, etag: str, mtime: int) -> tuple[int, int] | None:
     """``(start, stop)`` of the one range to send, or None to send the whole file (200).
 
     A malformed or multi-part Range is ignored (RFC 9110 §14.2 allows it); one that cannot
@@ -243,9 +251,7 @@ def _range_applies(request: web.Request, etag: str, mtime: int) -> bool:
     return since is not None and int(since.timestamp()) == mtime
 
 
-async def _send(
-    resp: web.StreamResponse, fobj: BinaryIO, start: int, stop: int, bandwidth: int | None
-) -> None:
+async def _send(resp: web.StreamResponse, fobj: BinaryIO, start: int, stop: int, bandwidth: int | None) -> None:
     """Write bytes ``start..stop``; with a bandwidth, paced to ``bandwidth`` bytes/s."""
     loop = asyncio.get_running_loop()
     piece = READ_BYTES if bandwidth is None else max(1, bandwidth // PACE_STEPS_PER_SECOND)

@@ -104,17 +104,20 @@ class _Cutter:
         if b"\n" not in self.pending and b"\r" in self.pending:
             raise DataError(
                 f"{self.staged.source.url}: lines end in a bare carriage return (\\r); they can only "
-                'be read with read.parse = "reader"', item=self.staged.source.name,
-            )  # fmt: skip
+                'be read with read.parse = "reader"',
+                item=self.staged.source.name,
+            )
         text = self.next_chunk(1)
         assert text is not None
         read, parse, convert = csv_options(cfg)
         try:
-            names = pacsv.read_csv(pa.py_buffer(text), read_options=read, parse_options=parse,
-                                   convert_options=convert).column_names  # fmt: skip
+            names = pacsv.read_csv(
+                pa.py_buffer(text), read_options=read, parse_options=parse, convert_options=convert
+            ).column_names
         except (pa.ArrowException, UnicodeError) as e:
-            raise DataError(f"cannot read the CSV header of {self.staged.source.url}: {e}",
-                            item=self.staged.source.name) from e  # fmt: skip
+            raise DataError(
+                f"cannot read the CSV header of {self.staged.source.url}: {e}", item=self.staged.source.name
+            ) from e
         self._fill(SAMPLE_BYTES)
         return tuple(names) if self.pending.strip() else None
 
@@ -137,6 +140,7 @@ class _Cutter:
                 raise DataError(
                     f"{self.staged.source.url}: no end of record in {len(self.pending) >> 20} MiB after "
                     f"line {self.line}: a quoted field never closes, or quote characters appear inside "
-                    'unquoted fields (then set read.parse = "reader")', item=self.staged.source.name,
-                )  # fmt: skip
+                    'unquoted fields (then set read.parse = "reader")',
+                    item=self.staged.source.name,
+                )
             target = len(self.pending) + MIN_READ_BYTES  # one record longer than the target: read on

@@ -23,8 +23,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -49,8 +50,7 @@ inferred from, so bigger means fewer "type changed later in the file" errors."""
 # What a broken compressed stream raises: pyarrow's streams, ISA-L's gzip, Python's file objects.
 STREAM_ERRORS = (pa.ArrowException, OSError, EOFError, IsalError)
 
-COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd",
-                         ".bz2": "bz2"}  # fmt: skip
+COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 
 BatchSource = Callable[[StagedFile, ReadConfig, int | None], Iterator[pa.RecordBatch]]
 Found = tuple[int, str]  # (1-based data row, what is wrong with it)
@@ -60,9 +60,7 @@ Locator = Callable[[StagedFile, ReadConfig, int | None, int, Exception], Found |
 # ------------------------------------------------------------------------------ IPC
 
 
-def read_chunks(
-    staged: StagedFile, cfg: ReadConfig, *, block_size: int | None = None
-) -> Iterator[Chunk]:
+def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None = None) -> Iterator[Chunk]:
     """Yield the file's rows as ``Chunk`` records of ``cfg.chunk_rows`` rows.
 
     CSV columns are all read as strings, so a chunk's types never depend on which rows
@@ -83,8 +81,7 @@ def read_chunks(
     read_batches = _BATCH_SOURCES.get(staged.source.format)
     if read_batches is None:
         raise DataError(
-            f"unknown input format {staged.source.format!r}; expected one of "
-            f"{', '.join(sorted(_BATCH_SOURCES))}",
+            f"unknown input format {staged.source.format!r}; expected one of {', '.join(sorted(_BATCH_SOURCES))}",
             item=staged.source.name,
         )
     if _file_size(staged) == 0:
@@ -154,9 +151,7 @@ def _guarded(
         raise _read_error(staged, cfg, block_size, delivered, e) from e
 
 
-def _read_error(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, delivered: int, e: Exception
-) -> DataError:
+def _read_error(staged: StagedFile, cfg: ReadConfig, block_size: int | None, delivered: int, e: Exception) -> DataError:
     src = staged.source
     where = _where(staged)
     locate = _LOCATORS.get(src.format)
@@ -181,9 +176,7 @@ def _file_size(staged: StagedFile) -> int:
     try:
         return staged.path.stat().st_size
     except OSError as e:
-        raise DataError(
-            f"cannot open staged file {staged.path}: {e.strerror}", item=staged.source.name
-        ) from e
+        raise DataError(f"cannot open staged file {staged.path}: {e.strerror}", item=staged.source.name) from e
 
 
 def _compression(staged: StagedFile) -> str | None:
@@ -219,14 +212,11 @@ def _is_blank(staged: StagedFile) -> bool:
 # ---------------------------------------------------------------------------- CSV
 
 
-def _csv_batches(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None
-) -> Iterator[pa.RecordBatch]:
+def _csv_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) -> Iterator[pa.RecordBatch]:
     read, parse, convert = csv_options(cfg, block_size=block_size or CSV_BLOCK_BYTES)
     with (
         _open_stream(staged) as stream,
-        pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
-        as reader,
+        pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert) as reader,
     ):
         yield from reader
 
@@ -262,9 +252,7 @@ def _locate_csv_error(
 # ---------------------------------------------------------------------- JSON Lines
 
 
-def _jsonl_batches(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None
-) -> Iterator[pa.RecordBatch]:
+def _jsonl_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) -> Iterator[pa.RecordBatch]:
     read = pajson.ReadOptions(block_size=block_size or JSON_BLOCK_BYTES)
     schema = _jsonl_schema(staged, read)
     parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
@@ -366,9 +354,7 @@ def _fits(value: Any, t: pa.DataType) -> bool:
 # -------------------------------------------------------------------------- Parquet
 
 
-def _parquet_batches(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None
-) -> Iterator[pa.RecordBatch]:
+def _parquet_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) -> Iterator[pa.RecordBatch]:
     if _compression(staged):
         raise DataError(
             f"{staged.path.name}: Parquet compresses inside the file; an outer "

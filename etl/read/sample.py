@@ -53,8 +53,13 @@ def sample_from_head(raw: bytes, src: Source, folder: Path) -> Source:
     ``zlib.error``/``OSError``/``ValueError`` for bytes that do not decompress."""
     name = Path(src.name)
     codec = COMPRESSION_BY_SUFFIX.get(name.suffix.lower())
-    text = (zlib.decompressobj(wbits=47).decompress(raw) if codec == "gzip"  # 47: gzip or zlib header
-            else bz2.BZ2Decompressor().decompress(raw) if codec == "bz2" else raw)  # fmt: skip
+    text = (
+        zlib.decompressobj(wbits=47).decompress(raw)
+        if codec == "gzip"  # 47: gzip or zlib header
+        else bz2.BZ2Decompressor().decompress(raw)
+        if codec == "bz2"
+        else raw
+    )
     end = record_end(text, len(text)) if src.format == "csv" else text.rfind(b"\n") + 1
     path = folder / (name.stem if codec else name.name)
     path.write_bytes(text[:end])

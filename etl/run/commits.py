@@ -31,7 +31,7 @@ from etl.run.state import (
     identity,
     is_unchanged,
     read_json,
-)  # fmt: skip
+)
 
 log = logging.getLogger("etl.state")
 
@@ -102,27 +102,39 @@ class Commits:
         m = self.manifest
         p = m.pending
         if p and p.get("publishing") and not Path(p["tmp"]).exists():
-            log.info("the previous run %s published but died before saving the manifest; settling",
-                     p["run_id"], extra={"stage": "state"})  # fmt: skip
+            log.info(
+                "the previous run %s published but died before saving the manifest; settling",
+                p["run_id"],
+                extra={"stage": "state"},
+            )
             self._settle(p)
             p = None
         adopt: Path | None = None
         if p:
             tmp = Path(p["tmp"])
             reason = (
-                "--full-refresh" if self.full_refresh
-                else "the job's settings changed" if p.get("fingerprint") != self.fingerprint
-                else "its temp folder is gone" if not tmp.is_dir()
-                else "it died while appending" if (tmp / APPEND_LIST).exists()
+                "--full-refresh"
+                if self.full_refresh
+                else "the job's settings changed"
+                if p.get("fingerprint") != self.fingerprint
+                else "its temp folder is gone"
+                if not tmp.is_dir()
+                else "it died while appending"
+                if (tmp / APPEND_LIST).exists()
                 else ""
-            )  # fmt: skip
+            )
             if reason:
                 log.info("not resuming run %s: %s", p["run_id"], reason, extra={"stage": "state"})
             else:
                 adopt = tmp
                 self.adopted = _keep_intact(tmp, p["sources"], {s.url: s.index for s in sources})
-                log.info("resuming run %s: %d committed source(s) in %s", p["run_id"],
-                         len(self.adopted), tmp, extra={"stage": "state"})  # fmt: skip
+                log.info(
+                    "resuming run %s: %d committed source(s) in %s",
+                    p["run_id"],
+                    len(self.adopted),
+                    tmp,
+                    extra={"stage": "state"},
+                )
         m.data["pending"] = None
         m.save()  # before clean_leftovers removes a temp folder this manifest still names
         return adopt
@@ -130,9 +142,12 @@ class Commits:
     def begin(self, writer: Any) -> None:
         self.writer = writer
         self.manifest.data["pending"] = {
-            "run_id": self.run_id, "tmp": str(writer.tmp), "fingerprint": self.fingerprint,
-            "publishing": False, "sources": dict(self.adopted),
-        }  # fmt: skip
+            "run_id": self.run_id,
+            "tmp": str(writer.tmp),
+            "fingerprint": self.fingerprint,
+            "publishing": False,
+            "sources": dict(self.adopted),
+        }
         self.manifest.save()
         self._saved_at = None
 
@@ -164,8 +179,16 @@ class Commits:
                 self._commit(src, carried)
                 self._skip(src, carried, "unchanged")
                 return False
-        record = {"index": src.index, "name": src.name, **ident, "sha256": sha256(),
-                  "rows_in": 0, "rows_out": 0, "rows_rejected": 0, "parts": []}  # fmt: skip
+        record = {
+            "index": src.index,
+            "name": src.name,
+            **ident,
+            "sha256": sha256(),
+            "rows_in": 0,
+            "rows_out": 0,
+            "rows_rejected": 0,
+            "parts": [],
+        }
         with self._lock:
             self._open[src.index] = _Open(src.url, record)
             self.statuses[src.index] = SourceStatus(src.index, src.name, "processed")
@@ -251,17 +274,25 @@ class Commits:
     def _skip(self, src: Source, entry: dict[str, Any], status: str) -> None:
         with self._lock:
             self.statuses[src.index] = SourceStatus(
-                src.index, src.name, status, entry.get("rows_in", 0), entry.get("rows_out", 0),
-                entry.get("rows_rejected", 0), len(entry.get("parts", [])),
-            )  # fmt: skip
+                src.index,
+                src.name,
+                status,
+                entry.get("rows_in", 0),
+                entry.get("rows_out", 0),
+                entry.get("rows_rejected", 0),
+                len(entry.get("parts", [])),
+            )
         log.info("%s: not processed again", status, extra={"stage": "state", "source": src.name})
 
     def _carry(self, src: Source, entry: dict[str, Any]) -> dict[str, Any] | None:
         """Link an unchanged source's published parts into the temp folder; None if any is gone."""
         moves = [(p, renumbered(p["path"], src.index)) for p in entry["parts"]]
         if not all((self.target / p["path"]).is_file() for p, _ in moves):
-            log.warning("%s: published parts are missing; processing it again", src.name,
-                        extra={"stage": "state", "source": src.name})  # fmt: skip
+            log.warning(
+                "%s: published parts are missing; processing it again",
+                src.name,
+                extra={"stage": "state", "source": src.name},
+            )
             return None
         for p, new in moves:
             self.writer.add_existing(new, self.target / p["path"])
@@ -289,7 +320,12 @@ class Commits:
         e = o.entry
         self._open.pop(e["index"])
         s = self.statuses[e["index"]]
-        s.rows_in, s.rows_out, s.rows_rejected, s.parts = e["rows_in"], e["rows_out"], e["rows_rejected"], len(e["parts"])
+        s.rows_in, s.rows_out, s.rows_rejected, s.parts = (
+            e["rows_in"],
+            e["rows_out"],
+            e["rows_rejected"],
+            len(e["parts"]),
+        )
         return self._store(o.url, e | {"run_id": self.run_id, "committed_at": time.time()})
 
     def _store(self, url: str, entry: dict[str, Any]) -> tuple[int, bytes] | None:
@@ -342,9 +378,7 @@ def _keep_intact(tmp: Path, sources: dict[str, dict[str, Any]], index_of: dict[s
     same index and whose parts are all there; delete every other file."""
     kept: dict[str, dict[str, Any]] = {}
     for url, e in sources.items():
-        intact = all(
-            (tmp / p["path"]).is_file() and (tmp / p["path"]).stat().st_size == p["bytes"] for p in e["parts"]
-        )
+        intact = all((tmp / p["path"]).is_file() and (tmp / p["path"]).stat().st_size == p["bytes"] for p in e["parts"])
         if intact and index_of.get(url) == e["index"]:
             kept[url] = e
     listed = {p["path"] for e in kept.values() for p in e["parts"]}

@@ -49,8 +49,12 @@ class MemoryGuard:
         if not self.paused and rss > self.high:
             self.paused = True
             self.pauses += 1
-            log.info("memory %s above the high watermark %s: holding chunks back", gib(rss), gib(self.high),
-                     extra={"stage": "transform"})  # fmt: skip
+            log.info(
+                "memory %s above the high watermark %s: holding chunks back",
+                gib(rss),
+                gib(self.high),
+                extra={"stage": "transform"},
+            )
         elif self.paused and rss < self.low:
             self.paused = False
         async with self._tick:
@@ -67,15 +71,25 @@ class MemoryGuard:
         if self.paused:
             self.forced += 1
             if self.forced == 1:
-                log.warning("memory %s is above %s with no chunk in flight: running chunks one at a "
-                            "time (the run's fixed cost plus one chunk needs more than the budget; "
-                            "lower read.chunk_rows or raise resources.memory_limit)", gib(self.rss), gib(self.high),
-                            extra={"stage": "transform"})  # fmt: skip
+                log.warning(
+                    "memory %s is above %s with no chunk in flight: running chunks one at a "
+                    "time (the run's fixed cost plus one chunk needs more than the budget; "
+                    "lower read.chunk_rows or raise resources.memory_limit)",
+                    gib(self.rss),
+                    gib(self.high),
+                    extra={"stage": "transform"},
+                )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"peak_rss_bytes": self.peak, "samples": self.samples, "high_watermark": self.high,
-                "low_watermark": self.low, "pauses": self.pauses, "paused_seconds": round(self.paused_s, 3),
-                "forced_admits": self.forced}  # fmt: skip
+        return {
+            "peak_rss_bytes": self.peak,
+            "samples": self.samples,
+            "high_watermark": self.high,
+            "low_watermark": self.low,
+            "pauses": self.pauses,
+            "paused_seconds": round(self.paused_s, 3),
+            "forced_admits": self.forced,
+        }
 
 
 class GatedChunks:

@@ -54,7 +54,7 @@ from etl.run.resources import (
     REMOTE_SAMPLE_BYTES,
     Probe,
     plan_resources,
-)  # fmt: skip
+)
 from etl.transform.probe import measure_in_worker
 from etl.transform.stage import WorkerSpec, make_executor, transform_stage
 from etl.write.folder import OutputWriter
@@ -148,7 +148,8 @@ class Run:
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
         self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
         self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(
-            "results", plan.results_queue_items, plan.results_queue_bytes)
+            "results", plan.results_queue_items, plan.results_queue_bytes
+        )
         queues = (self.files_q, self.chunks_q, self.results_q)
         # Pools live outside the stage coroutines: shutting one down waits for its threads,
         # which must never happen on the loop while a thread waits on the loop (a queue put).
@@ -219,19 +220,29 @@ class Run:
         files_out = MeteredPut(self.files_q, meter, from_work=True, size=lambda f: f.size)
         with meter.working():
             stats = await download_stage(
-                sources, cfg.download, cfg.staging_dir, files_out,  # type: ignore[arg-type]
-                state_file=cfg.job_state_dir / "sources.json", full_refresh=self.opts.full_refresh,
+                sources,
+                cfg.download,
+                cfg.staging_dir,
+                files_out,  # type: ignore[arg-type]
+                state_file=cfg.job_state_dir / "sources.json",
+                full_refresh=self.opts.full_refresh,
                 progress=bar,
-            )  # fmt: skip
+            )
         self.summary.download = stats.as_dict()
         self.summary.bytes_downloaded = stats.bytes
         meter.count_in(len(sources), stats.bytes)
 
     async def _read(self) -> None:
         stats = await read_stage(
-            self.files_q, self.chunks_q, self.cfg.read, self.read_pool, meter=self.stats.meters["read"],
-            progress=self.progress.stage("read", "chunks"), admit=self.commits.check, done=self.commits.read_done,
-        )  # fmt: skip
+            self.files_q,
+            self.chunks_q,
+            self.cfg.read,
+            self.read_pool,
+            meter=self.stats.meters["read"],
+            progress=self.progress.stage("read", "chunks"),
+            admit=self.commits.check,
+            done=self.commits.read_done,
+        )
         self.summary.files_read, self.summary.bytes_read = stats.files, stats.bytes
 
     async def _transform(self, executor: Any, in_flight: int) -> None:
@@ -240,19 +251,33 @@ class Run:
         results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
         stats = await transform_stage(
             GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]
-            results_in, MeteredExecutor(executor, meter),  # type: ignore[arg-type]
-            self.cfg.transform, in_flight, bar, ipc=executor.ipc_stats, read=self.cfg.read,
-        )  # fmt: skip
+            results_in,
+            MeteredExecutor(executor, meter),  # type: ignore[arg-type]
+            self.cfg.transform,
+            in_flight,
+            bar,
+            ipc=executor.ipc_stats,
+            read=self.cfg.read,
+        )
         s = self.summary
-        s.chunks, s.rows_in, s.rows_out, s.rows_rejected = stats.chunks, stats.rows_in, stats.rows_out, stats.rows_rejected
+        s.chunks, s.rows_in, s.rows_out, s.rows_rejected = (
+            stats.chunks,
+            stats.rows_in,
+            stats.rows_out,
+            stats.rows_rejected,
+        )
         s.transform = stats.as_dict()
 
     async def _write(self, writer: OutputWriter) -> None:
         stats = await write_stage(
-            self.results_q, writer, self.cfg.output.writer_threads, self.write_pool,
-            meter=self.stats.meters["write"], progress=self.progress.stage("write", "parts"),
+            self.results_q,
+            writer,
+            self.cfg.output.writer_threads,
+            self.write_pool,
+            meter=self.stats.meters["write"],
+            progress=self.progress.stage("write", "parts"),
             written=self.commits.written,
-        )  # fmt: skip
+        )
         self.summary.parts_written = stats.parts
 
 
@@ -277,11 +302,28 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
     servers = sum(_rss(p) for p in psutil.Process().children(recursive=True))  # fork server, tracker
     if chunk is None or "work" not in found:
         rows = PROBE_ROWS
-        return Probe(rows, FALLBACK_CHUNK_BYTES_PER_ROW * rows, reader_bytes, parent_base, found["base"],
-                     FALLBACK_WORK_BYTES_PER_ROW * rows, result_bytes=FALLBACK_RESULT_BYTES_PER_ROW * rows,
-                     servers=servers)  # fmt: skip
-    return Probe(chunk.rows, chunk.nbytes, reader_bytes, parent_base, found["base"], found["work"],
-                 found["frame"], found["result"], servers, chunk.source_name)  # fmt: skip
+        return Probe(
+            rows,
+            FALLBACK_CHUNK_BYTES_PER_ROW * rows,
+            reader_bytes,
+            parent_base,
+            found["base"],
+            FALLBACK_WORK_BYTES_PER_ROW * rows,
+            result_bytes=FALLBACK_RESULT_BYTES_PER_ROW * rows,
+            servers=servers,
+        )
+    return Probe(
+        chunk.rows,
+        chunk.nbytes,
+        reader_bytes,
+        parent_base,
+        found["base"],
+        found["work"],
+        found["frame"],
+        found["result"],
+        servers,
+        chunk.source_name,
+    )
 
 
 def _staged_copy(cfg: JobConfig, src: Source) -> Source | None:

@@ -40,7 +40,9 @@ from etl.core.machine import Machine, machine
 
 log = logging.getLogger("etl.resources")
 
-AUTO_MEMORY_SHARE = 0.5  # "auto": half of usable memory leaves the rest to the page cache and neighbours on a shared host
+AUTO_MEMORY_SHARE = (
+    0.5  # "auto": half of usable memory leaves the rest to the page cache and neighbours on a shared host
+)
 AUTO_BYTES_PER_CPU = 512 << 20  # "auto" cap per usable CPU: past it memory buys queue depth, not speed
 MIN_CHUNK_ROWS = 10_000  # smallest chunk the planner picks: smaller means many tiny output files
 ALLOCATOR_SLACK = 1.25  # measured per-row peaks scaled to bigger chunks, plus allocator fragmentation
@@ -63,7 +65,6 @@ FALLBACK_CHUNK_BYTES_PER_ROW = 320  # remote-only jobs: ~2.5x the taxi data's 13
 FALLBACK_WORK_BYTES_PER_ROW = 2560  # ~2.5x the taxi job's ~1 KiB/row; too high only costs smaller chunks
 FALLBACK_RESULT_BYTES_PER_ROW = 128  # ~4x the taxi job's zstd Parquet
 FALLBACK_READER_BYTES = 200 << 20  # a reader thread's decompression and parse buffers, after a long file
-
 
 
 @dataclass
@@ -100,8 +101,13 @@ def memory_budget(setting: str, usable: int, cpus: int) -> int:
         return int(usable * float(setting[:-1]) / 100)
     size = parse_size(setting)
     if size > usable:
-        log.warning("resources.memory_limit = %s is more than the %s usable; using %s",
-                    setting, gib(usable), gib(usable), extra={"stage": "plan"})  # fmt: skip
+        log.warning(
+            "resources.memory_limit = %s is more than the %s usable; using %s",
+            setting,
+            gib(usable),
+            gib(usable),
+            extra={"stage": "plan"},
+        )
         return usable
     return size
 
@@ -195,8 +201,13 @@ def plan_resources(cfg: JobConfig, measure: Callable[[JobConfig], Probe], root: 
     probe = measure(cfg)
     plan = plan_for(cfg, box, budget, probe)
     plan.decision = note + plan.decision
-    log.log(logging.INFO if plan.fits else logging.WARNING, "%s (measured in %.1fs)", plan.decision,
-            time.perf_counter() - start, extra={"stage": "plan"})  # fmt: skip
+    log.log(
+        logging.INFO if plan.fits else logging.WARNING,
+        "%s (measured in %.1fs)",
+        plan.decision,
+        time.perf_counter() - start,
+        extra={"stage": "plan"},
+    )
     return plan
 
 
@@ -206,10 +217,17 @@ def in_process_if_small(cfg: JobConfig, budget: int) -> tuple[JobConfig, str]:
     executor or the worker count was chosen explicitly; decided before any process starts."""
     t = cfg.transform
     floor = PROCESS_FLOOR * psutil.Process().memory_info().rss
-    if t.executor != "process" or "executor" in t.model_fields_set or t.workers != "auto" or budget * PLAN_SHARE >= floor:
+    if (
+        t.executor != "process"
+        or "executor" in t.model_fields_set
+        or t.workers != "auto"
+        or budget * PLAN_SHARE >= floor
+    ):
         return cfg, ""
-    note = (f"budget {gib(budget)} has no room for worker processes (a fork server and one worker need "
-            f"{gib(floor)} with this process): transform runs in this process's threads; ")  # fmt: skip
+    note = (
+        f"budget {gib(budget)} has no room for worker processes (a fork server and one worker need "
+        f"{gib(floor)} with this process): transform runs in this process's threads; "
+    )
     return cfg.model_copy(update={"transform": t.model_copy(update={"executor": "thread"})}), note
 
 
@@ -223,14 +241,26 @@ def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> Resourc
     fits = peak <= target
     chunk = model.chunk(chosen.chunk_rows)
     return ResourcePlan(
-        executor=cfg.transform.executor, workers=chosen.workers, in_flight=chosen.in_flight, chunk_rows=chosen.chunk_rows, read_threads=chosen.readers,
-        chunks_queue_items=chosen.queue, chunks_queue_bytes=max(int(chosen.queue * chunk * CHUNK_SIZE_SLACK), 1),
+        executor=cfg.transform.executor,
+        workers=chosen.workers,
+        in_flight=chosen.in_flight,
+        chunk_rows=chosen.chunk_rows,
+        read_threads=chosen.readers,
+        chunks_queue_items=chosen.queue,
+        chunks_queue_bytes=max(int(chosen.queue * chunk * CHUNK_SIZE_SLACK), 1),
         results_queue_items=max(2, chosen.in_flight),
         results_queue_bytes=max(int(max(2, chosen.in_flight) * model.result(chosen.chunk_rows) * CHUNK_SIZE_SLACK), 1),
-        budget=budget, estimated_peak=peak, worker_bytes=model.worker(chosen.chunk_rows), fits=fits,
-        cpus=box.cpus, usable_memory=box.memory, cgroup_memory=box.cgroup_memory, cgroup_cpus=box.cgroup_cpus,
-        decision=_decision(cfg, box, budget, model, chosen, fits), probe=asdict(probe),
-    )  # fmt: skip
+        budget=budget,
+        estimated_peak=peak,
+        worker_bytes=model.worker(chosen.chunk_rows),
+        fits=fits,
+        cpus=box.cpus,
+        usable_memory=box.memory,
+        cgroup_memory=box.cgroup_memory,
+        cgroup_cpus=box.cgroup_cpus,
+        decision=_decision(cfg, box, budget, model, chosen, fits),
+        probe=asdict(probe),
+    )
 
 
 def candidates(cfg: JobConfig, cpus: int) -> list[Layout]:
@@ -266,15 +296,21 @@ def _decision(cfg: JobConfig, box: Machine, budget: int, model: CostModel, lay: 
     target = int(budget * PLAN_SHARE)
     extra = lay.in_flight - lay.workers
     allows = 0
-    while allows < MAX_WORKERS_REPORTED and model.total(replace(lay, workers=allows + 1,
-                                                                in_flight=allows + 1 + extra)) <= target:  # fmt: skip
+    while (
+        allows < MAX_WORKERS_REPORTED
+        and model.total(replace(lay, workers=allows + 1, in_flight=allows + 1 + extra)) <= target
+    ):
         allows += 1
     each = model.work(lay.chunk_rows) if model.threads else model.worker(lay.chunk_rows)
-    text = (f"transform: {lay.workers} workers ({box.cpus} CPUs usable; budget {gib(budget)} allows "
-            f"{allows} at {gib(each)} each), chunk {lay.chunk_rows:,} rows, queues {lay.queue}, "
-            f"in flight {lay.in_flight}, {lay.readers} readers; worst case {gib(model.total(lay))}")  # fmt: skip
+    text = (
+        f"transform: {lay.workers} workers ({box.cpus} CPUs usable; budget {gib(budget)} allows "
+        f"{allows} at {gib(each)} each), chunk {lay.chunk_rows:,} rows, queues {lay.queue}, "
+        f"in flight {lay.in_flight}, {lay.readers} readers; worst case {gib(model.total(lay))}"
+    )
     if not fits:
-        text += (f"; does not fit {gib(target)} ({PLAN_SHARE:.0%} of the budget): lower "
-                 "transform.workers or read.chunk_rows, or raise resources.memory_limit; "
-                 "the memory guard will hold chunks back")  # fmt: skip
+        text += (
+            f"; does not fit {gib(target)} ({PLAN_SHARE:.0%} of the budget): lower "
+            "transform.workers or read.chunk_rows, or raise resources.memory_limit; "
+            "the memory guard will hold chunks back"
+        )
     return text

@@ -97,8 +97,9 @@ class GracefulStop:
             self.force(self.received[0], f"received {name} again")
             return
         self.received.append(signum)
-        log.warning("received %s: stopping (at most %gs, job.stop_grace_seconds)", name, self.grace,
-                    extra={"stage": "run"})  # fmt: skip
+        log.warning(
+            "received %s: stopping (at most %gs, job.stop_grace_seconds)", name, self.grace, extra={"stage": "run"}
+        )
         late = f"stopping took longer than {self.grace:g}s (job.stop_grace_seconds)"
         self._timer = threading.Timer(self.grace, self.force, args=(signum, late))
         self._timer.daemon = True

@@ -44,14 +44,21 @@ _SAFE_DIGITS = 18  # integer text with at most this many digits always fits int6
 
 _INT_TEXT = r"^[+-]?[0-9]+$"
 _FLOAT_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:inf|infinity|nan)$"
-_FIRST_DAY = pa.scalar(dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc), pa.timestamp("us", "UTC"))
+_FIRST_DAY = pa.scalar(dt.datetime(1, 1, 1, tzinfo=dt.UTC), pa.timestamp("us", "UTC"))
 _PANDAS_ONLY_DIRECTIVES = ("%f", "%z", "%Z", "%p", "%I")  # formats Arrow's strptime reads differently
 _TRUE = pa.array(["true", "t", "yes", "y", "1"])
 _FALSE = pa.array(["false", "f", "no", "n", "0"])
 
-_ARROW = {"int64": pa.int64(), "Int64": pa.int64(), "int32": pa.int32(), "Int32": pa.int32(),
-          "float64": pa.float64(), "float32": pa.float32(),
-          "bool": pa.bool_(), "boolean": pa.bool_()}  # fmt: skip
+_ARROW = {
+    "int64": pa.int64(),
+    "Int64": pa.int64(),
+    "int32": pa.int32(),
+    "Int32": pa.int32(),
+    "float64": pa.float64(),
+    "float32": pa.float32(),
+    "bool": pa.bool_(),
+    "boolean": pa.bool_(),
+}
 _MASKED = {"Int64": pd.Int64Dtype(), "Int32": pd.Int32Dtype(), "boolean": pd.BooleanDtype()}
 
 
@@ -138,10 +145,7 @@ def _long_ints(digits: pa.Array, short: pa.Array) -> pa.Array:
     long = pc.and_(digits.is_valid(), pc.invert(pc.fill_null(short, True)))
     if not pc.any(long).as_py():
         return pa.nulls(len(digits), pa.int64())
-    values = [
-        None if v is None else int(v)
-        for v in pc.if_else(long, digits, pa.scalar(None, pa.string())).to_pylist()
-    ]
+    values = [None if v is None else int(v) for v in pc.if_else(long, digits, pa.scalar(None, pa.string())).to_pylist()]
     return pa.array([v if v is not None and -(2**63) <= v < 2**63 else None for v in values], pa.int64())
 
 

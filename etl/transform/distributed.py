@@ -102,8 +102,9 @@ def run_remote(token: str, chunk: Chunk) -> ChunkResult:
     """
     spec = _SPECS.get(token)
     if spec is None:
-        raise ETLError("this Dask worker has no spec for the job (its plugin was not set up)",
-                       stage="transform", item=chunk.label)  # fmt: skip
+        raise ETLError(
+            "this Dask worker has no spec for the job (its plugin was not set up)", stage="transform", item=chunk.label
+        )
     with _Running.cond:
         _Running.cond.wait_for(lambda: _Running.count == 0 or _Running.token == token)
         if _Running.token != token:
@@ -156,12 +157,17 @@ class DaskExecutor(Executor):
         except (OSError, TimeoutError) as e:
             raise ETLError(
                 f"cannot reach the Dask scheduler at {self.address!r} (transform.dask.address): {e}",
-                stage="transform", item=self.address,
-            ) from e  # fmt: skip
+                stage="transform",
+                item=self.address,
+            ) from e
         threads = sum((await self._client.nthreads()).values())
-        log.info("dask: %s, %d worker threads; dashboard %s", self.address, threads,
-                 self._client.dashboard_link if self._cluster is None else "off",
-                 extra={"stage": "transform", "source": ""})  # fmt: skip
+        log.info(
+            "dask: %s, %d worker threads; dashboard %s",
+            self.address,
+            threads,
+            self._client.dashboard_link if self._cluster is None else "off",
+            extra={"stage": "transform", "source": ""},
+        )
         return threads or workers  # a remote cluster may have no workers yet
 
     def close(self) -> None:
@@ -172,8 +178,7 @@ class DaskExecutor(Executor):
             try:
                 self._call(self._shutdown(), CLOSE_TIMEOUT)
             except (concurrent.futures.TimeoutError, OSError, RuntimeError) as e:
-                log.warning("dask: shutdown did not finish cleanly: %s", e,
-                            extra={"stage": "transform", "source": ""})  # fmt: skip
+                log.warning("dask: shutdown did not finish cleanly: %s", e, extra={"stage": "transform", "source": ""})
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(CLOSE_TIMEOUT)
         if not self._thread.is_alive():
@@ -215,21 +220,27 @@ class DaskExecutor(Executor):
             task = client.submit(run_remote, self._token, data, pure=False)
             return await asyncio.wait_for(task, self._timeout)
         except KilledWorker as e:
-            raise WorkerCrashed(f"Dask worker {e.last_worker.address} died while running the chunk",
-                                item=chunk.label, signal="worker died") from None  # fmt: skip
+            raise WorkerCrashed(
+                f"Dask worker {e.last_worker.address} died while running the chunk",
+                item=chunk.label,
+                signal="worker died",
+            ) from None
         except FutureCancelledError as e:
             # The worker holding the scattered chunk died: Dask cannot recompute scattered data.
-            raise WorkerCrashed(f"the chunk was lost on the cluster ({e.reason})",
-                                item=chunk.label, signal="worker lost") from None  # fmt: skip
+            raise WorkerCrashed(
+                f"the chunk was lost on the cluster ({e.reason})", item=chunk.label, signal="worker lost"
+            ) from None
         except TimeoutError:
             raise ChunkTimeout(
                 f"chunk ran longer than transform.chunk_timeout = {self._timeout}s; attempt "
                 "abandoned (Dask cannot stop a running task: its worker finishes it unseen)",
-                item=chunk.label, signal="none (timeout)",
-            ) from None  # fmt: skip
+                item=chunk.label,
+                signal="none (timeout)",
+            ) from None
         except OSError as e:  # a connection to a worker broke while sending or fetching
-            raise WorkerCrashed(f"lost the connection to a Dask worker: {e}", item=chunk.label,
-                                signal="connection lost") from e  # fmt: skip
+            raise WorkerCrashed(
+                f"lost the connection to a Dask worker: {e}", item=chunk.label, signal="connection lost"
+            ) from e
         finally:
             self._attempts.discard(me)
             for future in (task, data):
@@ -251,9 +262,15 @@ async def _local_cluster(workers: int, budget: int | None) -> LocalCluster:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with dask.config.set({"distributed.scheduler.allowed-failures": LOCAL_ALLOWED_FAILURES}):
         return await LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
-            host="127.0.0.1", asynchronous=True, silence_logs=logging.WARNING,
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory,
+            host="127.0.0.1",
+            asynchronous=True,
+            silence_logs=logging.WARNING,
             # The scheduler always serves HTTP (health, metrics); a free port, not 8787,
             # so runs side by side never collide. No dashboard (it needs bokeh).
-            dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
-        )  # fmt: skip
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": False},
+        )

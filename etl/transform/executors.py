@@ -134,9 +134,11 @@ class ProcessExecutor(Executor):
 
     def _new_pool(self) -> pebble.ProcessPool:
         return pebble.ProcessPool(
-            max_workers=self.workers, initializer=init_worker, initargs=(self._spec, True),
+            max_workers=self.workers,
+            initializer=init_worker,
+            initargs=(self._spec, True),
             context=mp_context(),
-        )  # fmt: skip
+        )
 
     async def run(self, chunk: Chunk) -> ChunkResult:
         while True:
@@ -152,14 +154,16 @@ class ProcessExecutor(Executor):
                 continue  # the chunk never ran on a live worker: not an attempt
             except pebble.ProcessExpired as e:
                 raise WorkerCrashed(
-                    f"worker process died: {describe_exit(e.exitcode)}", item=chunk.label,
+                    f"worker process died: {describe_exit(e.exitcode)}",
+                    item=chunk.label,
                     signal=describe_exit(e.exitcode),
-                ) from None  # fmt: skip
+                ) from None
             except concurrent.futures.TimeoutError:
                 raise ChunkTimeout(
                     f"chunk ran longer than transform.chunk_timeout = {self._timeout}s; worker killed",
-                    item=chunk.label, signal="killed at timeout",
-                ) from None  # fmt: skip
+                    item=chunk.label,
+                    signal="killed at timeout",
+                ) from None
             except ETLError as e:
                 tb = getattr(e, "traceback", "")
                 if tb:  # pebble sends the worker's traceback as text; keep it as the cause
@@ -177,10 +181,13 @@ class ProcessExecutor(Executor):
             raise ETLError(  # not a WorkerCrashed: retrying the chunk cannot help
                 f"the worker pool broke {self._rebuilds} times, more than {MAX_POOL_REBUILDS} "
                 f"(last: {error or type(error).__name__}); workers die outside any chunk, "
-                "e.g. while starting", stage="transform", item=chunk.label,
-            )  # fmt: skip
-        log.warning("worker pool broke (%s); starting a new one", error or type(error).__name__,
-                    extra={"stage": "transform"})  # fmt: skip
+                "e.g. while starting",
+                stage="transform",
+                item=chunk.label,
+            )
+        log.warning(
+            "worker pool broke (%s); starting a new one", error or type(error).__name__, extra={"stage": "transform"}
+        )
         self._ipc.seconds += _threads_cpu(broken)
         broken.stop()
         # Joining stops its idle workers but may take pebble's 3 s terminate grace: not on the loop.

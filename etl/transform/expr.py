@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import ast
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -127,9 +128,7 @@ def compile_expr(text: str) -> Expr:
     try:
         tree = ast.parse(stripped, mode="eval")
     except SyntaxError as e:
-        raise ExprError(
-            f"syntax error at column {locate((e.offset or 1) - 1)} in {text!r}: {e.msg}"
-        ) from None
+        raise ExprError(f"syntax error at column {locate((e.offset or 1) - 1)} in {text!r}: {e.msg}") from None
     compiler = _Compiler(text, stripped, names, locate)
     root = compiler.node(tree.body)
     return Expr(text=text, columns=frozenset(compiler.columns), _root=root)
@@ -188,17 +187,32 @@ def _replace_backticks(text: str) -> tuple[str, dict[str, str], list[tuple[int, 
 
 # --------------------------------------------------------------------------- compiling
 
-_BIN_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//",
-            ast.Mod: "%", ast.Pow: "**"}  # fmt: skip
-_CMP_OPS = {ast.Eq: "equal", ast.NotEq: "not_equal", ast.Lt: "less", ast.LtE: "less_equal",
-            ast.Gt: "greater", ast.GtE: "greater_equal"}  # fmt: skip
+_BIN_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
+_CMP_OPS = {
+    ast.Eq: "equal",
+    ast.NotEq: "not_equal",
+    ast.Lt: "less",
+    ast.LtE: "less_equal",
+    ast.Gt: "greater",
+    ast.GtE: "greater_equal",
+}
 _SYNTAX_NAMES = {
-    "Attribute": "attribute access", "Subscript": "indexing", "Lambda": "a lambda",
-    "IfExp": "a conditional", "Dict": "a dict", "Set": "a set",
-    "List": "a list outside 'in'", "Tuple": "a tuple outside 'in'", "NamedExpr": "':='",
-    "ListComp": "a comprehension", "GeneratorExp": "a comprehension", "SetComp": "a comprehension",
-    "DictComp": "a comprehension", "JoinedStr": "an f-string", "Starred": "'*'",
-}  # fmt: skip
+    "Attribute": "attribute access",
+    "Subscript": "indexing",
+    "Lambda": "a lambda",
+    "IfExp": "a conditional",
+    "Dict": "a dict",
+    "Set": "a set",
+    "List": "a list outside 'in'",
+    "Tuple": "a tuple outside 'in'",
+    "NamedExpr": "':='",
+    "ListComp": "a comprehension",
+    "GeneratorExp": "a comprehension",
+    "SetComp": "a comprehension",
+    "DictComp": "a comprehension",
+    "JoinedStr": "an f-string",
+    "Starred": "'*'",
+}
 _ALLOWED = "column names, literals, + - * / // % **, comparisons, and/or/not, in (...), function calls"
 
 
@@ -264,9 +278,7 @@ class _Compiler:
     def _BinOp(self, node: ast.BinOp) -> Node:
         op = _BIN_OPS.get(type(node.op))
         if op is None:
-            raise self.fail(
-                node, f"the operator in {self.show(node)!r} is not allowed", f"allowed: {_ALLOWED}"
-            )
+            raise self.fail(node, f"the operator in {self.show(node)!r} is not allowed", f"allowed: {_ALLOWED}")
         left, right, fn = self.node(node.left), self.node(node.right), _ARITH[op]
         return lambda f: fn(left(f), right(f))
 
@@ -312,9 +324,7 @@ class _Compiler:
                 return -value
         elif isinstance(node, ast.Constant) and isinstance(node.value, (bool, int, float, str, type(None))):
             return node.value
-        raise self.fail(
-            node, f"expected a literal (number, string, True/False, None), got {self.show(node)!r}"
-        )
+        raise self.fail(node, f"expected a literal (number, string, True/False, None), got {self.show(node)!r}")
 
     def _Call(self, node: ast.Call) -> Node:
         if not isinstance(node.func, ast.Name):
@@ -455,6 +465,11 @@ def _arith(kernel: str) -> Callable[[Value, Value], Value]:
 
 
 _ARITH: dict[str, Callable[[Value, Value], Value]] = {
-    "+": _add, "-": _arith("subtract"), "*": _arith("multiply"), "/": _true_divide,
-    "//": _floor_divide, "%": _modulo, "**": _power,
-}  # fmt: skip
+    "+": _add,
+    "-": _arith("subtract"),
+    "*": _arith("multiply"),
+    "/": _true_divide,
+    "//": _floor_divide,
+    "%": _modulo,
+    "**": _power,
+}

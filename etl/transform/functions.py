@@ -10,8 +10,8 @@ arguments the compiler checks. The names, with an example each, are documented i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pandas as pd
 import pyarrow as pa

@@ -84,9 +84,13 @@ class ChunkRunner:
                     return [self._give_up(chunk, e)]
                 self.stats.retries += 1
                 log.warning(
-                    "%s: %s; retrying (attempt %d of %d)", chunk.label, e.message, attempt + 1,
-                    max_attempts, extra={"stage": "transform", "source": chunk.source_name},
-                )  # fmt: skip
+                    "%s: %s; retrying (attempt %d of %d)",
+                    chunk.label,
+                    e.message,
+                    attempt + 1,
+                    max_attempts,
+                    extra={"stage": "transform", "source": chunk.source_name},
+                )
                 continue
             result.attempts = attempt
             return [rename_for_split(result, path)]
@@ -96,9 +100,13 @@ class ChunkRunner:
         first, second = halves
         self.stats.splits += 1
         log.warning(
-            "%s: %s (out of memory?); retrying as two halves of %d and %d rows", chunk.label,
-            e.message, first.rows, second.rows, extra={"stage": "transform", "source": chunk.source_name},
-        )  # fmt: skip
+            "%s: %s (out of memory?); retrying as two halves of %d and %d rows",
+            chunk.label,
+            e.message,
+            first.rows,
+            second.rows,
+            extra={"stage": "transform", "source": chunk.source_name},
+        )
         # One half after the other: if memory was the problem, two at once might not fit either.
         return await self._run_piece(first, path + "0") + await self._run_piece(second, path + "1")
 
@@ -108,15 +116,23 @@ class ChunkRunner:
             e.message += f" (attempt {e.attempts} of transform.max_attempts = {self.cfg.max_attempts})"
             raise e
         reason = (
-            f"chunk timed out: ran longer than transform.chunk_timeout = {self.cfg.chunk_timeout}s "
-            f"after {attempts}" if isinstance(e, ChunkTimeout) else f"worker crashed: {e.signal} after {attempts}"
-        )  # fmt: skip
+            f"chunk timed out: ran longer than transform.chunk_timeout = {self.cfg.chunk_timeout}s after {attempts}"
+            if isinstance(e, ChunkTimeout)
+            else f"worker crashed: {e.signal} after {attempts}"
+        )
         self.stats.pieces_set_aside += 1
         rows, rejects = whole_chunk_rejects(chunk, reason, self.read)
-        log.warning("%s: %s; %d rows set aside (transform.on_error = %r)", chunk.label, reason, rows,
-                    self.cfg.on_error, extra={"stage": "transform", "source": chunk.source_name})  # fmt: skip
-        result = ChunkResult(chunk.source_index, chunk.index, rows_in=rows, rows_out=0,
-                             rows_rejected=rows, attempts=e.attempts)  # fmt: skip
+        log.warning(
+            "%s: %s; %d rows set aside (transform.on_error = %r)",
+            chunk.label,
+            reason,
+            rows,
+            self.cfg.on_error,
+            extra={"stage": "transform", "source": chunk.source_name},
+        )
+        result = ChunkResult(
+            chunk.source_index, chunk.index, rows_in=rows, rows_out=0, rows_rejected=rows, attempts=e.attempts
+        )
         if self.cfg.on_error == "quarantine":
             result.rejects = rejects
         return result
@@ -126,10 +142,14 @@ def whole_chunk_rejects(chunk: Chunk, reason: str, read: ReadConfig) -> tuple[in
     """Every row of a chunk that could not be transformed: how many, and as dead-letter lines."""
     df, malformed = decode_chunk(chunk, read, on_error="skip")  # the parent parses a CSV chunk: error path only
     raws = [json.dumps(r, ensure_ascii=False, default=str) for r in df.to_dict("records")]
-    rejects = pd.DataFrame({
-        "_row": df.index, "_step": "transform",
-        "_reason": reason, "_raw": raws,
-    })  # fmt: skip
+    rejects = pd.DataFrame(
+        {
+            "_row": df.index,
+            "_step": "transform",
+            "_reason": reason,
+            "_raw": raws,
+        }
+    )
     return len(df) + (0 if malformed is None else len(malformed)), encode_rejects(rejects, chunk)
 
 
@@ -142,8 +162,9 @@ def rename_for_split(result: ChunkResult, path: str) -> ChunkResult:
 
 def merge_pieces(chunk: Chunk, pieces: list[ChunkResult]) -> ChunkResult:
     """One result for a split chunk: every piece's parts, one dead-letter file, summed counts."""
-    merged = ChunkResult(chunk.source_index, chunk.index, rows_in=0, rows_out=0,
-                         attempts=max(p.attempts for p in pieces))  # fmt: skip
+    merged = ChunkResult(
+        chunk.source_index, chunk.index, rows_in=0, rows_out=0, attempts=max(p.attempts for p in pieces)
+    )
     for p in pieces:
         merged.parts += p.parts
         for name in RESULT_COUNTERS:

@@ -115,11 +115,19 @@ async def transform_stage(
 def _finish(stats: TransformStats, ipc: Callable[[], IpcStats], wall: float) -> None:
     cost = ipc()
     stats.wall_seconds = wall
-    stats.ipc_seconds, stats.ipc_bytes_sent, stats.ipc_bytes_received = cost.seconds, cost.bytes_sent, cost.bytes_received
+    stats.ipc_seconds, stats.ipc_bytes_sent, stats.ipc_bytes_received = (
+        cost.seconds,
+        cost.bytes_sent,
+        cost.bytes_received,
+    )
     stats.ipc_share = cost.seconds / wall if wall > 0 else 0.0
     if cost.bytes_sent:
         log.info(
             "transform: parent spent %.2fs of %.2fs (%.1f%%) on IPC: %.1f MB sent, %.1f MB received",
-            cost.seconds, wall, 100 * stats.ipc_share, cost.bytes_sent / 1e6, cost.bytes_received / 1e6,
+            cost.seconds,
+            wall,
+            100 * stats.ipc_share,
+            cost.bytes_sent / 1e6,
+            cost.bytes_received / 1e6,
             extra={"stage": "transform"},
-        )  # fmt: skip
+        )

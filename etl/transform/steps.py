@@ -24,8 +24,9 @@ import importlib
 import json
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ from etl.core.config import (
     RenameStep,
     SelectStep,
     Step,
-)  # fmt: skip
+)
 from etl.core.errors import ConfigError, StepError
 from etl.transform.casts import _Problem, cast_column
 from etl.transform.expr import ExprError, check_expr, compile_expr, to_arrow
@@ -61,7 +62,12 @@ Bad = tuple[np.ndarray, np.ndarray]
 
 
 def apply_steps(
-    df: pd.DataFrame, steps: Sequence[Step], *, base_dir: Path, on_error: str = "fail", label: str = "",
+    df: pd.DataFrame,
+    steps: Sequence[Step],
+    *,
+    base_dir: Path,
+    on_error: str = "fail",
+    label: str = "",
     unit: str = "row",
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run steps in order. Returns (result, rejects); rejects is None when no row was rejected.
@@ -151,9 +157,7 @@ def _fillna(df: pd.DataFrame, step: FillnaStep, _: Path) -> tuple[pd.DataFrame, 
         try:  # a safe cast refuses lossy fills such as 0.5 into an integer column
             fill = pa.scalar(value).cast(target).as_py()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise _Problem(
-                f"cannot fill nulls of column {col!r} ({out[col].dtype}) with {value!r}: {e}"
-            ) from e
+            raise _Problem(f"cannot fill nulls of column {col!r} ({out[col].dtype}) with {value!r}: {e}") from e
         filled = out[col].fillna(fill)
         if filled.dtype != out[col].dtype:
             raise _Problem(f"filling column {col!r} ({out[col].dtype}) with {value!r} would change its type")
@@ -178,9 +182,7 @@ def _derive(df: pd.DataFrame, step: DeriveStep, _: Path) -> tuple[pd.DataFrame, 
     for name, text in step.columns.items():
         value = compile_expr(text).evaluate(out)
         if not isinstance(value, pd.Series):  # a constant: the same value on every row
-            value = pd.Series(
-                pd.arrays.ArrowExtensionArray(pa.repeat(pa.scalar(value), len(out))), index=out.index
-            )
+            value = pd.Series(pd.arrays.ArrowExtensionArray(pa.repeat(pa.scalar(value), len(out))), index=out.index)
         out[name] = value
     return out, None
 
@@ -251,9 +253,7 @@ def _keys(step: LookupStep) -> tuple[list[str], list[str]]:
 def _check_columns(table: pd.DataFrame, path: str, names: Sequence[str]) -> None:
     missing = [c for c in names if c not in table.columns]
     if missing:
-        raise _Problem(
-            f"lookup table {path} has no column {missing[0]!r}; it has: {', '.join(table.columns)}"
-        )
+        raise _Problem(f"lookup table {path} has no column {missing[0]!r}; it has: {', '.join(table.columns)}")
 
 
 def _check_unique(table: pd.DataFrame, path: str, right: list[str]) -> None:
@@ -296,9 +296,7 @@ def _lookup(df: pd.DataFrame, step: LookupStep, base_dir: Path) -> tuple[pd.Data
     bring = [c for c in bring if c not in left or c not in right]  # a same-named key is already there
     clash = [c for c in bring if c in df.columns]
     if clash:
-        raise _Problem(
-            f"lookup would overwrite column {clash[0]!r}; drop or rename it first, or set 'columns'"
-        )
+        raise _Problem(f"lookup would overwrite column {clash[0]!r}; drop or rename it first, or set 'columns'")
     probe = pd.Index(df[left[0]]) if len(left) == 1 else pd.MultiIndex.from_arrays([df[k] for k in left])
     rows = index.get_indexer(probe)  # -1 where the key is not in the table: null columns
     out = df.copy(deep=False)
@@ -339,10 +337,18 @@ def _python(df: pd.DataFrame, step: PythonStep, base_dir: Path) -> tuple[pd.Data
 
 
 _RUNNERS: dict[type, Callable[[pd.DataFrame, Any, Path], tuple[pd.DataFrame, Bad | None]]] = {
-    SelectStep: _select, DropStep: _drop, RenameStep: _rename, CastStep: _cast,
-    ParseDatetimeStep: _parse_datetime, FilterStep: _filter, DeriveStep: _derive,
-    FillnaStep: _fillna, DropnaStep: _dropna, LookupStep: _lookup, PythonStep: _python,
-}  # fmt: skip
+    SelectStep: _select,
+    DropStep: _drop,
+    RenameStep: _rename,
+    CastStep: _cast,
+    ParseDatetimeStep: _parse_datetime,
+    FilterStep: _filter,
+    DeriveStep: _derive,
+    FillnaStep: _fillna,
+    DropnaStep: _dropna,
+    LookupStep: _lookup,
+    PythonStep: _python,
+}
 
 
 # ------------------------------------------------------------------------- validation
@@ -358,18 +364,14 @@ def validate_steps(steps: Sequence[Step], base_dir: Path, *, file: str = "") -> 
             try:
                 check()
             except (ValueError, OSError, _Problem) as e:
-                raise ConfigError(
-                    f"{step.op} step: {e}", key=f"transform.steps[{i}].{field}", file=file
-                ) from None
+                raise ConfigError(f"{step.op} step: {e}", key=f"transform.steps[{i}].{field}", file=file) from None
 
 
 def _checks(step: Step, base_dir: Path) -> list[tuple[str, Callable[[], Any]]]:
     if isinstance(step, FilterStep):
         return [("expr", lambda: check_expr(step.expr))]
     if isinstance(step, DeriveStep):
-        return [
-            (f"columns.{name}", functools.partial(check_expr, text)) for name, text in step.columns.items()
-        ]
+        return [(f"columns.{name}", functools.partial(check_expr, text)) for name, text in step.columns.items()]
     if isinstance(step, PythonStep):
         return [("function", lambda: load_function(step.function, base_dir))]
     if isinstance(step, LookupStep):

@@ -59,16 +59,21 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     decoded = time.perf_counter()
     try:
         result, rejects = apply_steps(
-            df, spec.transform.steps, base_dir=spec.transform.base_dir,
-            on_error=spec.transform.on_error, label=chunk.label, unit=chunk.unit,
-        )  # fmt: skip
+            df,
+            spec.transform.steps,
+            base_dir=spec.transform.base_dir,
+            on_error=spec.transform.on_error,
+            label=chunk.label,
+            unit=chunk.unit,
+        )
     except StepError:
         raise
     except Exception as e:
         raise StepError(f"{type(e).__name__}: {e}", item=chunk.label) from e
     stepped = time.perf_counter()
-    parts = encode_parts(result, spec.output, source_index=chunk.source_index, chunk_index=chunk.index,
-                         label=chunk.label)
+    parts = encode_parts(
+        result, spec.output, source_index=chunk.source_index, chunk_index=chunk.index, label=chunk.label
+    )
     if malformed is not None:
         rejects = malformed if rejects is None else pd.concat([malformed, rejects], ignore_index=True)
     reject_part: Part | None = None
@@ -78,13 +83,18 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     end = time.perf_counter()
     n_malformed = 0 if malformed is None else len(malformed)
     return ChunkResult(
-        source_index=chunk.source_index, index=chunk.index, rows_in=len(df) + n_malformed,
-        rows_out=len(result), rows_rejected=n_rejected, parts=parts, rejects=reject_part,
-        seconds=end - start, decode_seconds=decoded - start, steps_seconds=stepped - decoded,
+        source_index=chunk.source_index,
+        index=chunk.index,
+        rows_in=len(df) + n_malformed,
+        rows_out=len(result),
+        rows_rejected=n_rejected,
+        parts=parts,
+        rejects=reject_part,
+        seconds=end - start,
+        decode_seconds=decoded - start,
+        steps_seconds=stepped - decoded,
         encode_seconds=end - stepped,
-    )  # fmt: skip
-
-
+    )
 
 
 def current_spec() -> WorkerSpec:

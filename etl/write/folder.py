@@ -174,9 +174,7 @@ class OutputWriter:
     def _final_relpath(self, relpath: str) -> str:
         path = PurePosixPath(relpath)
         if path.is_absolute() or ".." in path.parts or not path.name:
-            raise OutputError(
-                "part path must be relative and stay inside the output folder", item=relpath
-            )
+            raise OutputError("part path must be relative and stay inside the output folder", item=relpath)
         if self.out.mode == "append":
             return with_run_id(str(path), self.run_id)
         return str(path)
@@ -244,9 +242,10 @@ def _sibling(target: Path, kind: str, run_id: str) -> Path:
 def _files_under(folder: Path) -> set[str]:
     """Relpaths of the finished files in an adopted temp folder."""
     return {
-        str(p.relative_to(folder)) for p in folder.rglob("*")
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
         if p.is_file() and not _unfinished(p.name) and p.name != APPEND_LIST
-    }  # fmt: skip
+    }
 
 
 def _unfinished(name: str) -> bool:

@@ -78,8 +78,7 @@ class ObjectOutputWriter(OutputWriter):
         return relpath
 
     def add_existing(self, relpath: str, source: Path) -> None:
-        raise OutputError("carrying parts over from a local output is not supported on object storage",
-                          item=self.url)  # fmt: skip
+        raise OutputError("carrying parts over from a local output is not supported on object storage", item=self.url)
 
     def remove(self, relpath: str) -> None:
         with self._lock:
@@ -99,13 +98,21 @@ class ObjectOutputWriter(OutputWriter):
             files = previous["files"] + files
             rejected = previous.get("rejected", []) + rejected
         manifest = {
-            "version": 1, "run_id": self.run_id, "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mode": self.out.mode, "format": self.out.format, "partition_by": self.out.partition_by,
-            "previous": previous and previous["run_id"], "files": files, "rejected": rejected,
-        }  # fmt: skip
+            "version": 1,
+            "run_id": self.run_id,
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mode": self.out.mode,
+            "format": self.out.format,
+            "partition_by": self.out.partition_by,
+            "previous": previous and previous["run_id"],
+            "files": files,
+            "rejected": rejected,
+        }
         manifest_path = f"{MANIFESTS_DIR}/{self.run_id}.json"
         self._call(self.fs.pipe_file, f"{self.root}/{manifest_path}", _json(manifest))
-        self._call(self.fs.pipe_file, f"{self.root}/{LATEST}", _json({"run_id": self.run_id, "manifest": manifest_path}))
+        self._call(
+            self.fs.pipe_file, f"{self.root}/{LATEST}", _json({"run_id": self.run_id, "manifest": manifest_path})
+        )
         _prune(self.fs, self.root, self.url, manifest)
         return [f"{self.prefix}/{r}" for r in mine]
 

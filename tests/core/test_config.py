@@ -77,7 +77,10 @@ def test_not_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_env_references_are_resolved_and_missing_ones_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = BASE.replace('[download]', '') + '\n[download]\nheaders = {Authorization = "Bearer ${API_TOKEN}", X = "${UNSET_VAR:-dflt}"}\n'
+    text = (
+        BASE.replace("[download]", "")
+        + '\n[download]\nheaders = {Authorization = "Bearer ${API_TOKEN}", X = "${UNSET_VAR:-dflt}"}\n'
+    )
     monkeypatch.setenv("API_TOKEN", "s3cret")
     cfg = load_job(write(tmp_path, text))
     assert cfg.download.headers == {"Authorization": "Bearer s3cret", "X": "dflt"}
@@ -89,8 +92,16 @@ def test_env_references_are_resolved_and_missing_ones_named(tmp_path: Path, monk
 
 def test_set_overrides_any_key(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
-    cfg = load_job(path, ["transform.workers=3", "output.format=csv", 'transform.steps[0].expr="fare >= 1"',
-                          "read.chunk_rows=1000", "download.timeout.read=2.5"])
+    cfg = load_job(
+        path,
+        [
+            "transform.workers=3",
+            "output.format=csv",
+            'transform.steps[0].expr="fare >= 1"',
+            "read.chunk_rows=1000",
+            "download.timeout.read=2.5",
+        ],
+    )
     assert cfg.transform.workers == 3
     assert cfg.output.format == "csv"
     assert cfg.transform.steps[0].expr == "fare >= 1"  # type: ignore[union-attr]

@@ -33,7 +33,10 @@ def test_errors_pickle_with_their_fields() -> None:
 
 
 def test_messages_name_stage_item_and_key() -> None:
-    assert str(ConfigError("unknown key", key="output.formt", file="job.toml")) == "job.toml, key output.formt: unknown key"
+    assert (
+        str(ConfigError("unknown key", key="output.formt", file="job.toml"))
+        == "job.toml, key output.formt: unknown key"
+    )
     step = StepError("boom", item="a.csv[chunk 2, rows 20-29]", step="transform.steps[1] (cast)")
     assert str(step) == "[transform] a.csv[chunk 2, rows 20-29] transform.steps[1] (cast): boom"
 

@@ -47,8 +47,6 @@ def test_usable_memory_is_the_lower_of_cgroup_and_available() -> None:
     assert box.memory == min(512 * MiB, box.available)
 
 
-
-
 def test_usable_cpus_is_the_affinity_capped_by_the_quota() -> None:
     assert usable_cpus(FIXTURES / "v1-container") == 1  # quota of half a CPU
     assert usable_cpus(FIXTURES / "unlimited") == len(__import__("os").sched_getaffinity(0))

@@ -74,17 +74,34 @@ def test_chunk_repr_leaves_the_data_out() -> None:
 
 
 def test_result_nbytes_counts_parts_and_rejects() -> None:
-    r = ChunkResult(0, 0, rows_in=5, rows_out=3, rows_rejected=2,
-                    parts=[Part("part-00000-000000.parquet", b"x" * 100, 2), Part("m=2/p.parquet", b"y" * 50, 1)],
-                    rejects=Part("rejected-00000-000000.jsonl", b"z" * 7, 2))  # fmt: skip
+    r = ChunkResult(
+        0,
+        0,
+        rows_in=5,
+        rows_out=3,
+        rows_rejected=2,
+        parts=[Part("part-00000-000000.parquet", b"x" * 100, 2), Part("m=2/p.parquet", b"y" * 50, 1)],
+        rejects=Part("rejected-00000-000000.jsonl", b"z" * 7, 2),
+    )
     assert r.nbytes == 157
     assert ChunkResult(0, 0, rows_in=0, rows_out=0).nbytes == 0
 
 
 def test_result_pickle_round_trip() -> None:
-    r = ChunkResult(4, 9, rows_in=10, rows_out=8, rows_rejected=2, parts=[Part("a.parquet", b"\x00\x01", 8)],
-                    rejects=Part("rejected-00004-000009.jsonl", b"{}\n", 2), seconds=1.5, attempts=2,
-                    decode_seconds=0.5, steps_seconds=0.5, encode_seconds=0.5)  # fmt: skip
+    r = ChunkResult(
+        4,
+        9,
+        rows_in=10,
+        rows_out=8,
+        rows_rejected=2,
+        parts=[Part("a.parquet", b"\x00\x01", 8)],
+        rejects=Part("rejected-00004-000009.jsonl", b"{}\n", 2),
+        seconds=1.5,
+        attempts=2,
+        decode_seconds=0.5,
+        steps_seconds=0.5,
+        encode_seconds=0.5,
+    )
     back = pickle.loads(pickle.dumps(r))
     assert back == r and back.parts[0].data == b"\x00\x01" and back.rejects is not None
 

@@ -19,8 +19,10 @@ def test_username_only_userinfo_is_hidden_too() -> None:
     assert redact_url("ftp://bob@host/x") == "ftp://***@host/x"
 
 
-@pytest.mark.parametrize("param", ["token", "access_token", "api_key", "X-Amz-Signature", "X-Amz-Credential",
-                                   "client_secret", "password", "sig_KEY"])  # fmt: skip
+@pytest.mark.parametrize(
+    "param",
+    ["token", "access_token", "api_key", "X-Amz-Signature", "X-Amz-Credential", "client_secret", "password", "sig_KEY"],
+)
 def test_secret_looking_query_values_are_hidden(param: str) -> None:
     url = redact_url(f"https://h/a.csv?page=2&{param}=hunter2value&fmt=csv")
     assert "hunter2value" not in url
@@ -29,8 +31,12 @@ def test_secret_looking_query_values_are_hidden(param: str) -> None:
 
 
 def test_url_without_secrets_is_left_exactly_as_it_was() -> None:
-    for url in ("https://h.example/data/a.csv?page=2&fmt=csv%20x", "/srv/data/trips.csv", "s3://bucket/key.csv",
-                "http://h:8080/p;params?q=1#frag"):  # fmt: skip
+    for url in (
+        "https://h.example/data/a.csv?page=2&fmt=csv%20x",
+        "/srv/data/trips.csv",
+        "s3://bucket/key.csv",
+        "http://h:8080/p;params?q=1#frag",
+    ):
         assert redact_url(url) == url
 
 
@@ -39,8 +45,20 @@ def test_query_and_fragment_kept_around_a_redacted_value() -> None:
     assert url == "https://***@h/x.csv?token=***&keep=1#part"
 
 
-@pytest.mark.parametrize("name", ["Authorization", "authorization", "Cookie", "Proxy-Authorization", "X-Api-Key",
-                                  "X-Auth-Token", "X-Client-Secret", "My-Password", "Some-Key-Id"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "authorization",
+        "Cookie",
+        "Proxy-Authorization",
+        "X-Api-Key",
+        "X-Auth-Token",
+        "X-Client-Secret",
+        "My-Password",
+        "Some-Key-Id",
+    ],
+)
 def test_secret_headers_are_recognised(name: str) -> None:
     assert is_secret_header(name)
 
@@ -58,8 +76,9 @@ def test_redact_headers_hides_only_secret_values_and_keeps_names() -> None:
 
 
 def test_secret_values_lists_every_secret_of_a_source_longest_first() -> None:
-    found = _secret_values("https://alice:pw-long@h/x?token=tok123&page=2",
-                           {"Authorization": "Bearer abcdefgh", "Accept": "text/csv"})  # fmt: skip
+    found = _secret_values(
+        "https://alice:pw-long@h/x?token=tok123&page=2", {"Authorization": "Bearer abcdefgh", "Accept": "text/csv"}
+    )
     assert set(found) == {"alice", "pw-long", "tok123", "Bearer abcdefgh"}
     assert [len(s) for s in found] == sorted((len(s) for s in found), reverse=True)
     assert "2" not in found and "text/csv" not in found

@@ -20,13 +20,13 @@ from etl.run.pipeline import RunOptions, run_job
 ACCOUNT_ABS_S = 0.05
 ACCOUNT_REL = 0.02
 
-SLOW_UDF = '''
+SLOW_UDF = """
 import time
 
 def slow(df, *, seconds):
     time.sleep(seconds)  # stands in for CPU-heavy work; releases the GIL like numpy would
     return df
-'''
+"""
 
 
 def _job(tmp_path: Path, trips_dir: Path, executor: str, workers: int, sleep: float) -> Path:
@@ -106,8 +106,13 @@ async def test_a_slow_transform_is_named_the_bottleneck(tmp_path: Path, trips_di
 
 def test_cli_run_stores_stats_in_the_run_report(tmp_path: Path, trips_dir: Path) -> None:
     job = _job(tmp_path, trips_dir, "thread", workers=2, sleep=0.0)
-    proc = subprocess.run([sys.executable, "run.py", "--config", str(job), "--quiet"],
-                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "run.py", "--config", str(job), "--quiet"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "bottleneck: " in proc.stderr and "peak RSS" in proc.stderr
     report = json.loads(next((tmp_path / "state" / "stats" / "reports").glob("run-*.json")).read_text())

@@ -34,7 +34,10 @@ def testhash_file_matches_hashlib_and_returns_the_size(tmp_path: Path) -> None:
     path.write_bytes(DATA * 3)  # several 1 MiB blocks
     hashers = new_hashers(source(md5="x"))
     assert hash_file(path, hashers) == 3 * len(DATA)
-    assert hexdigests(hashers) == {"sha256": hashlib.sha256(DATA * 3).hexdigest(), "md5": hashlib.md5(DATA * 3).hexdigest()}
+    assert hexdigests(hashers) == {
+        "sha256": hashlib.sha256(DATA * 3).hexdigest(),
+        "md5": hashlib.md5(DATA * 3).hexdigest(),
+    }
 
 
 def testhash_file_with_a_limit_hashes_only_the_prefix(tmp_path: Path) -> None:
@@ -59,7 +62,7 @@ def test_a_file_written_in_pieces_hashes_like_the_whole(tmp_path: Path) -> None:
     hashers = new_hashers(source(md5="x"))
     f = open(path, "wb")
     for i in range(0, len(DATA), 7919):
-        write_and_hash(f, bytearray(DATA[i:i + 7919]), hashers)
+        write_and_hash(f, bytearray(DATA[i : i + 7919]), hashers)
     write_and_hash(f, b"", hashers)  # an empty read from the socket changes nothing
     f.close()
     assert path.read_bytes() == DATA

@@ -14,8 +14,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -54,9 +54,12 @@ def nginx(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (root / "nginx.conf").write_text(CONF.format(root=root, port=port, www=www, user="user root;" if os.geteuid() == 0 else ""))
-    proc = subprocess.Popen([NGINX, "-c", str(root / "nginx.conf"), "-e", str(root / "error.log")],
-                            stderr=subprocess.PIPE)  # fmt: skip
+    (root / "nginx.conf").write_text(
+        CONF.format(root=root, port=port, www=www, user="user root;" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen(
+        [NGINX, "-c", str(root / "nginx.conf"), "-e", str(root / "error.log")], stderr=subprocess.PIPE
+    )
     try:
         wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}", www, root / "access.log"

@@ -17,8 +17,8 @@ moto_server = pytest.importorskip("moto.server")
 from etl.core.config import load_job  # noqa: E402
 from etl.core.errors import ConfigError, StepError  # noqa: E402
 from etl.core.objstore import filesystem  # noqa: E402
-from etl.write.objects import read_manifest  # noqa: E402
 from etl.run.pipeline import RunOptions, run_job  # noqa: E402
+from etl.write.objects import read_manifest  # noqa: E402
 from tests.conftest import JobWriter, write_trips_csv  # noqa: E402
 
 
@@ -94,8 +94,7 @@ def read_published(url: str) -> pd.DataFrame:
     manifest = read_manifest(url)
     assert manifest is not None
     files = [f"{root}/{f['path']}" for f in manifest["files"]]
-    table = ds.dataset(files, filesystem=fs, format="parquet", partitioning="hive",
-                       partition_base_dir=root).to_table()  # fmt: skip
+    table = ds.dataset(files, filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=root).to_table()
     return table.to_pandas().sort_values("trip_id", ignore_index=True)
 
 
@@ -132,7 +131,7 @@ def test_a_prefix_lists_every_object_under_it(tmp_path: Path, bucket: str, write
     with pytest.raises(ConfigError) as e:  # the prefix holds readme.txt too: not a known format
         run(write_job(job(f'["s3://{bucket}/in/2026/"]', str(tmp_path / "o"))), "p1")
     assert "readme.txt" in str(e.value)
-    one = f's3://{bucket}/in/2026/trips-1.csv'
+    one = f"s3://{bucket}/in/2026/trips-1.csv"
     run(write_job(job(f'["{one}"]', str(tmp_path / "o"))), "p2")
     assert len(read_local(tmp_path / "o")) > 0
 

@@ -11,11 +11,18 @@ import pytest
 import etl.download.source_state as source_state
 from etl.download.source_state import SourceState
 
-ENTRY = {"name": "a.csv", "etag": '"abc"', "last_modified": "Wed, 01 Jan 2026 00:00:00 GMT",
-         "size": 10, "sha256": "0" * 64}  # fmt: skip
+ENTRY = {
+    "name": "a.csv",
+    "etag": '"abc"',
+    "last_modified": "Wed, 01 Jan 2026 00:00:00 GMT",
+    "size": 10,
+    "sha256": "0" * 64,
+}
 
 
-def test_no_path_or_no_file_gives_an_empty_state_without_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_path_or_no_file_gives_an_empty_state_without_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         assert SourceState.load(None).entries == {}
         missing = SourceState.load(tmp_path / "sources.json")
@@ -23,10 +30,12 @@ def test_no_path_or_no_file_gives_an_empty_state_without_warning(tmp_path: Path,
     assert caplog.records == []
 
 
-@pytest.mark.parametrize("content", [b'{"version": 1, "files": {', b"[1, 2]", b'{"version": 1}', b"\xff\xfe\x00",
-                                     b'"just a string"'])  # fmt: skip
-def test_unreadable_file_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                   content: bytes) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "content", [b'{"version": 1, "files": {', b"[1, 2]", b'{"version": 1}', b"\xff\xfe\x00", b'"just a string"']
+)
+def test_unreadable_file_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
     path = tmp_path / "sources.json"
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="etl.download"):
@@ -35,7 +44,9 @@ def test_unreadable_file_is_ignored_with_a_warning(tmp_path: Path, caplog: pytes
     assert any("sources.json" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-def test_a_folder_in_place_of_the_file_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_folder_in_place_of_the_file_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "sources.json").mkdir()
     with caplog.at_level(logging.WARNING, logger="etl.download"):
         assert SourceState.load(tmp_path / "sources.json").entries == {}
@@ -101,7 +112,9 @@ async def test_throttled_save_is_skipped_within_the_interval(tmp_path: Path) -> 
     assert set(SourceState.load(path).entries) == {"u"}
 
 
-async def test_throttled_save_writes_once_the_interval_has_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_throttled_save_writes_once_the_interval_has_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "sources.json"
     state = SourceState(path, {"u": dict(ENTRY)})
     monkeypatch.setattr(source_state, "STATE_SAVE_SECONDS", 0.0)  # every interval has passed

@@ -16,11 +16,16 @@ MD5 = "cd" * 16
 
 
 def job(tmp_path: Path, download: dict[str, Any] | None = None, **sources: Any) -> JobConfig:
-    return JobConfig.model_validate({
-        "job": {"name": "t"}, "sources": sources, "download": download or {},
-        "output": {"path": str(tmp_path / "out")}, "base_dir": str(tmp_path),
-        "file": str(tmp_path / "job.toml"),
-    })  # fmt: skip
+    return JobConfig.model_validate(
+        {
+            "job": {"name": "t"},
+            "sources": sources,
+            "download": download or {},
+            "output": {"path": str(tmp_path / "out")},
+            "base_dir": str(tmp_path),
+            "file": str(tmp_path / "job.toml"),
+        }
+    )
 
 
 def touch(*paths: Path) -> None:
@@ -36,8 +41,11 @@ def test_globs_expand_sorted_relative_to_the_job_folder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     touch(data / "b.csv", data / "a.csv", data / "sub/c.csv", data / "x.txt")
     sources = expand_sources(job(tmp_path, urls=["data/*.csv", "data/**/c.csv"]))
-    assert [s.url for s in sources] == [str(tmp_path / "data/a.csv"), str(tmp_path / "data/b.csv"),
-                                        str(tmp_path / "data/sub/c.csv")]  # fmt: skip
+    assert [s.url for s in sources] == [
+        str(tmp_path / "data/a.csv"),
+        str(tmp_path / "data/b.csv"),
+        str(tmp_path / "data/sub/c.csv"),
+    ]
     assert [s.index for s in sources] == [0, 1, 2]
     assert [s.name for s in sources] == ["a.csv", "b.csv", "c.csv"]
     assert not any(s.is_remote for s in sources)
@@ -78,9 +86,11 @@ def test_ranges_in_urls_and_local_paths(tmp_path: Path) -> None:
     urls = ["https://h.example/y={2025..2026}/m-{01..02}.csv", "d/p-{1..2}.csv"]
     sources = expand_sources(job(tmp_path, urls=urls))
     assert [s.url for s in sources[:4]] == [
-        "https://h.example/y=2025/m-01.csv", "https://h.example/y=2025/m-02.csv",
-        "https://h.example/y=2026/m-01.csv", "https://h.example/y=2026/m-02.csv",
-    ]  # fmt: skip
+        "https://h.example/y=2025/m-01.csv",
+        "https://h.example/y=2025/m-02.csv",
+        "https://h.example/y=2026/m-01.csv",
+        "https://h.example/y=2026/m-02.csv",
+    ]
     assert [s.url for s in sources[4:]] == [str(tmp_path / "d/p-1.csv"), str(tmp_path / "d/p-2.csv")]
 
 
@@ -147,9 +157,14 @@ def test_missing_urls_file_via_job_file(tmp_path: Path) -> None:
 
 
 def test_files_entries_carry_checksums_and_headers(tmp_path: Path) -> None:
-    [src] = expand_sources(job(tmp_path, files=[
-        {"url": "https://h.example/a.parquet", "sha256": SHA.upper(), "headers": {"X-Api-Key": "k"}},
-    ]))  # fmt: skip
+    [src] = expand_sources(
+        job(
+            tmp_path,
+            files=[
+                {"url": "https://h.example/a.parquet", "sha256": SHA.upper(), "headers": {"X-Api-Key": "k"}},
+            ],
+        )
+    )
     assert (src.sha256, src.headers, src.format) == (SHA, (("X-Api-Key", "k"),), "parquet")
 
 
@@ -162,8 +177,9 @@ def test_a_checksum_cannot_cover_a_glob_of_several_files(tmp_path: Path) -> None
 
 def test_url_credentials_and_authorization_header_together_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="credentials in the URL and an Authorization header") as info:
-        expand_sources(job(tmp_path, {"headers": {"authorization": "Bearer t0ken"}},
-                           urls=["https://u:pw@h.example/a.csv"]))  # fmt: skip
+        expand_sources(
+            job(tmp_path, {"headers": {"authorization": "Bearer t0ken"}}, urls=["https://u:pw@h.example/a.csv"])
+        )
     assert "pw" not in str(info.value) and "t0ken" not in str(info.value)
 
 
@@ -178,8 +194,11 @@ def test_duplicate_urls_are_an_error_naming_both_places(tmp_path: Path) -> None:
 
 
 def test_same_file_name_gets_a_hash_prefix(tmp_path: Path) -> None:
-    sources = expand_sources(job(tmp_path, urls=["https://a.example/x/data.csv", "https://b.example/data.csv",
-                                                  "https://a.example/other.csv"]))  # fmt: skip
+    sources = expand_sources(
+        job(
+            tmp_path, urls=["https://a.example/x/data.csv", "https://b.example/data.csv", "https://a.example/other.csv"]
+        )
+    )
     names = [s.name for s in sources]
     assert len(set(names)) == 3 and names[2] == "other.csv"
     assert all(n.endswith("-data.csv") and len(n) == len("12345678-data.csv") for n in names[:2])
@@ -188,9 +207,15 @@ def test_same_file_name_gets_a_hash_prefix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "fmt"),
-    [("a.csv.gz", "csv"), ("a.ndjson.zst", "jsonl"), ("a.JSONL.bz2", "jsonl"), ("a.pq", "parquet"),
-     ("a.parquet.zstd", "parquet"), ("a.csv?x=1", "csv")],
-)  # fmt: skip
+    [
+        ("a.csv.gz", "csv"),
+        ("a.ndjson.zst", "jsonl"),
+        ("a.JSONL.bz2", "jsonl"),
+        ("a.pq", "parquet"),
+        ("a.parquet.zstd", "parquet"),
+        ("a.csv?x=1", "csv"),
+    ],
+)
 def test_format_from_extension(tmp_path: Path, name: str, fmt: str) -> None:
     [src] = expand_sources(job(tmp_path, urls=[f"https://h.example/{name}"]))
     assert src.format == fmt

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -161,7 +161,7 @@ async def test_retry_after_http_date_is_capped_at_backoff_max(
 
 
 def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
-    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("7", now) == 7.0
     assert parse_retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
     assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0  # in the past: go now
@@ -169,9 +169,7 @@ def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
     assert parse_retry_after(None, now) is None
 
 
-async def test_stalled_body_times_out_then_resumes(
-    site: Path, staging: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_stalled_body_times_out_then_resumes(site: Path, staging: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = payload(20_000)
     (site / "a.csv").write_bytes(data)
     cfg = FAST.model_copy(update={"timeout": Timeout(connect=2, read=0.2, total=20)})
@@ -366,8 +364,11 @@ async def test_md5_is_verified_too(site: Path, staging: Path) -> None:
     md5 = hashlib.md5(data).hexdigest()
     async with ScriptedServer(site) as srv:
         _, [staged] = await run([remote(srv.url("a.csv"), "a.csv", md5=md5)], staging)
-        err, _ = await fails([remote(srv.url("a.csv"), "b.csv", md5="f" * 32)], staging,
-                             FAST.model_copy(update={"retry": Retry(attempts=1)}))  # fmt: skip
+        err, _ = await fails(
+            [remote(srv.url("a.csv"), "b.csv", md5="f" * 32)],
+            staging,
+            FAST.model_copy(update={"retry": Retry(attempts=1)}),
+        )
     assert staged.path.read_bytes() == data
     assert "md5 mismatch" in str(err) and md5 in str(err)
 
@@ -399,9 +400,7 @@ async def test_rerun_gets_304_and_fetches_no_body(site: Path, staging: Path, tmp
     assert not list(state.parent.glob(".*.tmp"))  # written through a temp file, then replaced
 
 
-async def test_no_conditional_request_when_the_staged_copy_is_gone(
-    site: Path, staging: Path, tmp_path: Path
-) -> None:
+async def test_no_conditional_request_when_the_staged_copy_is_gone(site: Path, staging: Path, tmp_path: Path) -> None:
     (site / "a.csv").write_bytes(payload(1000))
     state = tmp_path / "sources.json"
     async with ScriptedServer(site) as srv:
@@ -471,8 +470,9 @@ async def test_local_sources_pass_straight_through(tmp_path: Path, staging: Path
     local = tmp_path / "local.csv"
     local.write_bytes(b"id\n1\n2\n")
     sink = Sink()
-    stats, [staged] = await run([Source(0, str(local), "local.csv", "csv", sha256=sha(b"id\n1\n2\n"))],
-                                staging, progress=sink)  # fmt: skip
+    stats, [staged] = await run(
+        [Source(0, str(local), "local.csv", "csv", sha256=sha(b"id\n1\n2\n"))], staging, progress=sink
+    )
     assert staged.path == local and staged.size == 7 and not staged.unchanged
     assert list(staging.iterdir()) == []  # no copy
     assert stats.files == 1 and stats.bytes == 0 and sink.items == 1
@@ -485,9 +485,7 @@ async def test_local_source_with_wrong_checksum_fails(tmp_path: Path, staging: P
     assert isinstance(err, ChecksumMismatch) and str(local) in str(err) and len(out) == 0
 
 
-async def test_mixed_sources_all_arrive_and_progress_counts_bytes(
-    site: Path, staging: Path, tmp_path: Path
-) -> None:
+async def test_mixed_sources_all_arrive_and_progress_counts_bytes(site: Path, staging: Path, tmp_path: Path) -> None:
     (site / "r.csv").write_bytes(payload(30_000))
     local = tmp_path / "l.csv"
     local.write_bytes(b"id\n")

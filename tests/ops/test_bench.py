@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(600)
 # of the chunk's rows, slept in the run's own process only: the planner's probe (a child
 # process) runs a chunk too, and its one-off cost, which also depends on the chunk size,
 # would blur the model. Sleeping threads overlap fully, so more workers is strictly better.
-COST_UDF = '''
+COST_UDF = """
 import multiprocessing
 import time
 
@@ -41,7 +41,7 @@ def cost(df, *, fixed, per_row_sq):
     if multiprocessing.parent_process() is None:
         time.sleep(fixed + per_row_sq * len(df) ** 2)
     return df
-'''
+"""
 
 
 def _dataset(folder: Path, files: int, rows: int) -> Path:
@@ -78,21 +78,37 @@ format = "csv"
 
 
 def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "run.py", "bench", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "run.py", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_grid_2x2_repeat_2_writes_csv_json_and_plots(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data", files=2, rows=300)
     job = _job(tmp_path, data, workers=1, chunk_rows=100, fixed=0.0, per_row_sq=0.0)
     out = tmp_path / "bench"
-    proc = _bench("--config", str(job), "--vary", "transform.workers=1,2", "--vary", "read.chunk_rows=100,300",
-                  "--repeat", "2", "--out", str(out))  # fmt: skip
+    proc = _bench(
+        "--config",
+        str(job),
+        "--vary",
+        "transform.workers=1,2",
+        "--vary",
+        "read.chunk_rows=100,300",
+        "--repeat",
+        "2",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("] transform.workers=") == 8  # one progress line per run, naming its point
     assert proc.stdout.count("(round 2/2)") == 4  # points run in rounds, not back to back
     rows = list(csv.DictReader((out / "bench.csv").open()))
-    assert {(r["transform.workers"], r["read.chunk_rows"]) for r in rows} == {("1", "100"), ("1", "300"), ("2", "100"), ("2", "300")}
+    assert {(r["transform.workers"], r["read.chunk_rows"]) for r in rows} == {
+        ("1", "100"),
+        ("1", "300"),
+        ("2", "100"),
+        ("2", "300"),
+    }
     assert all(r["runs"] == "2" for r in rows)
     speeds = [float(r["rows_per_s_median"]) for r in rows]
     assert speeds == sorted(speeds, reverse=True)  # sorted by throughput
@@ -105,17 +121,24 @@ def test_grid_2x2_repeat_2_writes_csv_json_and_plots(tmp_path: Path) -> None:
         assert len(p["run_metrics"]) == 2
         assert all(m["rows_in"] == 600 for m in p["run_metrics"])  # same input for every run
     best = doc["points"][0]["point"]
-    assert doc["recommended"] == f"--set transform.workers={best['transform.workers']} --set read.chunk_rows={best['read.chunk_rows']}"
+    assert (
+        doc["recommended"]
+        == f"--set transform.workers={best['transform.workers']} --set read.chunk_rows={best['read.chunk_rows']}"
+    )
     assert f"recommended: {doc['recommended']}" in proc.stdout
     for name in ("throughput_transform_workers.png", "throughput_read_chunk_rows.png", "stages_best_worst.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     # each run had its own output folder, removed after measuring; its report is kept
     run_dirs = sorted((out / "runs").iterdir())
     assert len(run_dirs) == 8
-    assert all(not (d / "output").exists() and list((d / "state" / "benchjob" / "reports").glob("*.json")) for d in run_dirs)
+    assert all(
+        not (d / "output").exists() and list((d / "state" / "benchjob" / "reports").glob("*.json")) for d in run_dirs
+    )
 
 
-def test_auto_finds_the_known_best_point_with_fewer_runs_than_the_grid(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_auto_finds_the_known_best_point_with_fewer_runs_than_the_grid(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     data = _dataset(tmp_path / "data", files=4, rows=600)
     # start away from the best: two workers, whole-file chunks
     # per chunk: 0.6 s + 1.5e-5 s x rows^2 of sleep. A 600-row file is read as 1, 3 or 7
@@ -127,13 +150,27 @@ def test_auto_finds_the_known_best_point_with_fewer_runs_than_the_grid(tmp_path:
     shm = Path("/dev/shm")
     out = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path / "auto"
     request.addfinalizer(lambda: shutil.rmtree(out, ignore_errors=True))
-    proc = _bench("--config", str(job), "--auto", "--vary", "transform.workers=1,2,4",
-                  "--vary", "read.chunk_rows=100,300,600", "--vary", "download.concurrency=8",
-                  "--repeat", "1", "--out", str(out))  # fmt: skip
+    proc = _bench(
+        "--config",
+        str(job),
+        "--auto",
+        "--vary",
+        "transform.workers=1,2,4",
+        "--vary",
+        "read.chunk_rows=100,300,600",
+        "--vary",
+        "download.concurrency=8",
+        "--repeat",
+        "1",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((out / "bench.json").read_text())
     assert doc["mode"] == "auto"
-    assert doc["auto_best"] == {"transform.workers": "4", "read.chunk_rows": "300", "download.concurrency": "8"}, proc.stdout
+    assert doc["auto_best"] == {"transform.workers": "4", "read.chunk_rows": "300", "download.concurrency": "8"}, (
+        proc.stdout
+    )
     assert doc["recommended"] == "--set transform.workers=4 --set read.chunk_rows=300 --set download.concurrency=8"
     assert doc["runs"] < 9  # the full 3x3 grid needs 9 runs
 
@@ -142,8 +179,19 @@ def test_ctrl_c_stops_cleanly_and_keeps_measured_points(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data", files=2, rows=300)
     job = _job(tmp_path, data, workers=1, chunk_rows=100, fixed=0.2, per_row_sq=0.0)
     out = tmp_path / "bench"
-    cmd = [sys.executable, "run.py", "bench", "--config", str(job), "--vary", "transform.workers=1,2,3,4",
-           "--repeat", "1", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "run.py",
+        "bench",
+        "--config",
+        str(job),
+        "--vary",
+        "transform.workers=1,2,3,4",
+        "--repeat",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -186,8 +234,11 @@ def test_a_bad_key_fails_before_any_run(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ auto search, no runs
 
-VARY = {"transform.workers": ["1", "2", "3"], "read.chunk_rows": ["25000", "50000", "100000", "200000"],
-        "download.concurrency": ["2", "8"]}  # fmt: skip
+VARY = {
+    "transform.workers": ["1", "2", "3"],
+    "read.chunk_rows": ["25000", "50000", "100000", "200000"],
+    "download.concurrency": ["2", "8"],
+}
 WORKERS = {"1": 1.0, "2": 1.6, "3": 1.55}  # 3 workers lose ~3% to 2 (on two cores)
 CHUNKS = {"25000": 1.0, "50000": 1.2, "100000": 1.35, "200000": 1.4}  # 200000 gains ~4% over 100000
 
@@ -198,12 +249,22 @@ class FakeBench:
     ``drift(n)`` scales the n-th run's rows/s (1, 2, ...): the machine getting busier or quieter.
     """
 
-    def __init__(self, model: Callable[[Point], tuple[float, str]], *, workers: int, chunk_rows: int,
-                 concurrency: int, repeat: int = 3, drift: Callable[[int], float] = lambda n: 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: Callable[[Point], tuple[float, str]],
+        *,
+        workers: int,
+        chunk_rows: int,
+        concurrency: int,
+        repeat: int = 3,
+        drift: Callable[[int], float] = lambda n: 1.0,
+    ) -> None:
         self.model, self.repeat, self.drift = model, repeat, drift
-        self.cfg = SimpleNamespace(transform=SimpleNamespace(executor="process", workers=workers),
-                                   read=SimpleNamespace(chunk_rows=chunk_rows),
-                                   download=SimpleNamespace(concurrency=concurrency))  # fmt: skip
+        self.cfg = SimpleNamespace(
+            transform=SimpleNamespace(executor="process", workers=workers),
+            read=SimpleNamespace(chunk_rows=chunk_rows),
+            download=SimpleNamespace(concurrency=concurrency),
+        )
         self.results: dict[tuple[tuple[str, str], ...], PointResult] = {}
         self.measured: list[Point] = []  # every run, in order
         self.runs_done = 0
@@ -237,16 +298,22 @@ def test_auto_skips_a_key_whose_stage_never_bottlenecks(capsys: pytest.CaptureFi
     best = auto_search(bench, VARY)  # type: ignore[arg-type]
     assert _points(bench) == [
         _p("1", "25000", "8"),  # the job's own settings
-        _p("2", "25000", "8"), _p("3", "25000", "8"),  # workers: 2 gains, 3 does not
-        _p("2", "50000", "8"), _p("2", "100000", "8"), _p("2", "200000", "8"),  # chunk rows up
+        _p("2", "25000", "8"),
+        _p("3", "25000", "8"),  # workers: 2 gains, 3 does not
+        _p("2", "50000", "8"),
+        _p("2", "100000", "8"),
+        _p("2", "200000", "8"),  # chunk rows up
         _p("3", "100000", "8"),  # second pass: workers again from the new point, up only
-    ]  # fmt: skip
+    ]
     assert best.point == _p("2", "100000", "8")  # 200000 gains ~4% over 100000: under the 5% line
     assert bench.runs_done <= 24 * 3 // 3  # a third of the 24-point grid at 3 runs per point
     out = capsys.readouterr().out
     assert "skipped download.concurrency: it speeds up download, the bottleneck is transform" in out
     assert "skipped transform.workers" not in out and "skipped read.chunk_rows" not in out
-    assert "chunk_rows=200000 vs transform.workers=2 read.chunk_rows=100000 download.concurrency=8: +3.7% side by side" in out
+    assert (
+        "chunk_rows=200000 vs transform.workers=2 read.chunk_rows=100000 download.concurrency=8: +3.7% side by side"
+        in out
+    )
 
 
 def test_auto_climbs_the_key_of_the_bottleneck_first_and_follows_it_when_it_moves() -> None:
@@ -270,8 +337,9 @@ def test_auto_judges_a_step_side_by_side_so_drift_cannot_hide_a_gain() -> None:
         return 100_000 * chunks[p["read.chunk_rows"]], "transform"
 
     bench = FakeBench(model, workers=2, chunk_rows=25_000, concurrency=8, drift=lambda n: 0.96**n)
-    best = auto_search(bench, {"read.chunk_rows": list(chunks), "transform.workers": ["2"],
-                               "download.concurrency": ["8"]})  # fmt: skip
+    best = auto_search(
+        bench, {"read.chunk_rows": list(chunks), "transform.workers": ["2"], "download.concurrency": ["8"]}
+    )
     assert best.point["read.chunk_rows"] == "200000"
     assert max(r["rows_per_s"] for r in best.runs) < 100_000  # below the start's own first figure
 
@@ -282,8 +350,9 @@ def test_auto_stops_pairing_once_a_majority_agrees() -> None:
         return 100_000 * {"1": 1.0, "2": 1.6, "3": 1.62}[p["transform.workers"]], "transform"
 
     bench = FakeBench(model, workers=1, chunk_rows=25_000, concurrency=8)
-    best = auto_search(bench, {"transform.workers": ["1", "2", "3"], "read.chunk_rows": ["25000"],
-                               "download.concurrency": ["8"]})  # fmt: skip
+    best = auto_search(
+        bench, {"transform.workers": ["1", "2", "3"], "read.chunk_rows": ["25000"], "download.concurrency": ["8"]}
+    )
     assert best.point["transform.workers"] == "2"  # 3 gains 1.2% over 2 workers: under the line
     # runs alternate; the first comparison opens with the start's own run, the second needs a
     # fresh run of its incumbent (the last run was the old one) and takes two triples

@@ -34,35 +34,41 @@ path = "out"
 """
 
 
-@pytest.mark.parametrize("text, normal", [
-    ("0 * * * *", "0 * * * *"),
-    ("  */15   9-17 * * mon-fri ", "*/15 9-17 * * mon-fri"),
-    ("0 0 1 jan,JUL 0,7", "0 0 1 jan,JUL 0,7"),
-    ("5-59/10 0-23/2 1-31 1-12 0-6", "5-59/10 0-23/2 1-31 1-12 0-6"),
-    ("@Hourly", "@hourly"),
-    ("@reboot", "@reboot"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, normal",
+    [
+        ("0 * * * *", "0 * * * *"),
+        ("  */15   9-17 * * mon-fri ", "*/15 9-17 * * mon-fri"),
+        ("0 0 1 jan,JUL 0,7", "0 0 1 jan,JUL 0,7"),
+        ("5-59/10 0-23/2 1-31 1-12 0-6", "5-59/10 0-23/2 1-31 1-12 0-6"),
+        ("@Hourly", "@hourly"),
+        ("@reboot", "@reboot"),
+    ],
+)
 def test_valid_schedules(text: str, normal: str) -> None:
     assert check_schedule(text) == normal
 
 
-@pytest.mark.parametrize("text, says", [
-    ("0 * * *", "expected 5 fields"),
-    ("0 * * * * *", "got 6"),
-    ("60 * * * *", "minute field '60': 60 is outside 0-59"),
-    ("0 24 * * *", "hour field"),
-    ("0 0 0 * *", "day of month field '0'"),
-    ("0 0 * 13 *", "month field '13'"),
-    ("0 0 * * 8", "day of week field '8'"),
-    ("*/0 * * * *", "at least 1"),
-    ("*/61 * * * *", "larger than the field's range"),
-    ("5/10 * * * *", "a step needs '*' or a range"),
-    ("10-5 * * * *", "runs backwards"),
-    ("0 0 * * mon-fry", "'fry' is not a number or a name"),
-    ("0 0 * foo *", "not a number or a name (jan"),
-    ("1,,2 * * * *", "is not a number"),
-    ("@every 5m", "unknown macro"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("0 * * *", "expected 5 fields"),
+        ("0 * * * * *", "got 6"),
+        ("60 * * * *", "minute field '60': 60 is outside 0-59"),
+        ("0 24 * * *", "hour field"),
+        ("0 0 0 * *", "day of month field '0'"),
+        ("0 0 * 13 *", "month field '13'"),
+        ("0 0 * * 8", "day of week field '8'"),
+        ("*/0 * * * *", "at least 1"),
+        ("*/61 * * * *", "larger than the field's range"),
+        ("5/10 * * * *", "a step needs '*' or a range"),
+        ("10-5 * * * *", "runs backwards"),
+        ("0 0 * * mon-fry", "'fry' is not a number or a name"),
+        ("0 0 * foo *", "not a number or a name (jan"),
+        ("1,,2 * * * *", "is not a number"),
+        ("@every 5m", "unknown macro"),
+    ],
+)
 def test_bad_schedules_name_the_field_and_rule(text: str, says: str) -> None:
     with pytest.raises(ConfigError) as e:
         check_schedule(text)
@@ -106,8 +112,15 @@ def test_printed_line_runs_the_job_under_crons_environment(tmp_path: Path) -> No
     assert state_logs.is_dir()  # the redirect needs its folder before the first run
 
     # cron runs the command with sh, a bare environment and no terminal, from $HOME.
-    run = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "/bin/sh", "-c", command.replace("\\%", "%")],
-                         check=False, capture_output=True, text=True, timeout=120, cwd="/", stdin=subprocess.DEVNULL)  # fmt: skip
+    run = subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", "/bin/sh", "-c", command.replace("\\%", "%")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+    )
     assert run.returncode == 0, (state_logs / "cron.out").read_text()
     assert run.stdout == run.stderr == ""  # everything went to the log files
     logs = (state_logs / "cron.log").read_text().splitlines()

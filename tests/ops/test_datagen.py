@@ -58,8 +58,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path: Path
     a = generate(tmp_path / "a", rows=3_000, files=3, seed=1, bad_values=0.01)
     b = generate(tmp_path / "b", rows=3_000, files=3, seed=1, bad_values=0.01)
     c = generate(tmp_path / "c", rows=3_000, files=3, seed=2, bad_values=0.01)
-    assert [p.name for p in a] == ["trips-000.csv.gz", "trips-001.csv.gz", "trips-002.csv.gz",
-                                   "zones.csv"]  # fmt: skip
+    assert [p.name for p in a] == ["trips-000.csv.gz", "trips-001.csv.gz", "trips-002.csv.gz", "zones.csv"]
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     for pa_, pc_ in zip(a[:3], c[:3]):
         assert pa_.read_bytes() != pc_.read_bytes()
@@ -170,9 +169,7 @@ def test_other_formats_hold_the_same_rows(tmp_path: Path) -> None:
     csv_gz = read_trips(generate(tmp_path / "gz", **kw))
     plain = read_trips(generate(tmp_path / "csv", fmt="csv", **kw))
     assert plain.equals(csv_gz)
-    parquet = pa.concat_tables(
-        pq.read_table(p) for p in generate(tmp_path / "pq", fmt="parquet", **kw)[:2]
-    )
+    parquet = pa.concat_tables(pq.read_table(p) for p in generate(tmp_path / "pq", fmt="parquet", **kw)[:2])
     jsonl = [
         json.loads(line)
         for p in generate(tmp_path / "js", fmt="jsonl.gz", **kw)[:2]
@@ -187,12 +184,15 @@ def test_other_formats_hold_the_same_rows(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"fmt": "xlsx"}, "fmt"), ({"files": 0}, "files"), ({"rows": -1}, "rows"),
-     ({"bad_values": 1.5}, "bad_values"), ({"slice_rows": 0}, "slice_rows")],
-)  # fmt: skip
-def test_bad_arguments_name_the_argument_and_value(
-    tmp_path: Path, kwargs: dict[str, object], key: str
-) -> None:
+    [
+        ({"fmt": "xlsx"}, "fmt"),
+        ({"files": 0}, "files"),
+        ({"rows": -1}, "rows"),
+        ({"bad_values": 1.5}, "bad_values"),
+        ({"slice_rows": 0}, "slice_rows"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(tmp_path: Path, kwargs: dict[str, object], key: str) -> None:
     args: dict = {"rows": 10, "files": 1, **kwargs}
     with pytest.raises(ConfigError) as e:
         generate(tmp_path, **args)

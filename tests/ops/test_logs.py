@@ -38,16 +38,22 @@ def test_json_log_file_has_one_valid_object_per_line(tmp_path: Path) -> None:
     setup_logging("INFO", "json", log_file, run_id="20260101T000000-abc123")
     log = logging.getLogger("etl.download")
     log.info("fetched %d bytes", 42, extra={"stage": "download", "source": "trips-1.csv.gz"})
-    log.warning("multi\nline \"quoted\" Ünïcode", extra={"stage": "read"})
+    log.warning('multi\nline "quoted" Ünïcode', extra={"stage": "read"})
     logging.getLogger("etl.run").info("no extras")
     logging.getLogger("etl.run").debug("below the level")
     got = [json.loads(line) for line in lines(log_file)]
     assert len(got) == 3
     for entry in got:
         assert set(entry) == JSON_KEYS and entry["run_id"] == "20260101T000000-abc123"
-    assert got[0] | {"time": None} == {"time": None, "level": "INFO", "stage": "download", "source": "trips-1.csv.gz",
-                                       "message": "fetched 42 bytes", "run_id": "20260101T000000-abc123",
-                                       "logger": "etl.download"}  # fmt: skip
+    assert got[0] | {"time": None} == {
+        "time": None,
+        "level": "INFO",
+        "stage": "download",
+        "source": "trips-1.csv.gz",
+        "message": "fetched 42 bytes",
+        "run_id": "20260101T000000-abc123",
+        "logger": "etl.download",
+    }
     assert got[1]["message"] == 'multi\nline "quoted" Ünïcode' and got[1]["level"] == "WARNING"
     assert got[1]["stage"] == "read" and got[1]["source"] == ""
     assert got[2]["stage"] == "" and got[2]["source"] == "" and got[2]["logger"] == "etl.run"

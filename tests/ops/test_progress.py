@@ -58,8 +58,9 @@ def test_line_without_total_or_bytes() -> None:
     assert sp.line().startswith("transform: 5 rows, 2.0 KiB at ")
 
 
-def test_quiet_mode_writes_nothing(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_quiet_mode_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(progress_mod, "LOG_INTERVAL_S", 0.0)
     p = Progress(choose_mode(quiet=True))
     with caplog.at_level(logging.DEBUG):
@@ -79,7 +80,7 @@ def test_updates_from_many_threads_count_exactly(monkeypatch: pytest.MonkeyPatch
         sp = Progress(mode).stage("read", "chunks")  # type: ignore[arg-type]
         start = threading.Barrier(THREADS)
 
-        def work() -> None:
+        def work(sp: StageProgress = sp, start: threading.Barrier = start) -> None:
             start.wait()
             for _ in range(UPDATES):
                 sp.update(items=1, nbytes=3)

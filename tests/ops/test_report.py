@@ -21,19 +21,64 @@ from etl.ops.report import (
 )
 from etl.run.pipeline import RunSummary
 
-REPORT_KEYS = {"run_id", "job", "config_hash", "start", "end", "status", "exit_code", "error", "summary",
-               "start_iso", "end_iso", "duration_seconds", "sources", "rows", "bytes", "stage_seconds"}  # fmt: skip
+REPORT_KEYS = {
+    "run_id",
+    "job",
+    "config_hash",
+    "start",
+    "end",
+    "status",
+    "exit_code",
+    "error",
+    "summary",
+    "start_iso",
+    "end_iso",
+    "duration_seconds",
+    "sources",
+    "rows",
+    "bytes",
+    "stage_seconds",
+}
 
 
 def summary(run_id: str = "20260101T000000-aaaaaa", **kw: object) -> RunSummary:
-    s = RunSummary(run_id=run_id, job="trips", sources=3, files_read=2, chunks=5, rows_in=1234, rows_out=1200,
-                   rows_rejected=34, bytes_downloaded=3 << 20, bytes_read=5 << 20, parts_written=5,
-                   wall_seconds=2.5, stage_seconds={"download": 0.5, "read": 1.0, "transform": 2.0, "write": 0.25},
-                   workers=2, sources_skipped=1,
-                   per_source=[{"index": 0, "name": "a.csv", "status": "processed", "rows_in": 1234, "rows_out": 1200,
-                                "rows_rejected": 34, "parts": 5},
-                               {"index": 1, "name": "b.csv", "status": "unchanged", "rows_in": 0, "rows_out": 0,
-                                "rows_rejected": 0, "parts": 0}])  # fmt: skip
+    s = RunSummary(
+        run_id=run_id,
+        job="trips",
+        sources=3,
+        files_read=2,
+        chunks=5,
+        rows_in=1234,
+        rows_out=1200,
+        rows_rejected=34,
+        bytes_downloaded=3 << 20,
+        bytes_read=5 << 20,
+        parts_written=5,
+        wall_seconds=2.5,
+        stage_seconds={"download": 0.5, "read": 1.0, "transform": 2.0, "write": 0.25},
+        workers=2,
+        sources_skipped=1,
+        per_source=[
+            {
+                "index": 0,
+                "name": "a.csv",
+                "status": "processed",
+                "rows_in": 1234,
+                "rows_out": 1200,
+                "rows_rejected": 34,
+                "parts": 5,
+            },
+            {
+                "index": 1,
+                "name": "b.csv",
+                "status": "unchanged",
+                "rows_in": 0,
+                "rows_out": 0,
+                "rows_rejected": 0,
+                "parts": 0,
+            },
+        ],
+    )
     for k, v in kw.items():
         setattr(s, k, v)
     return s
@@ -52,7 +97,13 @@ def test_report_is_json_with_the_documented_keys(tmp_path: Path) -> None:
     d = json.loads(path.read_text())
     assert set(d) >= REPORT_KEYS
     assert (d["run_id"], d["job"], d["config_hash"], d["status"], d["exit_code"], d["error"]) == (
-        "20260101T000000-aaaaaa", "trips", "0123456789abcdef", "success_with_rejects", 3, None)
+        "20260101T000000-aaaaaa",
+        "trips",
+        "0123456789abcdef",
+        "success_with_rejects",
+        3,
+        None,
+    )
     assert d["rows"] == {"in": 1234, "out": 1200, "rejected": 34}
     assert d["bytes"] == {"downloaded": 3 << 20, "read": 5 << 20}
     assert d["stage_seconds"] == {"download": 0.5, "read": 1.0, "transform": 2.0, "write": 0.25}

@@ -83,12 +83,14 @@ async def test_head_answers_headers_without_a_body(www: Path) -> None:
 
 @pytest.mark.parametrize(
     ("header", "start", "stop"),
-    [("bytes=100-199", 100, 200), ("bytes=1000-", 1000, len(DATA)), ("bytes=-50", len(DATA) - 50,
-     len(DATA)), ("bytes=0-999999999", 0, len(DATA))],
-)  # fmt: skip
-async def test_range_gets_206_with_exactly_those_bytes(
-    www: Path, header: str, start: int, stop: int
-) -> None:
+    [
+        ("bytes=100-199", 100, 200),
+        ("bytes=1000-", 1000, len(DATA)),
+        ("bytes=-50", len(DATA) - 50, len(DATA)),
+        ("bytes=0-999999999", 0, len(DATA)),
+    ],
+)
+async def test_range_gets_206_with_exactly_those_bytes(www: Path, header: str, start: int, stop: int) -> None:
     async with serve(www) as url:
         status, headers, body = await get(f"{url}/data.bin", Range=header)
     assert (status, body) == (206, DATA[start:stop])
@@ -150,9 +152,9 @@ async def test_missing_files_folders_and_dot_files_are_404(www: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/..%2F..%2Fsecret.txt", "/link.txt",
-             "/%2Fetc%2Fpasswd"],
-)  # fmt: skip
+    "path",
+    ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/..%2F..%2Fsecret.txt", "/link.txt", "/%2Fetc%2Fpasswd"],
+)
 async def test_paths_leaving_the_folder_are_refused(www: Path, path: str) -> None:
     async with serve(www) as url:
         status, body = await raw_get(url, path)
@@ -191,14 +193,15 @@ async def test_a_port_in_use_is_a_clear_error(www: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-async def test_run_forever_prints_its_url_and_stops_cleanly_on_a_signal(
-    www: Path, sig: signal.Signals
-) -> None:
+async def test_run_forever_prints_its_url_and_stops_cleanly_on_a_signal(www: Path, sig: signal.Signals) -> None:
     code = f"from etl.ops.serve import run_forever; run_forever({str(www)!r}, port=0)"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
+    )
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()

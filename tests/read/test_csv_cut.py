@@ -72,7 +72,9 @@ NOTES = ["plain", "comma, inside", "two\nlines", "", 'say "hi"', "three\n\nlines
 def test_chunks_hold_every_record_once_indexed_by_its_start_line(
     tmp_path_factory: pytest.TempPathFactory, notes: list[str], chunk_rows: int
 ) -> None:
-    path = write_csv(tmp_path_factory.mktemp("csv") / "t.csv.gz", [[str(i), n, str(i * 2)] for i, n in enumerate(notes)])
+    path = write_csv(
+        tmp_path_factory.mktemp("csv") / "t.csv.gz", [[str(i), n, str(i * 2)] for i, n in enumerate(notes)]
+    )
     cfg = ReadConfig(chunk_rows=chunk_rows)
 
     parsed = frames(path, cfg)
@@ -103,7 +105,7 @@ def test_record_end_never_cuts_inside_quotes() -> None:
 
 def test_malformed_rows_fail_naming_the_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
-    path.write_text("id,note,n\n1,a,2\n2,\"x\ny\",3\n3,b,4,extra\n4,c,5\n")
+    path.write_text('id,note,n\n1,a,2\n2,"x\ny",3\n3,b,4,extra\n4,c,5\n')
 
     with pytest.raises(DataError) as e:
         frames(path, ReadConfig(chunk_rows=100))
@@ -114,7 +116,7 @@ def test_malformed_rows_fail_naming_the_line(tmp_path: Path) -> None:
 
 def test_malformed_rows_are_rejected_with_their_line_and_raw_text(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
-    path.write_text("id,note,n\n1,a,2\n2,\"x\ny\",3\n3,b,4,extra\n4\n5,c,6\n")
+    path.write_text('id,note,n\n1,a,2\n2,"x\ny",3\n3,b,4,extra\n4\n5,c,6\n')
 
     [(df, rejects)] = frames(path, ReadConfig(chunk_rows=100), on_error="quarantine")
 

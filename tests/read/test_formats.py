@@ -118,9 +118,7 @@ def test_csv_chunk_boundaries_do_not_depend_on_block_size(tmp_path: Path) -> Non
     small = list(read_chunks(staged(path, "csv"), cfg, block_size=256))
     large = list(read_chunks(staged(path, "csv"), cfg, block_size=1 << 20))
 
-    assert [(c.index, c.row_start, c.rows) for c in small] == [
-        (c.index, c.row_start, c.rows) for c in large
-    ]
+    assert [(c.index, c.row_start, c.rows) for c in small] == [(c.index, c.row_start, c.rows) for c in large]
     assert [decode_ipc(c.data) for c in small] == [decode_ipc(c.data) for c in large]
 
 
@@ -177,9 +175,7 @@ def test_files_without_rows_yield_no_chunks(tmp_path: Path, name: str, fmt: str,
 
 
 @pytest.mark.parametrize("block_size", [128, None])
-def test_csv_row_with_too_many_fields_names_file_line_and_chunk(
-    tmp_path: Path, block_size: int | None
-) -> None:
+def test_csv_row_with_too_many_fields_names_file_line_and_chunk(tmp_path: Path, block_size: int | None) -> None:
     lines = ["id,name,city"] + [f"{i},n{i},c{i}" for i in range(1, 51)]
     lines[30] = "30,n30,c30,extra"  # data row 30, line 31
     path = tmp_path / "bad.csv"
@@ -241,9 +237,7 @@ def test_jsonl_types_are_the_same_in_every_chunk(tmp_path: Path) -> None:
     chunks = list(read_chunks(staged(path, "jsonl"), ReadConfig(chunk_rows=7), block_size=300))
 
     assert_chunk_shape(chunks, total=60, size=7, name=path.name)
-    expected = pa.schema(
-        [("id", pa.int64()), ("price", pa.float64()), ("name", pa.string()), ("note", pa.string())]
-    )
+    expected = pa.schema([("id", pa.int64()), ("price", pa.float64()), ("name", pa.string()), ("note", pa.string())])
     assert {decode_ipc(c.data).schema for c in chunks} == {expected}
     fields = ["id", "price", "name", "note"]
     assert rows_of(chunks) == [tuple(r.get(f) for f in fields) for r in records]

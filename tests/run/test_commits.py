@@ -75,8 +75,9 @@ class Run:
         """Writer thread: one chunk's part is in the temp folder."""
         part = Part(f"part-{src.index:05d}-{i:06d}.parquet", f"{src.name}#{i}".encode(), rows)
         rel = self.writer.write(part)
-        self.commits.written(ChunkResult(src.index, i, rows_in=rows + 1, rows_out=rows, rows_rejected=1),
-                             [(rel, rows, len(part.data))])  # fmt: skip
+        self.commits.written(
+            ChunkResult(src.index, i, rows_in=rows + 1, rows_out=rows, rows_rejected=1), [(rel, rows, len(part.data))]
+        )
 
     def process(self, src: Source, chunks: int = 2) -> bool:
         """Reader and writer for one source; False when it was skipped."""
@@ -251,8 +252,13 @@ def test_overwrite_skips_unchanged_sources_and_carries_their_parts_over(tmp_path
     assert (second.writer.tmp / "part-00000-000000.parquet").stat().st_ino == inode  # a hard link, not a copy
     assert statuses(second) == [("a.csv", "unchanged"), ("b.csv", "unchanged"), ("c.csv", "processed")]
     assert second.commits.report()[0]["rows_out"] == 4  # the carried source's numbers
-    assert second.publish() == ["part-00000-000000.parquet", "part-00000-000001.parquet", "part-00001-000000.parquet",
-                                "part-00001-000001.parquet", "part-00002-000000.parquet"]  # fmt: skip
+    assert second.publish() == [
+        "part-00000-000000.parquet",
+        "part-00000-000001.parquet",
+        "part-00001-000000.parquet",
+        "part-00001-000001.parquet",
+        "part-00002-000000.parquet",
+    ]
     assert (out / "part-00000-000001.parquet").read_bytes() == b"a.csv#1"
     assert set(manifest(cfg).published) == {s.url for s in srcs}
 
@@ -267,8 +273,12 @@ def test_an_unchanged_source_whose_index_moved_has_its_parts_renumbered(tmp_path
     moved = [Source(0, b.url, b.name, "csv"), Source(1, a.url, a.name, "csv")]
     second = Run(cfg, "r2", moved)
     assert not second.process(moved[0]) and not second.process(moved[1])
-    assert second.publish() == ["part-00000-000000.parquet", "part-00000-000001.parquet",
-                                "part-00001-000000.parquet", "part-00001-000001.parquet"]  # fmt: skip
+    assert second.publish() == [
+        "part-00000-000000.parquet",
+        "part-00000-000001.parquet",
+        "part-00001-000000.parquet",
+        "part-00001-000001.parquet",
+    ]
     assert (tmp_path / "out" / "part-00000-000000.parquet").read_bytes() == b"b.csv#0"
     assert (tmp_path / "out" / "part-00001-000001.parquet").read_bytes() == b"a.csv#1"
     assert manifest(cfg).published[a.url]["index"] == 1
@@ -343,8 +353,10 @@ def test_published_entries_take_the_download_validators(tmp_path: Path) -> None:
     (a,) = sources(tmp_path)[:1]
     run = Run(cfg, "r1", [a])
     run.process(a)
-    write_json(cfg.job_state_dir / "sources.json",
-               {"version": 1, "files": {a.url: {"etag": '"e1"', "last_modified": "Mon, 01 Jun 2026 00:00:00 GMT"}}})  # fmt: skip
+    write_json(
+        cfg.job_state_dir / "sources.json",
+        {"version": 1, "files": {a.url: {"etag": '"e1"', "last_modified": "Mon, 01 Jun 2026 00:00:00 GMT"}}},
+    )
     run.publish()
     e = manifest(cfg).published[a.url]
     assert (e["etag"], e["last_modified"]) == ('"e1"', "Mon, 01 Jun 2026 00:00:00 GMT")
@@ -364,7 +376,11 @@ def test_plan_says_what_a_run_would_do_without_changing_anything(tmp_path: Path)
     first.publish()
     Path(b.url).write_text("x\nchanged\n")
     before = (cfg.job_state_dir / "manifest.json").read_bytes()
-    assert Commits(cfg, "dry", False).plan([a, b, remote]) == ["skip: unchanged", "process: changed", "fetch and process"]
+    assert Commits(cfg, "dry", False).plan([a, b, remote]) == [
+        "skip: unchanged",
+        "process: changed",
+        "fetch and process",
+    ]
     assert Commits(cfg, "dry", True).plan([a]) == ["process"]
     assert (cfg.job_state_dir / "manifest.json").read_bytes() == before
 

@@ -123,9 +123,14 @@ async def test_as_dict_reports_every_documented_field() -> None:
     guard = MemoryGuard(budget=1000)
     await guard.observe(500)
     assert guard.as_dict() == {
-        "peak_rss_bytes": 500, "samples": 1, "high_watermark": 900, "low_watermark": 750,
-        "pauses": 0, "paused_seconds": 0.0, "forced_admits": 0,
-    }  # fmt: skip
+        "peak_rss_bytes": 500,
+        "samples": 1,
+        "high_watermark": 900,
+        "low_watermark": 750,
+        "pauses": 0,
+        "paused_seconds": 0.0,
+        "forced_admits": 0,
+    }
 
 
 # ---------------------------------------------------------------------- GatedChunks

@@ -32,8 +32,14 @@ steps = [
 """
 
 
-def job_text(sources: str, executor: str = "process", chunk_rows: int = 50, out: str = "out",
-             fmt: str = "parquet", extra: str = "") -> str:
+def job_text(
+    sources: str,
+    executor: str = "process",
+    chunk_rows: int = 50,
+    out: str = "out",
+    fmt: str = "parquet",
+    extra: str = "",
+) -> str:
     return f"""
 [job]
 name = "e2e"
@@ -55,8 +61,7 @@ partition_by = ["month"]
 
 def plain_pandas(files: list[Path], zones: Path) -> pd.DataFrame:
     """The same job written as a plain, single-process pandas script on the whole input."""
-    df = pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""]) for f in files],
-                   ignore_index=True)  # fmt: skip
+    df = pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""]) for f in files], ignore_index=True)
     df["passengers"] = pd.to_numeric(df["passengers"].str.strip()).astype("Int64")
     for col in ("fare", "tip", "distance"):
         df[col] = pd.to_numeric(df[col].str.strip())
@@ -95,13 +100,22 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=180, env=env, cwd=config.parent)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=config.parent,
+    )
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_local_job_equals_plain_pandas(trips_dir: Path, write_job: JobWriter) -> None:
@@ -172,8 +186,12 @@ def test_config_error_exits_2_naming_key_and_file(trips_dir: Path, write_job: Jo
 
 def test_set_override_and_validate_command(trips_dir: Path, write_job: JobWriter) -> None:
     cfg = write_job(job_text('["data/trips-*.csv"]'))
-    ok = subprocess.run([sys.executable, str(ROOT / "run.py"), "validate", "--config", str(cfg)],
-                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    ok = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "validate", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     proc = run_cli(cfg, "--quiet", "--set", "output.format=csv", "--set", "output.path=out-csv")
     assert proc.returncode == 0, proc.stderr
@@ -184,6 +202,8 @@ def test_set_override_and_validate_command(trips_dir: Path, write_job: JobWriter
 
 def test_no_progress_control_characters_without_a_terminal(trips_dir: Path, write_job: JobWriter) -> None:
     cfg = write_job(job_text('["data/trips-*.csv"]'))
-    proc = run_cli(cfg, env={"PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k.startswith("PYTHON")}})
+    proc = run_cli(
+        cfg, env={"PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k.startswith("PYTHON")}}
+    )
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr

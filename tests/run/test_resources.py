@@ -51,9 +51,17 @@ def job(**sections: dict) -> JobConfig:
 
 def probe(work_per_row: int = 1000) -> Probe:
     rows = 50_000
-    return Probe(rows=rows, chunk_bytes=130 * rows, reader_bytes=120 * MiB, parent_base=140 * MiB,
-                 worker_base=130 * MiB, worker_work=work_per_row * rows, result_bytes=30 * rows,
-                 servers=140 * MiB, measured="test")  # fmt: skip
+    return Probe(
+        rows=rows,
+        chunk_bytes=130 * rows,
+        reader_bytes=120 * MiB,
+        parent_base=140 * MiB,
+        worker_base=130 * MiB,
+        worker_work=work_per_row * rows,
+        result_bytes=30 * rows,
+        servers=140 * MiB,
+        measured="test",
+    )
 
 
 def box(cpus: int) -> Machine:
@@ -143,8 +151,14 @@ def big_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_job(root: Path, name: str, limit: str) -> dict:
     cfg = root / f"{name}.toml"
     cfg.write_text(JOB.format(out=f"out-{name}", limit=limit))
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(cfg), "--quiet"],
-                          check=False, capture_output=True, text=True, timeout=240, cwd=root)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(cfg), "--quiet"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = sorted((root / "state" / "mem" / "reports").glob("run-*.json"), key=lambda p: p.stat().st_mtime)
     summary = json.loads(reports[-1].read_text())["summary"]
@@ -228,8 +242,12 @@ def test_remote_only_job_is_measured_on_the_head_of_its_first_source(tmp_path: P
     base, stop = serve_folder_in_thread(data)
     try:
         url = f"{base}/{name if served else 'missing.csv.gz'}"
-        remote = load_job(_write(tmp_path / "remote.toml", PROBE_JOB.format(state=tmp_path / "s", url=url, out=tmp_path / "o")))
-        local = load_job(_write(tmp_path / "local.toml", PROBE_JOB.format(state=tmp_path / "s", url=data / name, out=tmp_path / "o")))
+        remote = load_job(
+            _write(tmp_path / "remote.toml", PROBE_JOB.format(state=tmp_path / "s", url=url, out=tmp_path / "o"))
+        )
+        local = load_job(
+            _write(tmp_path / "local.toml", PROBE_JOB.format(state=tmp_path / "s", url=data / name, out=tmp_path / "o"))
+        )
         got, expected = measure(remote, expand_sources(remote)), measure(local, expand_sources(local))
     finally:
         stop()

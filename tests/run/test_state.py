@@ -55,8 +55,16 @@ def sources(tmp_path: Path) -> list[Source]:
 
 
 def entry(index: int, name: str, parts: dict[str, bytes]) -> dict[str, Any]:
-    return {"index": index, "name": name, "size": 1, "sha256": "0" * 64, "rows_in": 2, "rows_out": 2,
-            "rows_rejected": 0, "parts": [{"path": p, "rows": 1, "bytes": len(b)} for p, b in parts.items()]}  # fmt: skip
+    return {
+        "index": index,
+        "name": name,
+        "size": 1,
+        "sha256": "0" * 64,
+        "rows_in": 2,
+        "rows_out": 2,
+        "rows_rejected": 0,
+        "parts": [{"path": p, "rows": 1, "bytes": len(b)} for p, b in parts.items()],
+    }
 
 
 def save_manifest(cfg: JobConfig, pending: dict[str, Any] | None, published: dict[str, Any] | None = None) -> None:
@@ -74,8 +82,9 @@ def test_a_publish_that_finished_before_the_manifest_did_is_settled(tmp_path: Pa
     srcs = sources(tmp_path)
     done = {srcs[0].url: entry(0, "a.csv", {"part-00000-000000.parquet": b"x"})}
     gone = tmp_path / ".out.tmp-dead"  # published: renamed to out/
-    save_manifest(cfg, {"run_id": "dead", "tmp": str(gone), "fingerprint": fingerprint(cfg),
-                        "publishing": True, "sources": done})  # fmt: skip
+    save_manifest(
+        cfg, {"run_id": "dead", "tmp": str(gone), "fingerprint": fingerprint(cfg), "publishing": True, "sources": done}
+    )
     assert Commits(cfg, "next", False).recover(srcs) is None
     m = Manifest.load(cfg.job_state_dir)
     assert m.pending is None and set(m.published) == set(done)
@@ -95,8 +104,10 @@ def test_adoption_keeps_only_committed_intact_parts(tmp_path: Path) -> None:
     other = tmp_path / ".out.tmp-older"
     other.mkdir()
     pending = {srcs[0].url: entry(0, "a.csv", good), srcs[1].url: entry(1, "b.csv", cut)}
-    save_manifest(cfg, {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg),
-                        "publishing": False, "sources": pending})  # fmt: skip
+    save_manifest(
+        cfg,
+        {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg), "publishing": False, "sources": pending},
+    )
 
     commits = Commits(cfg, "next", False)
     assert commits.recover(srcs) == tmp
@@ -117,8 +128,16 @@ def test_a_committed_source_whose_index_moved_is_dropped(tmp_path: Path) -> None
     tmp = tmp_path / ".out.tmp-dead"
     tmp.mkdir()
     (tmp / "part-00000-000000.parquet").write_bytes(b"a")
-    save_manifest(cfg, {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg), "publishing": False,
-                        "sources": {srcs[0].url: entry(0, "a.csv", {"part-00000-000000.parquet": b"a"})}})  # fmt: skip
+    save_manifest(
+        cfg,
+        {
+            "run_id": "dead",
+            "tmp": str(tmp),
+            "fingerprint": fingerprint(cfg),
+            "publishing": False,
+            "sources": {srcs[0].url: entry(0, "a.csv", {"part-00000-000000.parquet": b"a"})},
+        },
+    )
     moved = [Source(0, srcs[1].url, "b.csv", "csv"), Source(1, srcs[0].url, "a.csv", "csv")]
     commits = Commits(cfg, "next", False)
     assert commits.recover(moved) == tmp and commits.adopted == {} and files(tmp) == []
@@ -137,8 +156,16 @@ def test_pending_work_that_cannot_be_trusted_is_not_adopted(tmp_path: Path, why:
         (tmp / APPEND_LIST).write_text(rel)
     else:
         (tmp / rel).write_bytes(b"a")
-    save_manifest(cfg, {"run_id": "dead", "tmp": str(tmp), "fingerprint": fingerprint(cfg), "publishing": True,
-                        "sources": {srcs[0].url: entry(0, "a.csv", {rel: b"a"})}})  # fmt: skip
+    save_manifest(
+        cfg,
+        {
+            "run_id": "dead",
+            "tmp": str(tmp),
+            "fingerprint": fingerprint(cfg),
+            "publishing": True,
+            "sources": {srcs[0].url: entry(0, "a.csv", {rel: b"a"})},
+        },
+    )
     if why == "settings":
         cfg = job(tmp_path, "append", "read.chunk_rows=7")
     commits = Commits(cfg, "next", why == "full-refresh")

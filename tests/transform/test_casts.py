@@ -27,10 +27,19 @@ DTYPES = {
     "date": ARROW(pa.date32()),
 }
 GOOD = {
-    "string": ["a", " b "], "int64": ["1", "-2"], "Int64": ["1", "-2"], "int32": ["1", "-2"], "Int32": ["1", "-2"],
-    "float64": ["1.5", "-2"], "float32": ["1.5", "-2"], "bool": ["true", "0"], "boolean": ["yes", "n"],
-    "category": ["x", "y"], "timestamp": ["2026-01-02 03:04:05", "2026-02-01"], "date": ["2026-01-02", "2026-03-04"],
-}  # fmt: skip
+    "string": ["a", " b "],
+    "int64": ["1", "-2"],
+    "Int64": ["1", "-2"],
+    "int32": ["1", "-2"],
+    "Int32": ["1", "-2"],
+    "float64": ["1.5", "-2"],
+    "float32": ["1.5", "-2"],
+    "bool": ["true", "0"],
+    "boolean": ["yes", "n"],
+    "category": ["x", "y"],
+    "timestamp": ["2026-01-02 03:04:05", "2026-02-01"],
+    "date": ["2026-01-02", "2026-03-04"],
+}
 
 
 def text(values: list[str | None]) -> pd.Series:
@@ -44,8 +53,9 @@ def values(s: pd.Series) -> list[object]:
 @pytest.mark.parametrize("kind", list(DTYPES))
 @pytest.mark.parametrize("case", ["good", "bad", "nulls", "blank", "empty"])
 def test_each_cast_gives_its_documented_dtype_whatever_the_values(kind: str, case: str) -> None:
-    data = {"good": GOOD[kind], "bad": ["not a value", "?"], "nulls": [None, None], "blank": ["", "   "],
-            "empty": []}[case]  # fmt: skip
+    data = {"good": GOOD[kind], "bad": ["not a value", "?"], "nulls": [None, None], "blank": ["", "   "], "empty": []}[
+        case
+    ]
     out, bad = cast_column(text(data), kind)
     assert out.dtype == DTYPES[kind]
     assert out.name == "col" and len(out) == len(data) and isinstance(bad, np.ndarray) and bad.dtype == bool
@@ -75,8 +85,10 @@ def test_integer_text_forms(kind: str) -> None:
 
 
 def test_long_integer_text_is_exact_or_bad() -> None:
-    out, bad = cast_column(text(["9223372036854775807", "9223372036854775808", "-9223372036854775808",
-                                 "0000000000000000000000001"]), "int64")  # fmt: skip
+    out, bad = cast_column(
+        text(["9223372036854775807", "9223372036854775808", "-9223372036854775808", "0000000000000000000000001"]),
+        "int64",
+    )
     assert values(out) == [2**63 - 1, None, -(2**63), 1]
     assert bad.tolist() == [False, True, False, False]
 
@@ -96,7 +108,9 @@ def test_float_text_forms() -> None:
 
 @pytest.mark.parametrize("kind", ["bool", "boolean"])
 def test_bool_text_in_any_case(kind: str) -> None:
-    out, bad = cast_column(text(["true", "T", "Yes", "y", "1", "FALSE", "f", "no", "N", "0", " yes ", "maybe", ""]), kind)
+    out, bad = cast_column(
+        text(["true", "T", "Yes", "y", "1", "FALSE", "f", "no", "N", "0", " yes ", "maybe", ""]), kind
+    )
     assert values(out) == [True] * 5 + [False] * 5 + [True, None, None]
     assert bad.tolist() == [False] * 11 + [True, False]
 
@@ -115,16 +129,22 @@ def test_category_of_typed_values_keeps_their_type() -> None:
 
 
 def test_timestamp_text_with_an_offset_is_converted_to_utc_and_made_naive() -> None:
-    out, bad = cast_column(text(["2026-01-02T03:04:05+02:00", "2026-01-02 03:04:05", "2026-13-01", " 2026-01-02 "]),
-                           "timestamp")  # fmt: skip
-    assert values(out) == [pd.Timestamp("2026-01-02 01:04:05"), pd.Timestamp("2026-01-02 03:04:05"), None,
-                           pd.Timestamp("2026-01-02")]  # fmt: skip
+    out, bad = cast_column(
+        text(["2026-01-02T03:04:05+02:00", "2026-01-02 03:04:05", "2026-13-01", " 2026-01-02 "]), "timestamp"
+    )
+    assert values(out) == [
+        pd.Timestamp("2026-01-02 01:04:05"),
+        pd.Timestamp("2026-01-02 03:04:05"),
+        None,
+        pd.Timestamp("2026-01-02"),
+    ]
     assert bad.tolist() == [False, False, True, False]
 
 
 def test_timestamp_with_a_format() -> None:
-    out, bad = cast_column(text(["02/01/2026 10:00", "2026-01-02 10:00", " 03/01/2026 11:30 "]), "timestamp",
-                           "%d/%m/%Y %H:%M")  # fmt: skip
+    out, bad = cast_column(
+        text(["02/01/2026 10:00", "2026-01-02 10:00", " 03/01/2026 11:30 "]), "timestamp", "%d/%m/%Y %H:%M"
+    )
     assert values(out) == [pd.Timestamp("2026-01-02 10:00"), None, pd.Timestamp("2026-01-03 11:30")]
     assert bad.tolist() == [False, True, False]
 
@@ -134,8 +154,11 @@ def test_impossible_calendar_date_without_a_format_is_a_bad_value() -> None:
     assert values(out) == [None, None] and bad.all()
 
 
-@pytest.mark.xfail(strict=True, reason="with a format, Arrow's strptime rolls an impossible day over into the "
-                   "next month (2026-02-30 -> 2026-03-02) instead of giving a bad value")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="with a format, Arrow's strptime rolls an impossible day over into the "
+    "next month (2026-02-30 -> 2026-03-02) instead of giving a bad value",
+)
 def test_impossible_calendar_date_with_a_format_is_a_bad_value() -> None:
     out, bad = cast_column(text(["2026-02-30 00:00:00", "2026-04-31 00:00:00"]), "timestamp", "%Y-%m-%d %H:%M:%S")
     assert values(out) == [None, None] and bad.all()

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from etl.core.config import load_job  # noqa: E402
-from etl.run.pipeline import RunOptions, run_job  # noqa: E402
-from tests.conftest import JobWriter  # noqa: E402
-from tests.run.test_pipeline import job_text  # noqa: E402
+from etl.core.config import load_job
+from etl.run.pipeline import RunOptions, run_job
+from tests.conftest import JobWriter
+from tests.run.test_pipeline import job_text
 
 KILLER = '''
 import os, threading
@@ -40,8 +40,11 @@ def step(df, marker, fifo):
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run(path: Path, *overrides: str) -> object:
@@ -89,9 +92,10 @@ def test_a_killed_dask_worker_costs_a_retry_not_the_run(trips_dir: Path, write_j
     (root / "killer.py").write_text(KILLER)
     marker, fifo = root / "killed.marker", root / "pid.fifo"
     os.mkfifo(fifo)
-    step = (f'{{op = "python", function = "killer:step", '
-            f'params = {{marker = "{marker}", fifo = "{fifo}"}}}},')  # fmt: skip
-    text = job_text('["data/trips-*.csv"]', "dask", out="out-dask").replace("steps = [\n", "steps = [\n  " + step + "\n")
+    step = f'{{op = "python", function = "killer:step", params = {{marker = "{marker}", fifo = "{fifo}"}}}},'
+    text = job_text('["data/trips-*.csv"]', "dask", out="out-dask").replace(
+        "steps = [\n", "steps = [\n  " + step + "\n"
+    )
 
     marker.touch()  # the reference run: the step lets every chunk through
     run(write_job(text.replace('"dask"', '"serial"').replace("out-dask", "out-serial"), "serial.toml"))

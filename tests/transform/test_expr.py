@@ -44,7 +44,7 @@ def df() -> pd.DataFrame:
                     pd.Timestamp("2026-03-01"),
                 ],
                 pa.timestamp("ns"),
-            ),  # fmt: skip
+            ),
             "t1": arrow(
                 [
                     pd.Timestamp("2026-01-01 10:30"),
@@ -55,7 +55,7 @@ def df() -> pd.DataFrame:
                     pd.Timestamp("2026-03-02 12:00"),
                 ],
                 pa.timestamp("ns"),
-            ),  # fmt: skip
+            ),
             "trip distance": [1.0, 2.0, 3.0, None, 5.0, 6.0],
         },
         index=ROWS,
@@ -64,8 +64,10 @@ def df() -> pd.DataFrame:
 
 def vals(obj: pd.Series | pd.Index | np.ndarray | list) -> list:
     """Values as plain Python, every kind of null as None."""
-    return [None if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)) else v
-            for v in list(obj)]  # fmt: skip
+    return [
+        None if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)) else v
+        for v in list(obj)
+    ]
 
 
 def ev(text: str, frame: pd.DataFrame) -> pd.Series:
@@ -85,9 +87,7 @@ def py(frame: pd.DataFrame, col: str) -> list:
 def test_bare_names_and_backticks_reference_columns(df: pd.DataFrame) -> None:
     e = compile_expr("`trip distance` * 2 + a")
     assert e.columns == {"trip distance", "a"}
-    expected = [
-        None if d is None or a is None else d * 2 + a for d, a in zip(py(df, "trip distance"), py(df, "a"))
-    ]
+    expected = [None if d is None or a is None else d * 2 + a for d, a in zip(py(df, "trip distance"), py(df, "a"))]
     assert vals(e.evaluate(df)) == expected
 
 
@@ -195,8 +195,12 @@ def test_timestamp_compared_with_a_string_literal(df: pd.DataFrame) -> None:
 
 
 def test_and_or_not_use_three_valued_logic() -> None:
-    frame = pd.DataFrame({"p": arrow([True, True, True, False, False, False, None, None, None], pa.bool_()),
-                          "q": arrow([True, False, None] * 3, pa.bool_())})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "p": arrow([True, True, True, False, False, False, None, None, None], pa.bool_()),
+            "q": arrow([True, False, None] * 3, pa.bool_()),
+        }
+    )
     p, q = py(frame, "p"), py(frame, "q")
 
     def kleene_and(u, v):
@@ -228,20 +232,14 @@ def test_filter_mask_rejects_non_boolean_results(df: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------- functions
 
 
-@pytest.mark.parametrize(
-    ("name", "seconds"), [("seconds", 1), ("minutes", 60), ("hours", 3600), ("days", 86400)]
-)
+@pytest.mark.parametrize(("name", "seconds"), [("seconds", 1), ("minutes", 60), ("hours", 3600), ("days", 86400)])
 def test_duration_functions(df: pd.DataFrame, name: str, seconds: int) -> None:
-    expected = (
-        df["t1"].astype("datetime64[ns]") - df["t0"].astype("datetime64[ns]")
-    ).dt.total_seconds() / seconds
+    expected = (df["t1"].astype("datetime64[ns]") - df["t0"].astype("datetime64[ns]")).dt.total_seconds() / seconds
     got = ev(f"{name}(t1 - t0)", df)
     assert got.dtype.pyarrow_dtype == pa.float64()
     got_values, expected_values = vals(got), vals(expected)
     assert [v is None for v in got_values] == [v is None for v in expected_values]
-    assert [v for v in got_values if v is not None] == pytest.approx(
-        [v for v in expected_values if v is not None]
-    )
+    assert [v for v in got_values if v is not None] == pytest.approx([v for v in expected_values if v is not None])
 
 
 def test_strftime_gives_a_month_key(df: pd.DataFrame) -> None:
@@ -268,12 +266,16 @@ def test_isnull_and_notnull_treat_nan_as_null(df: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize(
     ("text", "method"),
-    [("lower(s)", lambda s: s.str.lower()), ("upper(p)", lambda s: s.str.upper()),
-     ("strip(s)", lambda s: s.str.strip()), ("len(s)", lambda s: s.str.len()),
-     ("contains(p, 'JF')", lambda s: s.str.contains("JF", regex=False)),
-     ("startswith(p, 'JFK')", lambda s: s.str.startswith("JFK")),
-     ("endswith(p, 'x')", lambda s: s.str.endswith("x"))],
-)  # fmt: skip
+    [
+        ("lower(s)", lambda s: s.str.lower()),
+        ("upper(p)", lambda s: s.str.upper()),
+        ("strip(s)", lambda s: s.str.strip()),
+        ("len(s)", lambda s: s.str.len()),
+        ("contains(p, 'JF')", lambda s: s.str.contains("JF", regex=False)),
+        ("startswith(p, 'JFK')", lambda s: s.str.startswith("JFK")),
+        ("endswith(p, 'x')", lambda s: s.str.endswith("x")),
+    ],
+)
 def test_string_functions_match_pandas(df: pd.DataFrame, text: str, method) -> None:
     col = text[text.index("(") + 1]
     nullable = df[col].astype("string[pyarrow]")  # pandas' NA-keeping strings: null in, null out
@@ -358,9 +360,7 @@ def test_unknown_column_names_the_expression_and_lists_the_columns(df: pd.DataFr
 
 
 def test_type_errors_name_the_sub_expression(df: pd.DataFrame) -> None:
-    with pytest.raises(
-        ExprError, match=r"cannot evaluate 'p > 1' in 'a > 0 and p > 1': not defined for types"
-    ):
+    with pytest.raises(ExprError, match=r"cannot evaluate 'p > 1' in 'a > 0 and p > 1': not defined for types"):
         compile_expr("a > 0 and p > 1").evaluate(df)
     with pytest.raises(ExprError, match=r"minutes\(\) needs a time difference"):
         compile_expr("minutes(a)").evaluate(df)

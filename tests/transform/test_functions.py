@@ -22,20 +22,23 @@ A = pd.ArrowDtype
 @pytest.fixture
 def df() -> pd.DataFrame:
     ts = pa.timestamp("us")
-    return pd.DataFrame({
-        "pickup": pd.Series([dt.datetime(2026, 1, 5, 10, 0), dt.datetime(2026, 2, 28, 23, 30), None], dtype=A(ts)),
-        "dropoff": pd.Series([dt.datetime(2026, 1, 5, 10, 45), dt.datetime(2026, 3, 1, 1, 0), dt.datetime(2026, 1, 1)],
-                             dtype=A(ts)),
-        "day": pd.Series([dt.date(2026, 1, 4), None, dt.date(2026, 12, 31)], dtype=A(pa.date32())),
-        "name": pd.Series(["  JFK Airport ", "la guardia", None], dtype=A(pa.string())),
-        "x": pd.Series([-2.5, 3.7, None], dtype=A(pa.float64())),
-        "n": pd.Series([-7, 12, None], dtype=A(pa.int64())),
-        "tip": pd.Series([None, 1.0, None], dtype=A(pa.float64())),
-        "extra": pd.Series([0.5, None, None], dtype=A(pa.float64())),
-        "nan": pd.Series([float("nan"), 1.0, None]),  # numpy: NaN counts as null
-        "flag": pd.Series([True, None, False], dtype=A(pa.bool_())),
-        "num_text": pd.Series([" 12 ", "3.5", None], dtype=A(pa.string())),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "pickup": pd.Series([dt.datetime(2026, 1, 5, 10, 0), dt.datetime(2026, 2, 28, 23, 30), None], dtype=A(ts)),
+            "dropoff": pd.Series(
+                [dt.datetime(2026, 1, 5, 10, 45), dt.datetime(2026, 3, 1, 1, 0), dt.datetime(2026, 1, 1)], dtype=A(ts)
+            ),
+            "day": pd.Series([dt.date(2026, 1, 4), None, dt.date(2026, 12, 31)], dtype=A(pa.date32())),
+            "name": pd.Series(["  JFK Airport ", "la guardia", None], dtype=A(pa.string())),
+            "x": pd.Series([-2.5, 3.7, None], dtype=A(pa.float64())),
+            "n": pd.Series([-7, 12, None], dtype=A(pa.int64())),
+            "tip": pd.Series([None, 1.0, None], dtype=A(pa.float64())),
+            "extra": pd.Series([0.5, None, None], dtype=A(pa.float64())),
+            "nan": pd.Series([float("nan"), 1.0, None]),  # numpy: NaN counts as null
+            "flag": pd.Series([True, None, False], dtype=A(pa.bool_())),
+            "num_text": pd.Series([" 12 ", "3.5", None], dtype=A(pa.string())),
+        }
+    )
 
 
 def ev(expr: str, frame: pd.DataFrame) -> list[object]:
@@ -48,9 +51,38 @@ def dtype(expr: str, frame: pd.DataFrame) -> pa.DataType:
 
 
 # Every name in FUNCTIONS is exercised below; this keeps the list honest when one is added.
-COVERED = {"minutes", "seconds", "hours", "days", "strftime", "year", "month", "day", "hour", "weekday", "date",
-           "isnull", "notnull", "lower", "upper", "strip", "len", "contains", "startswith", "endswith", "abs",
-           "round", "floor", "ceil", "where", "coalesce", "clip", "int", "float", "str"}  # fmt: skip
+COVERED = {
+    "minutes",
+    "seconds",
+    "hours",
+    "days",
+    "strftime",
+    "year",
+    "month",
+    "day",
+    "hour",
+    "weekday",
+    "date",
+    "isnull",
+    "notnull",
+    "lower",
+    "upper",
+    "strip",
+    "len",
+    "contains",
+    "startswith",
+    "endswith",
+    "abs",
+    "round",
+    "floor",
+    "ceil",
+    "where",
+    "coalesce",
+    "clip",
+    "int",
+    "float",
+    "str",
+}
 
 
 def test_every_function_is_covered_here() -> None:
@@ -175,8 +207,19 @@ def test_int_of_text_that_is_not_an_integer_is_an_error(df: pd.DataFrame) -> Non
         compile_expr("int(num_text)").evaluate(df)  # "3.5"
 
 
-@pytest.mark.parametrize("call", ["minutes()", "year(pickup, pickup)", "where(flag, 1)", "clip(x, 0)",
-                                  'contains(name)', "round(x, 1, 2)", "coalesce()", "nosuch(x)"])  # fmt: skip
+@pytest.mark.parametrize(
+    "call",
+    [
+        "minutes()",
+        "year(pickup, pickup)",
+        "where(flag, 1)",
+        "clip(x, 0)",
+        "contains(name)",
+        "round(x, 1, 2)",
+        "coalesce()",
+        "nosuch(x)",
+    ],
+)
 def test_wrong_argument_counts_and_unknown_names_fail_at_compile_time(call: str) -> None:
     with pytest.raises(ExprError):
         compile_expr(call)

@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from etl.core.chunks import decode_ipc, encode_ipc, split_chunk
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ChunkTimeout, WorkerCrashed
-from etl.core.records import Chunk, ChunkResult, Part
-from etl.core.chunks import decode_ipc, encode_ipc, split_chunk
 from etl.core.parts import split_name
+from etl.core.records import Chunk, ChunkResult, Part
 from etl.transform.executors import ThreadExecutor, TransformStats
 from etl.transform.recovery import MIN_SPLIT_ROWS, OOM_KILL, ChunkRunner, merge_pieces, rename_for_split
 from etl.transform.worker import WorkerSpec
@@ -62,8 +62,14 @@ def arrow_chunk(rows: int, index: int = 3, row_start: int = 0) -> Chunk:
 
 
 class CrashingExecutor(ThreadExecutor):
-    def __init__(self, cfg: JobConfig, max_rows: int | None = None, fail_first: int = 0,
-                 signal: str = OOM_KILL, timeout: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: JobConfig,
+        max_rows: int | None = None,
+        fail_first: int = 0,
+        signal: str = OOM_KILL,
+        timeout: bool = False,
+    ) -> None:
         super().__init__(WorkerSpec(cfg.transform, cfg.output, cfg.read), 1)
         self.max_rows, self.fail_first, self.signal, self.timeout = max_rows, fail_first, signal, timeout
         self.calls: list[tuple[int, int]] = []  # (row_start, rows) of every attempt
@@ -159,8 +165,12 @@ def test_split_names_of_any_split_tree_sort_in_row_order_between_neighbours() ->
     assert len(trees) > 20
     for tree in trees:
         names = [split_name("m=1/part-00001-000003.parquet", p) for p in tree]
-        neighbours = ["m=1/part-00001-000002.parquet", *names, "m=1/part-00001-000004.parquet",
-                      "m=1/part-00002-000000.parquet"]  # fmt: skip
+        neighbours = [
+            "m=1/part-00001-000002.parquet",
+            *names,
+            "m=1/part-00001-000004.parquet",
+            "m=1/part-00002-000000.parquet",
+        ]
         assert sorted(neighbours) == neighbours, tree
 
 
@@ -175,13 +185,32 @@ def test_rename_for_split_renames_parts_only_for_a_half() -> None:
 
 def test_merge_pieces_keeps_parts_in_order_sums_counts_and_joins_dead_letters() -> None:
     chunk = arrow_chunk(10)
-    a = ChunkResult(1, 3, rows_in=5, rows_out=4, rows_rejected=1, parts=[Part("part-00001-000003-h0.parquet", b"a", 4)],
-                    rejects=Part("rejected-00001-000003.jsonl", b'{"row": 2}\n', 1), seconds=1.0, attempts=1,
-                    decode_seconds=0.1, steps_seconds=0.2, encode_seconds=0.3)  # fmt: skip
-    b = ChunkResult(1, 3, rows_in=3, rows_out=3, parts=[Part("part-00001-000003-h10.parquet", b"b", 3)], seconds=2.0,
-                    attempts=3)  # fmt: skip
-    c = ChunkResult(1, 3, rows_in=2, rows_out=0, rows_rejected=2, attempts=2,
-                    rejects=Part("rejected-00001-000003.jsonl", b'{"row": 8}\n{"row": 9}\n', 2))  # fmt: skip
+    a = ChunkResult(
+        1,
+        3,
+        rows_in=5,
+        rows_out=4,
+        rows_rejected=1,
+        parts=[Part("part-00001-000003-h0.parquet", b"a", 4)],
+        rejects=Part("rejected-00001-000003.jsonl", b'{"row": 2}\n', 1),
+        seconds=1.0,
+        attempts=1,
+        decode_seconds=0.1,
+        steps_seconds=0.2,
+        encode_seconds=0.3,
+    )
+    b = ChunkResult(
+        1, 3, rows_in=3, rows_out=3, parts=[Part("part-00001-000003-h10.parquet", b"b", 3)], seconds=2.0, attempts=3
+    )
+    c = ChunkResult(
+        1,
+        3,
+        rows_in=2,
+        rows_out=0,
+        rows_rejected=2,
+        attempts=2,
+        rejects=Part("rejected-00001-000003.jsonl", b'{"row": 8}\n{"row": 9}\n', 2),
+    )
     m = merge_pieces(chunk, [a, b, c])
     assert (m.source_index, m.index) == (1, 3)
     assert [p.relpath for p in m.parts] == ["part-00001-000003-h0.parquet", "part-00001-000003-h10.parquet"]
@@ -215,7 +244,9 @@ def test_oom_killed_chunk_is_split_recursively_and_gives_the_same_rows(tmp_path:
     rows = 4 * MIN_SPLIT_ROWS
     executor = CrashingExecutor(cfg, max_rows=MIN_SPLIT_ROWS + MIN_SPLIT_ROWS // 2)  # halves of 2000 still die
     result, stats = run(cfg, executor, arrow_chunk(rows))
-    assert sorted(p.relpath for p in result.parts) == [f"part-00001-000003-h{h}.parquet" for h in ("00", "01", "10", "11")]
+    assert sorted(p.relpath for p in result.parts) == [
+        f"part-00001-000003-h{h}.parquet" for h in ("00", "01", "10", "11")
+    ]
     assert rows_of(result) == [i for i in range(rows) if i % 7 > 1]  # serial order from the names
     assert (result.source_index, result.index, result.rows_in) == (1, 3, rows)
     assert result.rows_out == len(rows_of(result)) and result.rows_rejected == 0
@@ -310,6 +341,9 @@ def test_a_split_where_only_one_half_dies_keeps_the_other_halfs_rows(tmp_path: P
     result, stats = run(cfg, SecondHalfDies(cfg), arrow_chunk(2 * MIN_SPLIT_ROWS))
     assert [p.relpath for p in result.parts] == ["part-00001-000003-h0.parquet"]
     assert rows_of(result) == [i for i in range(MIN_SPLIT_ROWS) if i % 7 > 1]
-    assert (result.rows_in, result.rows_rejected) == (2 * MIN_SPLIT_ROWS, MIN_SPLIT_ROWS)  # filtered rows are not rejected
+    assert (result.rows_in, result.rows_rejected) == (
+        2 * MIN_SPLIT_ROWS,
+        MIN_SPLIT_ROWS,
+    )  # filtered rows are not rejected
     assert [d["row"] for d in dead_letters(result)] == list(range(MIN_SPLIT_ROWS, 2 * MIN_SPLIT_ROWS))
     assert stats.splits == 1 and stats.pieces_set_aside == 1

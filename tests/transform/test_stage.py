@@ -100,8 +100,16 @@ def hang(df, trip_id):
 '''
 
 
-def write_job(folder: Path, steps: str, *, executor: str = "process", chunk_rows: int = 50,
-              out: str = "out", extra_transform: str = "", sources: str = '["data/trips-*.csv"]') -> Path:
+def write_job(
+    folder: Path,
+    steps: str,
+    *,
+    executor: str = "process",
+    chunk_rows: int = 50,
+    out: str = "out",
+    extra_transform: str = "",
+    sources: str = '["data/trips-*.csv"]',
+) -> Path:
     (folder / "misbehave.py").write_text(HOOKS)
     job = folder / f"{out}.toml"
     job.write_text(f"""
@@ -120,7 +128,7 @@ executor = "{executor}"
 workers = 2
 {extra_transform}
 steps = [
-  {{op = "python", function = "misbehave:note_pid", params = {{pids = "{folder / 'pids.txt'}"}}}},
+  {{op = "python", function = "misbehave:note_pid", params = {{pids = "{folder / "pids.txt"}"}}}},
   {steps}
 ]
 
@@ -131,8 +139,14 @@ path = "{out}"
 
 
 def run_cli(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config), "--quiet"],
-                          check=False, capture_output=True, text=True, timeout=timeout, cwd=config.parent)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(config), "--quiet"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=config.parent,
+    )
 
 
 def source_rows(folder: Path) -> list[str]:
@@ -218,13 +232,20 @@ def test_worker_killed_mid_chunk_is_replaced_and_output_equals_serial(trips_dir:
     folder = trips_dir.parent
     fifo, marker = folder / "pid.fifo", folder / "blocked-once"
     os.mkfifo(fifo)
-    step = (f'{{op = "python", function = "misbehave:wait_to_be_killed", '
-            f'params = {{trip_id = 10075, fifo = "{fifo}", marker = "{marker}"}}}}')  # fmt: skip
+    step = (
+        f'{{op = "python", function = "misbehave:wait_to_be_killed", '
+        f'params = {{trip_id = 10075, fifo = "{fifo}", marker = "{marker}"}}}}'
+    )
     serial = write_job(folder, step, executor="serial", out="serial")
     assert run_cli(serial).returncode == 0
     job = write_job(folder, step, out="pooled")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--config", str(job), "--quiet"],
-                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(job), "--quiet"],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         pid = read_pid_from_fifo(fifo, proc)
         assert pid in {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
@@ -313,17 +334,19 @@ def test_failed_run_stops_every_worker_it_started(trips_dir: Path) -> None:
     folder = trips_dir.parent
     fifo = folder / "busy.fifo"
     os.mkfifo(fifo)
-    steps = (f'{{op = "python", function = "misbehave:hang_and_tell", params = {{trip_id = 20075, fifo = "{fifo}"}}}},'
-             f'{{op = "python", function = "misbehave:kill_self_once_both_busy", '
-             f'params = {{trip_id = 75, fifo = "{fifo}"}}}},')  # fmt: skip
-    job = write_job(folder, steps, out="leak", extra_transform="max_attempts = 1",
-                    sources=f'["{trips_dir}/trips-*.csv"]')  # fmt: skip
+    steps = (
+        f'{{op = "python", function = "misbehave:hang_and_tell", params = {{trip_id = 20075, fifo = "{fifo}"}}}},'
+        f'{{op = "python", function = "misbehave:kill_self_once_both_busy", '
+        f'params = {{trip_id = 75, fifo = "{fifo}"}}}},'
+    )
+    job = write_job(
+        folder, steps, out="leak", extra_transform="max_attempts = 1", sources=f'["{trips_dir}/trips-*.csv"]'
+    )
     with pytest.raises(WorkerCrashed, match="killed by SIGKILL"):
         asyncio.run(run_job(load_job(job), RunOptions(run_id="leak")))
     workers = worker_pids(folder)
     assert len(workers) >= 2  # the hanging one and the killed one at least
     assert_all_gone(workers)
-
 
 
 def chunks_of(path: Path, chunk_rows: int) -> list[Chunk]:
@@ -401,8 +424,14 @@ def property_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data.mkdir()
     for k in range(2):
         write_trips_csv(data / f"trips-{k}.csv", rows=PROPERTY_ROWS[k], seed=k, start_id=10_000 * k)
-    reference = write_job(folder, PROPERTY_STEPS, executor="serial", chunk_rows=100_000, out="ref",
-                          extra_transform='on_error = "quarantine"')  # fmt: skip
+    reference = write_job(
+        folder,
+        PROPERTY_STEPS,
+        executor="serial",
+        chunk_rows=100_000,
+        out="ref",
+        extra_transform='on_error = "quarantine"',
+    )
     asyncio.run(run_job(load_job(reference), RunOptions(run_id="ref")))
     return folder
 
@@ -416,8 +445,9 @@ def published_bytes(out: Path) -> dict[str, bytes]:
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(chunk_rows=st.integers(7, 400), workers=st.integers(1, 3),
-       executor=st.sampled_from(["serial", "thread", "process"]))  # fmt: skip
+@given(
+    chunk_rows=st.integers(7, 400), workers=st.integers(1, 3), executor=st.sampled_from(["serial", "thread", "process"])
+)
 def test_any_chunk_size_worker_count_and_executor_equals_serial(
     property_job: Path, chunk_rows: int, workers: int, executor: str
 ) -> None:
@@ -427,10 +457,18 @@ def test_any_chunk_size_worker_count_and_executor_equals_serial(
     ex = Path(tempfile.mkdtemp(dir=property_job))
     sources = f'["{property_job}/data/trips-*.csv"]'
     extra = 'on_error = "quarantine"'
-    serial = write_job(ex, PROPERTY_STEPS, executor="serial", chunk_rows=chunk_rows, out="serial",
-                       extra_transform=extra, sources=sources)  # fmt: skip
-    pooled = write_job(ex, PROPERTY_STEPS, executor=executor, chunk_rows=chunk_rows, out="any",
-                       extra_transform=extra, sources=sources)  # fmt: skip
+    serial = write_job(
+        ex,
+        PROPERTY_STEPS,
+        executor="serial",
+        chunk_rows=chunk_rows,
+        out="serial",
+        extra_transform=extra,
+        sources=sources,
+    )
+    pooled = write_job(
+        ex, PROPERTY_STEPS, executor=executor, chunk_rows=chunk_rows, out="any", extra_transform=extra, sources=sources
+    )
     want = asyncio.run(run_job(load_job(serial), RunOptions(run_id="serial")))
     got = asyncio.run(run_job(load_job(pooled, [f"transform.workers={workers}"]), RunOptions(run_id="any")))
     assert got.rows_in == want.rows_in == sum(PROPERTY_ROWS) and got.chunks == want.chunks > 0

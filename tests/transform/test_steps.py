@@ -52,8 +52,10 @@ def run(df: pd.DataFrame, *raw: dict[str, Any], base_dir: Path = Path("."), on_e
 
 
 def vals(series: pd.Series) -> list:
-    return [None if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)) else v
-            for v in series.tolist()]  # fmt: skip
+    return [
+        None if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)) else v
+        for v in series.tolist()
+    ]
 
 
 @pytest.fixture
@@ -91,19 +93,22 @@ def test_select_keeps_the_order_given(trips: pd.DataFrame) -> None:
 
 
 def test_drop_and_rename(trips: pd.DataFrame) -> None:
-    result, _ = run(
-        trips, {"op": "drop", "columns": ["pickup"]}, {"op": "rename", "columns": {"fare": "fare_amount"}}
-    )
+    result, _ = run(trips, {"op": "drop", "columns": ["pickup"]}, {"op": "rename", "columns": {"fare": "fare_amount"}})
     assert list(result.columns) == ["dropoff", "fare_amount", "payment", "zone"]
     assert result["fare_amount"].tolist() == trips["fare"].tolist()
 
 
 @pytest.mark.parametrize(
     "raw",
-    [{"op": "select", "columns": ["fare", "tip"]}, {"op": "drop", "columns": ["tip"]},
-     {"op": "rename", "columns": {"tip": "t"}}, {"op": "dropna", "columns": ["tip"]},
-     {"op": "fillna", "values": {"tip": 0}}, {"op": "cast", "columns": {"tip": "float64"}}],
-)  # fmt: skip
+    [
+        {"op": "select", "columns": ["fare", "tip"]},
+        {"op": "drop", "columns": ["tip"]},
+        {"op": "rename", "columns": {"tip": "t"}},
+        {"op": "dropna", "columns": ["tip"]},
+        {"op": "fillna", "values": {"tip": 0}},
+        {"op": "cast", "columns": {"tip": "float64"}},
+    ],
+)
 def test_unknown_column_names_it_and_lists_the_available_ones(trips: pd.DataFrame, raw: dict) -> None:
     with pytest.raises(StepError) as info:
         run(trips, {"op": "select", "columns": list(trips.columns)}, raw)
@@ -133,12 +138,40 @@ def ref_int(text: str) -> int | None:
         return int(f)
 
 
-REF_BOOL = {"true": True, "t": True, "yes": True, "y": True, "1": True,
-            "false": False, "f": False, "no": False, "n": False, "0": False}  # fmt: skip
+REF_BOOL = {
+    "true": True,
+    "t": True,
+    "yes": True,
+    "y": True,
+    "1": True,
+    "false": False,
+    "f": False,
+    "no": False,
+    "n": False,
+    "0": False,
+}
 
-MESSY_NUMBERS = [" 12 ", "+7", "-3", "007", "12.0", "1e3", "12.5", "abc", "", "   ", None, "1,5",
-                 "0x10", "9223372036854775807", "9223372036854775808", "3000000000", ".5", "-inf",
-                 "1_000"]  # fmt: skip
+MESSY_NUMBERS = [
+    " 12 ",
+    "+7",
+    "-3",
+    "007",
+    "12.0",
+    "1e3",
+    "12.5",
+    "abc",
+    "",
+    "   ",
+    None,
+    "1,5",
+    "0x10",
+    "9223372036854775807",
+    "9223372036854775808",
+    "3000000000",
+    ".5",
+    "-inf",
+    "1_000",
+]
 
 
 def reference(kind: str, values: list[str | None]) -> tuple[list[Any], list[bool]]:
@@ -170,9 +203,13 @@ def reference(kind: str, values: list[str | None]) -> tuple[list[Any], list[bool
 
 
 NUMBER_DTYPES = {
-    "int64": "int64[pyarrow]", "Int64": "Int64", "int32": "int32[pyarrow]", "Int32": "Int32",
-    "float64": "double[pyarrow]", "float32": "float[pyarrow]",
-}  # fmt: skip
+    "int64": "int64[pyarrow]",
+    "Int64": "Int64",
+    "int32": "int32[pyarrow]",
+    "Int32": "Int32",
+    "float64": "double[pyarrow]",
+    "float32": "float[pyarrow]",
+}
 
 
 @pytest.mark.parametrize("kind", list(NUMBER_DTYPES))
@@ -212,15 +249,22 @@ def test_string_and_category_casts_keep_the_text() -> None:
 
 
 def test_timestamp_and_date_casts_of_messy_text() -> None:
-    values = ["2026-01-03 10:00:00", " 2026-01-03T11:30:00 ", "2026-01-03", "2026-01-03T10:00:00+02:00",
-              "2026-02-30", "yesterday", "-0", "", None]  # fmt: skip
+    values = [
+        "2026-01-03 10:00:00",
+        " 2026-01-03T11:30:00 ",
+        "2026-01-03",
+        "2026-01-03T10:00:00+02:00",
+        "2026-02-30",
+        "yesterday",
+        "-0",
+        "",
+        None,
+    ]
     s = text_chunk({"v": values})["v"]
     ts, bad = cast_column(s, "timestamp")
     assert str(ts.dtype) == "timestamp[us][pyarrow]"
     good = [v.strip() for v in values[:4]]
-    expected = [
-        pd.Timestamp(v).tz_convert("UTC").tz_localize(None) if "+" in v else pd.Timestamp(v) for v in good
-    ]
+    expected = [pd.Timestamp(v).tz_convert("UTC").tz_localize(None) if "+" in v else pd.Timestamp(v) for v in good]
     assert vals(ts) == expected + [None] * 5
     assert bad.tolist() == [False] * 4 + [True] * 3 + [False] * 2
     dates, bad = cast_column(s, "date")
@@ -307,14 +351,17 @@ def test_rejected_rows_are_removed_and_returned(trips: pd.DataFrame, policy: str
     assert result["fare"].dtype == pd.ArrowDtype(pa.float64())
     assert rejects is not None
     assert {c: str(t) for c, t in rejects.dtypes.items()} == {
-        "_row": "int64[pyarrow]", "_step": "string[pyarrow]",
-        "_reason": "string[pyarrow]", "_raw": "string[pyarrow]",
-    }  # fmt: skip
+        "_row": "int64[pyarrow]",
+        "_step": "string[pyarrow]",
+        "_reason": "string[pyarrow]",
+        "_raw": "string[pyarrow]",
+    }
     assert rejects["_row"].tolist() == [START + 1, START + 4]
     assert rejects["_step"].tolist() == ["transform.steps[0] (cast)", "transform.steps[2] (cast)"]
     assert rejects["_reason"].tolist() == [
-        "column 'fare': cannot cast 'seven' to float64", "column 'zone': cannot cast 'nine' to int64"
-    ]  # fmt: skip
+        "column 'fare': cannot cast 'seven' to float64",
+        "column 'zone': cannot cast 'nine' to int64",
+    ]
     for row, raw in zip(rejects["_row"], rejects["_raw"]):
         assert json.loads(raw) == {k: (None if pd.isna(v) else v) for k, v in chunk.loc[row].items()}
 
@@ -348,9 +395,7 @@ def test_row_accounting_invariant(trips: pd.DataFrame) -> None:
 
 
 def test_filter_keeps_true_rows_with_their_source_row_numbers(trips: pd.DataFrame) -> None:
-    result, _ = run(
-        trips, {"op": "cast", "columns": {"fare": "float64"}}, {"op": "filter", "expr": "fare >= 10"}
-    )
+    result, _ = run(trips, {"op": "cast", "columns": {"fare": "float64"}}, {"op": "filter", "expr": "fare >= 10"})
     fare = pd.to_numeric(trips["fare"].astype(object).str.strip().replace("", None))
     assert result.index.tolist() == trips.index[(fare >= 10).fillna(False).astype(bool)].tolist()
 
@@ -364,9 +409,16 @@ def test_derive_in_order_with_constants(trips: pd.DataFrame) -> None:
     result, _ = run(
         trips,
         {"op": "parse_datetime", "columns": ["pickup", "dropoff"]},
-        {"op": "derive", "columns": {"minutes": "minutes(dropoff - pickup)", "long": "minutes > 20",
-                                     "month": "strftime(pickup, '%Y-%m')", "source": "'nyc'"}},
-    )  # fmt: skip
+        {
+            "op": "derive",
+            "columns": {
+                "minutes": "minutes(dropoff - pickup)",
+                "long": "minutes > 20",
+                "month": "strftime(pickup, '%Y-%m')",
+                "source": "'nyc'",
+            },
+        },
+    )
     pickup = pd.to_datetime(trips["pickup"].astype(object))
     dropoff = pd.to_datetime(trips["dropoff"].astype(object))
     expected = (dropoff - pickup).dt.total_seconds() / 60
@@ -378,9 +430,7 @@ def test_derive_in_order_with_constants(trips: pd.DataFrame) -> None:
 
 
 def test_derive_unknown_column_is_a_step_error_with_the_cause(trips: pd.DataFrame) -> None:
-    with pytest.raises(
-        StepError, match=r"unknown column 'tip' in 'tip \* 2'; available columns: pickup"
-    ) as info:
+    with pytest.raises(StepError, match=r"unknown column 'tip' in 'tip \* 2'; available columns: pickup") as info:
         run(trips, {"op": "derive", "columns": {"t": "tip * 2"}})
     assert isinstance(info.value.__cause__, ValueError)
 
@@ -411,9 +461,7 @@ def test_dropna_matches_pandas(trips: pd.DataFrame, how: str) -> None:
 @pytest.fixture
 def zones_csv(tmp_path: Path) -> Path:
     path = tmp_path / "zones.csv"
-    path.write_text(
-        "LocationID,Borough,Zone\n1,EWR,Newark\n2,Queens,Jamaica Bay\n3,Bronx,Allerton\n007,X,Leading\n"
-    )
+    path.write_text("LocationID,Borough,Zone\n1,EWR,Newark\n2,Queens,Jamaica Bay\n3,Bronx,Allerton\n007,X,Leading\n")
     return path
 
 
@@ -556,13 +604,19 @@ def test_python_step_exception_is_chained(trips: pd.DataFrame, job_dir: Path) ->
         ({"op": "python", "function": "my_steps:missing"}, "function", "has no function 'missing'"),
         ({"op": "lookup", "path": "missing.csv", "on": "z"}, "path", "not found"),
         ({"op": "lookup", "path": "zones.csv", "on": "z"}, "on", "has no column 'z'"),
-        ({"op": "lookup", "path": "zones.csv", "on": "z", "right_on": "LocationID", "columns": ["Nope"]},
-         "columns", "has no column 'Nope'"),
+        (
+            {"op": "lookup", "path": "zones.csv", "on": "z", "right_on": "LocationID", "columns": ["Nope"]},
+            "columns",
+            "has no column 'Nope'",
+        ),
         ({"op": "lookup", "path": "dups.csv", "on": "k"}, "on", "more than once"),
-        ({"op": "lookup", "path": "zones.csv", "on": ["a", "b"], "right_on": "LocationID"},
-         "right_on", "'on' names 2 key column(s) but 'right_on' names 1"),
+        (
+            {"op": "lookup", "path": "zones.csv", "on": ["a", "b"], "right_on": "LocationID"},
+            "right_on",
+            "'on' names 2 key column(s) but 'right_on' names 1",
+        ),
     ],
-)  # fmt: skip
+)
 def test_validate_steps_names_the_key(job_dir: Path, raw: dict, key: str, text: str) -> None:
     (job_dir / "zones.csv").write_text("LocationID,Borough\n1,EWR\n")
     (job_dir / "dups.csv").write_text("k\n1\n1\n")

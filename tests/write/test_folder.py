@@ -33,9 +33,7 @@ def frame() -> pd.DataFrame:
         {
             "id": pd.array(range(12), dtype="int64"),
             "name": pd.array([f"n{i}" if i % 4 else None for i in range(12)], dtype="string"),
-            "city": pd.array(
-                ["Paris", "a/b", "x=y%", None, "", "Paris"] * 2, dtype="string"
-            ),
+            "city": pd.array(["Paris", "a/b", "x=y%", None, "", "Paris"] * 2, dtype="string"),
         }
     )
 
@@ -48,9 +46,7 @@ def materialize(parts: list[Part], root: Path) -> None:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def part(relpath: str, text: str = "x") -> Part:
@@ -73,16 +69,17 @@ def test_partitioned_parts_read_back_with_hive_partitioning(tmp_path: Path, fmt:
     )
     file_format: Any = fmt
     if fmt == "csv":
-        file_format = ds.CsvFileFormat(
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
-        )
+        file_format = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     got = ds.dataset(tmp_path / "out", format=file_format, partitioning="hive").to_table()
     got_rows = sorted(got.to_pylist(), key=lambda r: r["id"])
     expected = [
-        {"id": r.id, "name": None if pd.isna(r.name) else r.name,
-         "city": None if pd.isna(r.city) or r.city == "" else r.city}
+        {
+            "id": r.id,
+            "name": None if pd.isna(r.name) else r.name,
+            "city": None if pd.isna(r.city) or r.city == "" else r.city,
+        }
         for r in df.itertuples(index=False)
-    ]  # fmt: skip
+    ]
     assert got_rows == expected
 
 
@@ -101,8 +98,7 @@ def test_partition_columns_are_not_inside_the_files_and_rows_keep_order() -> Non
 
 
 def test_nested_partitions_follow_the_configured_order() -> None:
-    df = pd.DataFrame({"y": [2026, 2026], "d": pd.to_datetime(["2026-01-01", "2026-02-01"]).date,
-                       "v": [1.5, 2.5]})  # fmt: skip
+    df = pd.DataFrame({"y": [2026, 2026], "d": pd.to_datetime(["2026-01-01", "2026-02-01"]).date, "v": [1.5, 2.5]})
     out = OutputConfig(path=Path("out"), format="csv", partition_by=["y", "d"])
 
     parts = encode_parts(df, out, source_index=0, chunk_index=1)
@@ -115,8 +111,13 @@ def test_nested_partitions_follow_the_configured_order() -> None:
 
 
 def test_unpartitioned_part_keeps_arrow_types_and_name() -> None:
-    df = pd.DataFrame({"n": pd.array([1, None], dtype="Int64"), "c": pd.Categorical(["a", "b"]),
-                       "t": pd.array(["2026-01-01", None], dtype="timestamp[ms][pyarrow]")})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "n": pd.array([1, None], dtype="Int64"),
+            "c": pd.Categorical(["a", "b"]),
+            "t": pd.array(["2026-01-01", None], dtype="timestamp[ms][pyarrow]"),
+        }
+    )
     (only,) = encode_parts(df, OutputConfig(path=Path("o")), source_index=1, chunk_index=2)
 
     schema = pq.read_schema(pa.BufferReader(only.data))
@@ -327,8 +328,10 @@ def crash_during_publish(target: Path, mode: str, event: str, nth: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", CRASHING_RUN, str(target), mode, event, str(nth)],
-        env=env, capture_output=True, timeout=20,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        timeout=20,
+    )
     assert done.returncode == 9, done.stderr.decode()
 
 
