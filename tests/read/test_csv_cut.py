@@ -13,16 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.core.chunks import (
-    COUNT_BLOCK_BYTES,
-    count_byte,
-    head,
     parse_csv_chunk,
-    record_end,
-    split_chunk,
 )
 from etl.core.config import ReadConfig
 from etl.core.errors import DataError
-from etl.core.records import Chunk, Source, StagedFile
+from etl.core.records import Source, StagedFile
 from etl.read.formats import read_chunks
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,23 +81,6 @@ def test_chunks_hold_every_record_once_indexed_by_its_start_line(
     assert {str(i): line for df, _ in parsed for i, line in zip(df["id"], df.index)} == lines
 
 
-@given(st.binary(max_size=64), st.integers(0, 3), st.data())
-def test_count_byte_agrees_with_bytes_count_across_blocks(piece: bytes, blocks: int, data: st.DataObject) -> None:
-    buf = b'"\n' * (COUNT_BLOCK_BYTES * blocks // 2) + piece  # spans several numpy blocks
-    start = data.draw(st.integers(0, len(buf)))
-    end = data.draw(st.integers(start, len(buf)))
-    for byte in (b'"', b"\n"):
-        assert count_byte(buf, byte, start, end) == buf.count(byte, start, end)
-
-
-def test_record_end_never_cuts_inside_quotes() -> None:
-    buf = b'1,"a\nb",2\n3,"c",4\n'
-    assert record_end(buf, 4) == 10  # the newline at 4 is quoted: the first record ends at 10
-    assert record_end(buf, 15) == 10
-    assert record_end(buf, len(buf)) == len(buf)
-    assert record_end(b'1,"open\n', 5) == 0  # no complete record yet
-
-
 def test_malformed_rows_fail_naming_the_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text('id,note,n\n1,a,2\n2,"x\ny",3\n3,b,4,extra\n4,c,5\n')
@@ -155,24 +133,3 @@ def test_bom_blank_lines_and_missing_final_newline(tmp_path: Path) -> None:
 
     assert list(df.columns) == ["id", "note"]
     assert list(df["id"]) == ["1", "2", "3"] and list(df.index) == [2, 4, 5]
-
-
-def test_halves_and_head_keep_whole_records_and_their_lines(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", [[str(i), NOTES[i % len(NOTES)], "1"] for i in range(40)])
-    cfg = ReadConfig(chunk_rows=1000)
-    [chunk] = list(read_chunks(staged(path), cfg))
-    whole, _ = parse_csv_chunk(chunk, cfg, "fail")
-
-    halves = split_chunk(chunk)
-
-    assert halves is not None
-    parts = [parse_csv_chunk(h, cfg, "fail")[0] for h in halves]
-    assert list(parts[0]["id"]) + list(parts[1]["id"]) == list(whole["id"])
-    assert list(parts[0].index) + list(parts[1].index) == list(whole.index)
-    first, _ = parse_csv_chunk(head(chunk, 10), cfg, "fail")
-    assert list(first["id"]) == list(whole["id"][: len(first)]) and 5 <= len(first) <= 10
-
-
-def test_one_record_cannot_be_split() -> None:
-    chunk = Chunk(0, "t.csv", 0, 2, 1, b"1,a,2\n", kind="csv", columns=("id", "note", "n"))
-    assert split_chunk(chunk) is None

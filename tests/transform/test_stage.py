@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from etl.core.chunks import decode_chunk
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import WorkerCrashed
-from etl.core.parts import split_name
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
 from etl.read.formats import read_chunks
 from etl.run.pipeline import RunOptions, run_job
@@ -399,14 +398,6 @@ def test_ipc_bytes_are_counted_exactly(trips_dir: Path) -> None:
     assert (t["ipc_bytes_sent"], t["ipc_bytes_received"]) == (sent, written)
     assert 0 <= t["ipc_share"] <= 1 and t["ipc_seconds"] >= 0
     assert set(t) >= {"decode_seconds", "steps_seconds", "encode_seconds", "worker_seconds"}
-
-
-def test_split_names_sort_in_serial_order() -> None:
-    leaves = ["00", "010", "011", "1"]  # the pieces of one chunk split unevenly
-    names = [split_name("m=1/part-00001-000003.parquet", h) for h in leaves]
-    neighbours = ["m=1/part-00001-000002.parquet", *names, "m=1/part-00001-000004.parquet"]
-    assert sorted(neighbours) == neighbours
-    assert names[1] == "m=1/part-00001-000003-h010.parquet"
 
 
 # ------------------------------------------------------------------ property test

@@ -29,7 +29,7 @@ from tests.test_cli import layout, leftovers, rows_digest
 
 pytestmark = pytest.mark.timeout(300)  # above the waits below, so they fail with their message
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_PY = str(ROOT / "run.py")
 WAIT = 30  # seconds a test waits for a process (a hang, never a timing check)
 TAG = "ETL_STOP_TEST_TAG"

@@ -1,0 +1,84 @@
+"""The chunk codec (etl/core/chunks.py): byte counts, record ends, halves and heads, Arrow IPC.
+
+Cutting real files and parsing their chunks end to end is tested with the reader, in
+tests/read/test_csv_cut.py and tests/read/test_formats.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pyarrow as pa
+from hypothesis import given
+from hypothesis import strategies as st
+
+from etl.core.chunks import (
+    COUNT_BLOCK_BYTES,
+    count_byte,
+    decode_chunk,
+    decode_ipc,
+    encode_ipc,
+    head,
+    parse_csv_chunk,
+    record_end,
+    split_chunk,
+)
+from etl.core.config import ReadConfig
+from etl.core.records import Chunk
+
+NOTES = ["plain", "with, comma", 'quote "inside"', "two\nlines", ""]
+
+
+@given(st.binary(max_size=64), st.integers(0, 3), st.data())
+def test_count_byte_agrees_with_bytes_count_across_blocks(piece: bytes, blocks: int, data: st.DataObject) -> None:
+    buf = b'"\n' * (COUNT_BLOCK_BYTES * blocks // 2) + piece  # spans several numpy blocks
+    start = data.draw(st.integers(0, len(buf)))
+    end = data.draw(st.integers(start, len(buf)))
+    for byte in (b'"', b"\n"):
+        assert count_byte(buf, byte, start, end) == buf.count(byte, start, end)
+
+
+def test_record_end_never_cuts_inside_quotes() -> None:
+    buf = b'1,"a\nb",2\n3,"c",4\n'
+    assert record_end(buf, 4) == 10  # the newline at 4 is quoted: the first record ends at 10
+    assert record_end(buf, 15) == 10
+    assert record_end(buf, len(buf)) == len(buf)
+    assert record_end(b'1,"open\n', 5) == 0  # no complete record yet
+
+
+def test_halves_and_head_keep_whole_records_and_their_lines() -> None:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([i, NOTES[i % len(NOTES)], 1] for i in range(40))
+    text = out.getvalue().encode()
+    cfg = ReadConfig(chunk_rows=1000)
+    chunk = Chunk(0, "t.csv", 0, 2, text.count(b"\n"), text, kind="csv", columns=("id", "note", "n"))
+    whole, _ = parse_csv_chunk(chunk, cfg, "fail")
+
+    halves = split_chunk(chunk)
+
+    assert halves is not None
+    parts = [parse_csv_chunk(h, cfg, "fail")[0] for h in halves]
+    assert list(parts[0]["id"]) + list(parts[1]["id"]) == list(whole["id"])
+    assert list(parts[0].index) + list(parts[1].index) == list(whole.index)
+    first, _ = parse_csv_chunk(head(chunk, 10), cfg, "fail")
+    assert list(first["id"]) == list(whole["id"][: len(first)]) and 5 <= len(first) <= 10
+
+
+def test_one_record_cannot_be_split() -> None:
+    chunk = Chunk(0, "t.csv", 0, 2, 1, b"1,a,2\n", kind="csv", columns=("id", "note", "n"))
+    assert split_chunk(chunk) is None
+
+
+def test_arrow_chunks_round_trip_split_and_head_by_rows() -> None:
+    table = pa.table({"id": pa.array(range(10), pa.int64()), "s": pa.array([str(i) for i in range(10)])})
+    chunk = Chunk(3, "t.parquet", 7, 100, 10, encode_ipc(table))
+    assert decode_ipc(chunk.data).equals(table)
+    df, rejects = decode_chunk(chunk, ReadConfig(), "fail")
+    assert rejects is None and list(df.index) == list(range(100, 110)) and list(df["id"]) == list(range(10))
+    halves = split_chunk(chunk)
+    assert halves is not None
+    assert [(h.row_start, h.rows, h.index) for h in halves] == [(100, 5, 7), (105, 5, 7)]
+    assert pa.concat_tables([decode_ipc(h.data) for h in halves]).equals(table)
+    first = head(chunk, 4)
+    assert first.rows == 4 and decode_ipc(first.data).equals(table.slice(0, 4))

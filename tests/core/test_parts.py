@@ -1,0 +1,145 @@
+"""Output parts: names, hive partition folders and encodings (etl/core/parts.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from etl.core.config import OutputConfig
+from etl.core.errors import OutputError
+from etl.core.parts import HIVE_NULL, encode_parts, part_name, renumbered, split_name, with_run_id
+from etl.core.records import Part
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": pd.array(range(12), dtype="int64"),
+            "name": pd.array([f"n{i}" if i % 4 else None for i in range(12)], dtype="string"),
+            "city": pd.array(["Paris", "a/b", "x=y%", None, "", "Paris"] * 2, dtype="string"),
+        }
+    )
+
+
+def materialize(parts: list[Part], root: Path) -> None:
+    for part in parts:
+        path = root / part.relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(part.data)
+
+
+# ---------------------------------------------------------------------------- names
+
+
+def test_names_sort_in_serial_order_through_splits_and_run_ids() -> None:
+    base = part_name(1, 3, "parquet")
+    assert base == "part-00001-000003.parquet"
+    halves = [split_name(f"m=1/{base}", h) for h in ("00", "010", "011", "1")]
+    ordered = [f"m=1/{part_name(1, 2, 'parquet')}", *halves, f"m=1/{part_name(1, 4, 'parquet')}"]
+    assert sorted(ordered) == ordered
+    assert with_run_id(f"m=1/{base}", "r9") == "m=1/part-r9-00001-000003.parquet"
+    assert with_run_id(base, "r9") == "part-r9-00001-000003.parquet"
+    assert renumbered(f"m=1/{base}", 7) == "m=1/part-00007-000003.parquet"
+
+
+# ------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_partitioned_parts_read_back_with_hive_partitioning(tmp_path: Path, fmt: str) -> None:
+    out = OutputConfig(path=tmp_path / "out", format=fmt, partition_by=["city"])
+    df = frame()
+
+    parts = encode_parts(df, out, source_index=3, chunk_index=12)
+    materialize(parts, tmp_path / "out")
+
+    assert sorted({p.relpath.split("/")[0] for p in parts}) == sorted(
+        ["city=Paris", "city=a%2Fb", "city=x%3Dy%25", f"city={HIVE_NULL}"]
+    )
+    file_format: Any = fmt
+    if fmt == "csv":
+        file_format = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    got = ds.dataset(tmp_path / "out", format=file_format, partitioning="hive").to_table()
+    got_rows = sorted(got.to_pylist(), key=lambda r: r["id"])
+    expected = [
+        {
+            "id": r.id,
+            "name": None if pd.isna(r.name) else r.name,
+            "city": None if pd.isna(r.city) or r.city == "" else r.city,
+        }
+        for r in df.itertuples(index=False)
+    ]
+    assert got_rows == expected
+
+
+def test_partition_columns_are_not_inside_the_files_and_rows_keep_order() -> None:
+    out = OutputConfig(path=Path("out"), partition_by=["city"])
+    parts = {p.relpath: p for p in encode_parts(frame(), out, source_index=3, chunk_index=12)}
+
+    paris = pq.read_table(pa.BufferReader(parts["city=Paris/part-00003-000012.parquet"].data))
+
+    assert paris.column_names == ["id", "name"]
+    assert paris.column("id").to_pylist() == [0, 5, 6, 11]
+    # null and "" both map to the default partition: one file holding both, in order
+    default = parts[f"city={HIVE_NULL}/part-00003-000012.parquet"]
+    assert pq.read_table(pa.BufferReader(default.data)).column("id").to_pylist() == [3, 4, 9, 10]
+    assert default.rows == 4
+
+
+def test_nested_partitions_follow_the_configured_order() -> None:
+    df = pd.DataFrame({"y": [2026, 2026], "d": pd.to_datetime(["2026-01-01", "2026-02-01"]).date, "v": [1.5, 2.5]})
+    out = OutputConfig(path=Path("out"), format="csv", partition_by=["y", "d"])
+
+    parts = encode_parts(df, out, source_index=0, chunk_index=1)
+
+    assert [p.relpath for p in parts] == [
+        "y=2026/d=2026-01-01/part-00000-000001.csv",
+        "y=2026/d=2026-02-01/part-00000-000001.csv",
+    ]
+    assert parts[0].data.decode().splitlines() == ['"v"', "1.5"]
+
+
+def test_unpartitioned_part_keeps_arrow_types_and_name() -> None:
+    df = pd.DataFrame(
+        {
+            "n": pd.array([1, None], dtype="Int64"),
+            "c": pd.Categorical(["a", "b"]),
+            "t": pd.array(["2026-01-01", None], dtype="timestamp[ms][pyarrow]"),
+        }
+    )
+    (only,) = encode_parts(df, OutputConfig(path=Path("o")), source_index=1, chunk_index=2)
+
+    schema = pq.read_schema(pa.BufferReader(only.data))
+
+    assert only.relpath == "part-00001-000002.parquet"
+    assert schema.field("n").type == pa.int64()
+    assert pa.types.is_dictionary(schema.field("c").type)
+    assert schema.field("t").type == pa.timestamp("ms")
+
+
+@pytest.mark.parametrize(("setting", "codec"), [("none", "UNCOMPRESSED"), ("zstd", "ZSTD")])
+def test_parquet_compression_follows_config(setting: str, codec: str) -> None:
+    out = OutputConfig(path=Path("o"), compression=setting)  # type: ignore[arg-type]
+    (only,) = encode_parts(frame(), out, source_index=0, chunk_index=0)
+    meta = pq.ParquetFile(pa.BufferReader(only.data)).metadata
+    assert meta.row_group(0).column(0).compression == codec
+
+
+def test_empty_frame_gives_no_parts() -> None:
+    out = OutputConfig(path=Path("o"), partition_by=["city"])
+    assert encode_parts(frame().iloc[0:0], out, source_index=0, chunk_index=0) == []
+
+
+def test_missing_partition_column_names_it_and_the_columns() -> None:
+    out = OutputConfig(path=Path("o"), partition_by=["town"])
+    with pytest.raises(OutputError) as e:
+        encode_parts(frame(), out, source_index=0, chunk_index=4, label="f.csv[chunk 4, rows 8-11]")
+    assert e.value.item == "f.csv[chunk 4, rows 8-11]"
+    assert "'town'" in e.value.message and "id, name, city" in e.value.message
