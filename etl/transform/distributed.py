@@ -36,8 +36,8 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar, cast
 
 import dask
 import psutil
@@ -152,7 +152,7 @@ class DaskExecutor(Executor):
                 self._cluster = await _local_cluster(workers, self._budget)
                 target = self._cluster
             # Connect timeout: Dask's distributed.comm.timeouts.connect (30s by default).
-            self._client = await Client(target, asynchronous=True, direct_to_workers=DIRECT_TO_WORKERS)
+            self._client = await Client(target, asynchronous=True, direct_to_workers=DIRECT_TO_WORKERS)  # type: ignore[no-untyped-call]  # distributed's Client() has no annotations
             await self._client.register_plugin(SpecPlugin(self._token, spec))
         except (OSError, TimeoutError) as e:
             raise ETLError(
@@ -190,12 +190,13 @@ class DaskExecutor(Executor):
         if self._client is not None:
             if self._cluster is None:  # a shared cluster: leave no spec behind on its workers
                 try:
-                    await self._client.unregister_worker_plugin(f"etl-spec-{self._token}")
+                    await self._client.unregister_worker_plugin(f"etl-spec-{self._token}")  # type: ignore[no-untyped-call]  # Client.unregister_worker_plugin() has no annotations
                 except (OSError, ValueError, KeyError) as e:
                     log.debug("dask: could not unregister the plugin: %s", e)
-            await self._client.close(timeout=CLOSE_TIMEOUT)
+            await self._client.close(timeout=CLOSE_TIMEOUT)  # type: ignore[no-untyped-call]  # Client.close() has no annotations
         if self._cluster is not None:
-            await self._cluster.close(timeout=CLOSE_TIMEOUT)
+            # An asynchronous cluster's close() returns an awaitable (None only for a synchronous one).
+            await cast(Awaitable[None], self._cluster.close(timeout=CLOSE_TIMEOUT))
 
     def worker_pids(self) -> dict[str, int]:
         """Worker address -> process id (for diagnostics and tests)."""
@@ -216,7 +217,7 @@ class DaskExecutor(Executor):
         self._attempts.add(me)
         data = task = None
         try:
-            data = await client.scatter(chunk, hash=False, direct=DIRECT_TO_WORKERS)
+            data = await client.scatter(chunk, hash=False, direct=DIRECT_TO_WORKERS)  # type: ignore[no-untyped-call]  # Client.scatter() has no annotations
             task = client.submit(run_remote, self._token, data, pure=False)
             return await asyncio.wait_for(task, self._timeout)
         except KilledWorker as e:
@@ -261,7 +262,7 @@ async def _local_cluster(workers: int, budget: int | None) -> LocalCluster:
     # The scheduler runs in this process: its per-event INFO lines would drown the run's log.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with dask.config.set({"distributed.scheduler.allowed-failures": LOCAL_ALLOWED_FAILURES}):
-        return await LocalCluster(
+        return await LocalCluster(  # type: ignore[no-untyped-call]  # distributed's LocalCluster() has no annotations
             n_workers=workers,
             threads_per_worker=1,
             processes=True,

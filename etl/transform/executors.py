@@ -189,7 +189,7 @@ class ProcessExecutor(Executor):
             "worker pool broke (%s); starting a new one", error or type(error).__name__, extra={"stage": "transform"}
         )
         self._ipc.seconds += _threads_cpu(broken)
-        broken.stop()
+        broken.stop()  # type: ignore[no-untyped-call]  # pebble's ProcessPool.stop() has no annotations
         # Joining stops its idle workers but may take pebble's 3 s terminate grace: not on the loop.
         reaper = threading.Thread(target=broken.join, name="transform-pool-reaper", daemon=True)
         reaper.start()
@@ -201,7 +201,7 @@ class ProcessExecutor(Executor):
         return IpcStats(self._ipc.seconds + own, self._ipc.bytes_sent, self._ipc.bytes_received)
 
     def close(self) -> None:
-        self._pool.stop()
+        self._pool.stop()  # type: ignore[no-untyped-call]  # pebble's ProcessPool.stop() has no annotations
         self._pool.join()
         for reaper in self._reapers:
             reaper.join()

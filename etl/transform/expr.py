@@ -55,7 +55,7 @@ import ast
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -106,7 +106,7 @@ class Expr:
         if isinstance(value, pa.Scalar):
             return np.full(len(df), value.as_py() is True)
         filled = pc.fill_null(value.cast(pa.bool_()), False)
-        return filled.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        return cast(np.ndarray, filled.to_numpy(zero_copy_only=False).astype(bool, copy=False))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (compile_expr, (self.text,))
@@ -239,7 +239,7 @@ class _Compiler:
             kind = _SYNTAX_NAMES.get(type(node).__name__, "this syntax")
             hint = "use where(cond, a, b)" if isinstance(node, ast.IfExp) else f"allowed: {_ALLOWED}"
             raise self.fail(node, f"{kind} ({self.show(node)!r}) is not allowed", hint)
-        inner = method(node)
+        inner: Node = method(node)
         if isinstance(node, (ast.Name, ast.Constant)):
             return inner
         return self.wrap(node, inner)
@@ -415,7 +415,7 @@ def _membership(values: list[Any], *, negate: bool) -> Callable[[Value, Value], 
 
 
 def _is_int(v: Value) -> bool:
-    return pa.types.is_integer(v.type)
+    return cast(bool, pa.types.is_integer(v.type))
 
 
 def _to_float(v: Value) -> Value:

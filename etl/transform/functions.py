@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias, cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 # A value during evaluation: a column-length array, or one scalar for all rows.
-Value = pa.ChunkedArray | pa.Scalar
+Value: TypeAlias = pa.ChunkedArray | pa.Scalar
 
 
 class _OpError(Exception):
@@ -29,11 +30,11 @@ class _OpError(Exception):
 
 
 def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return cast(bool, pa.types.is_string(t) or pa.types.is_large_string(t))
 
 
 def _is_temporal(t: pa.DataType) -> bool:
-    return pa.types.is_timestamp(t) or pa.types.is_date(t)
+    return cast(bool, pa.types.is_timestamp(t) or pa.types.is_date(t))
 
 
 def _boolean(v: Value, op: str) -> Value:

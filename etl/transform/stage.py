@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from etl.core.config import ReadConfig, TransformConfig
 from etl.core.queues import BoundedQueue, drain
@@ -108,7 +108,11 @@ async def transform_stage(
 
     await drain(chunks, in_flight, one)  # at most in_flight chunks taken and not yet done
     await results.close()
-    _finish(stats, ipc or getattr(executor, "ipc_stats", IpcStats), time.perf_counter() - start)
+    _finish(
+        stats,
+        ipc or cast(Callable[[], IpcStats], getattr(executor, "ipc_stats", IpcStats)),
+        time.perf_counter() - start,
+    )
     return stats
 
 

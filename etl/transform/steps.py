@@ -322,7 +322,7 @@ def load_function(spec: str, base_dir: Path) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except Exception as e:  # any error while importing user code: report it as the cause
         raise _Problem(f"cannot import {module_name!r} (from {folder}): {type(e).__name__}: {e}") from e
-    fn = getattr(module, name, None)
+    fn: object = getattr(module, name, None)
     if not callable(fn):
         raise _Problem(f"module {module_name!r} has no function {name!r}")
     return fn
@@ -376,7 +376,7 @@ def _checks(step: Step, base_dir: Path) -> list[tuple[str, Callable[[], Any]]]:
         return [("function", lambda: load_function(step.function, base_dir))]
     if isinstance(step, LookupStep):
         path = step.path if step.path.is_absolute() else base_dir / step.path
-        table = lambda: read_lookup_table(*_table(path))  # noqa: E731 - cached after the first call
+        table: Callable[[], pd.DataFrame] = lambda: read_lookup_table(*_table(path))  # noqa: E731 - cached after the first call
         key = "right_on" if step.right_on is not None else "on"
         return [
             ("path", table),
