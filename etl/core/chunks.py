@@ -32,6 +32,7 @@ import codecs
 import csv
 import io
 import json
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -55,7 +56,7 @@ def encode_ipc(table: pa.Table | pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write(table)
-    return sink.getvalue().to_pybytes()
+    return cast(bytes, sink.getvalue().to_pybytes())
 
 
 def decode_ipc(data: bytes) -> pa.Table:
@@ -172,7 +173,7 @@ def _record_lines(chunk: Chunk, records: int) -> np.ndarray:
     ends_record = (np.searchsorted(quotes, newlines) & 1) == 0  # an even count of quotes before it
     ends = newlines[ends_record]
     starts = np.concatenate(([0], ends + 1))
-    lines = chunk.row_start + np.concatenate(([0], np.flatnonzero(ends_record) + 1))
+    lines: np.ndarray = chunk.row_start + np.concatenate(([0], np.flatnonzero(ends_record) + 1))
     length = np.concatenate((ends, [len(buf)])) - starts
     first = buf[np.minimum(starts, max(len(buf) - 1, 0))] if len(buf) else np.zeros(len(starts), np.uint8)
     blank = (length == 0) | ((length == 1) & (first == ord("\r")))  # pyarrow skips empty lines

@@ -19,9 +19,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from etl.core.errors import ConfigError
 
@@ -41,9 +42,9 @@ class JobSection(Model):
     """Job name: names the state folder, logs and the run report."""
     state_dir: Path = Path(".etl-state")
     """Folder for the lock, manifest, run reports and staged downloads (per job inside)."""
-    keep_reports: int = Field(20, ge=1)
+    keep_reports: int = Field(default=20, ge=1)
     """How many run reports to keep in the state folder."""
-    stop_grace_seconds: float = Field(20.0, gt=0, allow_inf_nan=False)
+    stop_grace_seconds: float = Field(default=20.0, gt=0, allow_inf_nan=False)
     """After SIGTERM/SIGINT: seconds to stop cleanly (save state, stop workers) before the
     workers are killed and the run exits anyway with 143/130. Keep it under the stop
     timeout of whatever sends the signal (systemd's ``TimeoutStopSec``, a container's)."""
@@ -55,9 +56,9 @@ class JobSection(Model):
 class SourceEntry(Model):
     url: str
     """An http(s):// URL, a file:// URL, or a local path (globs allowed)."""
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     """Expected SHA-256 of the file's bytes, verified before it is handed on."""
-    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{32}$")
     """Expected MD5 of the file's bytes (when the publisher gives no SHA-256)."""
     headers: dict[str, str] = {}
     """Extra request headers for this source (``${ENV}`` values for secrets)."""
@@ -80,37 +81,37 @@ class SourcesSection(Model):
 class Timeout(Model):
     """Download timeouts in seconds (like httpx's ``Timeout``)."""
 
-    connect: float = Field(10.0, gt=0)
+    connect: float = Field(default=10.0, gt=0)
     """Time to open the TCP/TLS connection."""
-    read: float = Field(30.0, gt=0)
+    read: float = Field(default=30.0, gt=0)
     """Longest gap between two received pieces of the body (a stalled server)."""
-    total: float = Field(3600.0, gt=0)
+    total: float = Field(default=3600.0, gt=0)
     """Longest time for one file, all attempts included."""
 
 
 class Retry(Model):
     """Retry policy for transient failures (like urllib3's ``Retry``)."""
 
-    attempts: int = Field(5, ge=1)
+    attempts: int = Field(default=5, ge=1)
     """Most attempts per file, the first included."""
-    backoff: float = Field(0.5, ge=0)
+    backoff: float = Field(default=0.5, ge=0)
     """First backoff in seconds; doubles each attempt, full jitter."""
-    backoff_max: float = Field(30.0, ge=0)
+    backoff_max: float = Field(default=30.0, ge=0)
     """Cap on one backoff (and on an honoured Retry-After)."""
-    max_time: float = Field(600.0, gt=0)
+    max_time: float = Field(default=600.0, gt=0)
     """Stop retrying a file after this many seconds."""
 
 
 class DownloadConfig(Model):
-    concurrency: int = Field(8, ge=1)
+    concurrency: int = Field(default=8, ge=1)
     """Most downloads at once, all hosts together."""
-    per_host: int = Field(4, ge=1)
+    per_host: int = Field(default=4, ge=1)
     """Most connections to one host at once."""
     timeout: Timeout = Timeout()
     retry: Retry = Retry()
     headers: dict[str, str] = {}
     """Request headers for every source (``${ENV}`` values for secrets; redacted in logs)."""
-    chunk_bytes: int = Field(1 << 20, ge=1024)
+    chunk_bytes: int = Field(default=1 << 20, ge=1024)
     """Bytes read from the socket per write to the staging file."""
 
 
@@ -118,11 +119,11 @@ class DownloadConfig(Model):
 
 
 class ReadConfig(Model):
-    chunk_rows: int = Field(200_000, ge=1)
+    chunk_rows: int = Field(default=200_000, ge=1)
     """Rows per chunk handed to the transform stage."""
-    threads: int = Field(2, ge=1)
+    threads: int = Field(default=2, ge=1)
     """Files read (and decompressed, parsed) at once by the reader thread pool."""
-    delimiter: str = Field(",", min_length=1, max_length=1)
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
     """CSV field delimiter."""
     encoding: str = "utf-8"
     """Text encoding of CSV files."""
@@ -249,10 +250,7 @@ Step = Annotated[
     | PythonStep,
     Field(discriminator="op"),
 ]
-STEP_OPS = frozenset(
-    m.model_fields["op"].annotation.__args__[0]  # type: ignore[union-attr]
-    for m in Step.__origin__.__args__  # type: ignore[attr-defined]
-)
+STEP_OPS = frozenset(m.model_fields["op"].annotation.__args__[0] for m in get_args(get_args(Step)[0]))
 
 
 class DaskConfig(Model):
@@ -271,9 +269,9 @@ class TransformConfig(Model):
     """Transform steps applied to every chunk, in order."""
     on_error: Literal["fail", "skip", "quarantine"] = "fail"
     """Rows that fail a cast: fail the run, skip them, or write them to a dead-letter file."""
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
     """Attempts per chunk when its worker crashes or times out."""
-    chunk_timeout: float | None = Field(None, gt=0)
+    chunk_timeout: float | None = Field(default=None, gt=0)
     """Seconds one chunk may run before its worker is killed and the chunk retried."""
     dask: DaskConfig = DaskConfig()
     base_dir: Path = Path(".")
@@ -304,7 +302,7 @@ class OutputConfig(Model):
     """Columns that become hive-style folders (``month=2026-01/``)."""
     mode: Literal["overwrite", "append"] = "overwrite"
     """``overwrite`` replaces the previous output; ``append`` adds new parts beside it."""
-    writer_threads: int = Field(2, ge=1)
+    writer_threads: int = Field(default=2, ge=1)
     """Threads writing finished parts to disk."""
 
 
@@ -450,7 +448,7 @@ def key_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key (check the spelling; see the README's config reference)"
     if err["type"] == "missing":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 from etl.core.errors import ConfigError
 
@@ -26,7 +26,7 @@ _LOCAL_SCHEMES = frozenset({"http", "https", "file"})
 def is_object_url(text: str) -> bool:
     """``s3://b/k`` and other fsspec URLs; not http(s)://, not file://, not a local path."""
     m = _URL.match(text)
-    return bool(m) and m.group(1).lower() not in _LOCAL_SCHEMES
+    return m is not None and m.group(1).lower() not in _LOCAL_SCHEMES
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
@@ -44,9 +44,11 @@ def filesystem(url: str, *, key: str, file: str = "") -> tuple[Any, str]:
         import fsspec
     except ImportError:
         raise ConfigError(f"{url!r} needs fsspec: pip install 'cronetl[s3]'", key=key, file=file) from None
-    protocol = _URL.match(url).group(1).lower()  # type: ignore[union-attr]
+    m = _URL.match(url)
+    assert m is not None, f"not an object URL: {url!r}"  # callers check is_object_url first
+    protocol = m.group(1).lower()
     try:
-        return fsspec.core.url_to_fs(url, **storage_options(protocol))
+        return cast("tuple[Any, str]", fsspec.core.url_to_fs(url, **storage_options(protocol)))
     except (ImportError, ValueError) as e:
         hint = " (pip install 'cronetl[s3]')" if protocol.startswith("s3") else ""
         raise ConfigError(f"cannot open {protocol}:// URLs: {e}{hint}", key=key, file=file) from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -185,7 +185,7 @@ def encode_table(table: pa.Table, out: OutputConfig) -> bytes:
         pq.write_table(table, sink, compression=codec)
     else:
         pacsv.write_csv(table, sink, write_options=pacsv.WriteOptions(include_header=True))
-    return sink.getvalue().to_pybytes()
+    return cast(bytes, sink.getvalue().to_pybytes())
 
 
 def encode_rejects(rejects: pd.DataFrame, chunk: Chunk) -> Part:

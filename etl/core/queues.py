@@ -153,6 +153,17 @@ class Gettable(Protocol[Item_co]):
     async def get(self) -> Item_co | None: ...
 
 
+Item_contra = TypeVar("Item_contra", contravariant=True)
+
+
+class Puttable(Protocol[Item_contra]):
+    """What a stage feeds: a ``BoundedQueue``, or a wrapper such as ``etl.core.stats.MeteredPut``."""
+
+    async def put(self, item: Item_contra) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 async def drain(queue: Gettable[Item], limit: int, handle: Callable[[Item], Awaitable[None]]) -> None:
     """Run ``handle(item)`` for every item of ``queue`` until its end of stream, at most
     ``limit`` at once. An item is taken only when a slot is free, so a busy consumer leaves

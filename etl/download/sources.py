@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -292,9 +293,9 @@ def _unique_names(items: list[_Item]) -> list[str]:
     ]
 
 
-def _format(item: _Item, name: str, configured: str) -> Format:
+def _format(item: _Item, name: str, configured: Format | Literal["auto"]) -> Format:
     if configured != "auto":
-        return configured  # type: ignore[return-value]
+        return configured
     stem = name.lower()
     for comp in _COMPRESSIONS:
         if stem.endswith(comp):

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -66,7 +66,7 @@ from etl.core import durable
 from etl.core.config import DownloadConfig
 from etl.core.errors import ChecksumMismatch, ETLError, SourceError
 from etl.core.objstore import is_object_url
-from etl.core.queues import BoundedQueue, drain
+from etl.core.queues import Puttable, drain
 from etl.core.records import Source, StagedFile
 from etl.core.redact import _secret_values, redact_url
 from etl.core.stats import ProgressSink
@@ -154,7 +154,7 @@ async def download_stage(
     sources: list[Source],
     cfg: DownloadConfig,
     staging_dir: Path,
-    out: BoundedQueue[StagedFile],
+    out: Puttable[StagedFile],
     *,
     state_file: Path | None = None,
     full_refresh: bool = False,
@@ -228,7 +228,7 @@ class _Fetcher:
         full_refresh: bool,
         stats: DownloadStats,
         progress: ProgressSink | None,
-        out: BoundedQueue[StagedFile],
+        out: Puttable[StagedFile],
     ) -> None:
         self.session = session
         self.cfg = cfg
@@ -590,7 +590,7 @@ class _Transfer:
 
     def _read_meta(self) -> dict[str, Any]:
         try:
-            return json.loads(self.meta.read_text(encoding="utf-8"))
+            return cast("dict[str, Any]", json.loads(self.meta.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             return {}
 

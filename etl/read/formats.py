@@ -23,9 +23,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -48,7 +48,13 @@ JSON_BLOCK_BYTES = 8 << 20
 inferred from, so bigger means fewer "type changed later in the file" errors."""
 
 # What a broken compressed stream raises: pyarrow's streams, ISA-L's gzip, Python's file objects.
-STREAM_ERRORS = (pa.ArrowException, OSError, EOFError, IsalError)
+# (isal's stubs declare IsalError as an instance, ``IsalError: Exception``; it is a class.)
+STREAM_ERRORS: tuple[type[Exception], ...] = (
+    pa.ArrowException,
+    OSError,
+    EOFError,
+    cast("type[Exception]", IsalError),
+)
 
 COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 
@@ -60,7 +66,7 @@ Locator = Callable[[StagedFile, ReadConfig, int | None, int, Exception], Found |
 # ------------------------------------------------------------------------------ IPC
 
 
-def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None = None) -> Iterator[Chunk]:
+def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None = None) -> Generator[Chunk, None, None]:
     """Yield the file's rows as ``Chunk`` records of ``cfg.chunk_rows`` rows.
 
     CSV columns are all read as strings, so a chunk's types never depend on which rows
@@ -145,7 +151,7 @@ def _guarded(
         for batch in batches:
             delivered += batch.num_rows
             yield batch
-    except (*STREAM_ERRORS, UnicodeError) as e:  # UnicodeError: read.encoding
+    except STREAM_ERRORS + (UnicodeError,) as e:  # UnicodeError: read.encoding
         if delivered == 0 and _is_blank(staged):
             return  # a compressed empty file, or only blank lines: no rows, not an error
         raise _read_error(staged, cfg, block_size, delivered, e) from e
@@ -193,8 +199,8 @@ def _open_stream(staged: StagedFile) -> BinaryIO:
     if codec is None:
         return open(staged.path, "rb")
     if codec == "gzip":
-        return igzip.open(staged.path, "rb")  # type: ignore[return-value]
-    return io.BufferedReader(pa.input_stream(str(staged.path), compression=codec))  # type: ignore[arg-type]
+        return cast(BinaryIO, igzip.open(staged.path, "rb"))  # type: ignore[no-untyped-call]  # isal's igzip.open has no annotations
+    return io.BufferedReader(pa.input_stream(str(staged.path), compression=codec))
 
 
 def _is_blank(staged: StagedFile) -> bool:
@@ -244,7 +250,7 @@ def _locate_csv_error(
                         f"as in the header, got {len(record)}: "
                         f"{cfg.delimiter.join(record)[:80]!r}"
                     )
-    except (*STREAM_ERRORS, csv.Error, LookupError):
+    except STREAM_ERRORS + (csv.Error, LookupError):
         return None
     return None
 

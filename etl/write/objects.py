@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
@@ -63,7 +63,7 @@ class ObjectOutputWriter(OutputWriter):
         self.prefix = f"{RUNS_DIR}/{run_id}"
         # For etl.run.state's bookkeeping only: never a local folder, so a dead run is not adopted.
         self.tmp = Path(f"{self.url}/{self.prefix}")
-        self._written: dict[str, tuple[int, int]] = {}  # relpath -> (rows, bytes)
+        self._objects: dict[str, tuple[int, int]] = {}  # relpath -> (rows, bytes)
         self._lock = threading.Lock()
         self._finished = False
 
@@ -82,7 +82,7 @@ class ObjectOutputWriter(OutputWriter):
 
     def remove(self, relpath: str) -> None:
         with self._lock:
-            self._written.pop(relpath, None)
+            self._objects.pop(relpath, None)
         self._call(self.fs.rm, f"{self.root}/{self.prefix}/{relpath}", missing_ok=True)
 
     def publish(self) -> list[str]:
@@ -91,7 +91,7 @@ class ObjectOutputWriter(OutputWriter):
             raise OutputError("publish after publish or discard", item=self.url)
         self._finished = True
         previous = _read_latest(self.fs, self.root, self.url)
-        mine = sorted(self._written)
+        mine = sorted(self._objects)
         files = [self._entry(r) for r in mine if not r.startswith(f"{REJECTS_DIR}/")]
         rejected = [self._entry(r) for r in mine if r.startswith(f"{REJECTS_DIR}/")]
         if self.out.mode == "append" and previous is not None:
@@ -151,10 +151,10 @@ class ObjectOutputWriter(OutputWriter):
             raise OutputError("write after publish or discard", item=relpath)
         self._call(self.fs.pipe_file, f"{self.root}/{self.prefix}/{relpath}", data)
         with self._lock:
-            self._written[relpath] = (rows, len(data))
+            self._objects[relpath] = (rows, len(data))
 
     def _entry(self, relpath: str) -> dict[str, Any]:
-        rows, size = self._written[relpath]
+        rows, size = self._objects[relpath]
         return {"path": f"{self.prefix}/{relpath}", "rows": rows, "bytes": size}
 
     def _call(self, fn: Any, path: str, *args: Any, **kwargs: Any) -> Any:
@@ -189,10 +189,10 @@ def _read_latest(fs: Any, root: str, url: str) -> dict[str, Any] | None:
     try:
         fs.invalidate_cache()
         latest = json.loads(fs.cat_file(f"{root}/{LATEST}"))
-        return json.loads(fs.cat_file(f"{root}/{latest['manifest']}"))
+        return cast("dict[str, Any]", json.loads(fs.cat_file(f"{root}/{latest['manifest']}")))
     except FileNotFoundError:
         return None
-    except (*store_errors(), ValueError, KeyError) as e:
+    except store_errors() + (ValueError, KeyError) as e:
         raise OutputError(f"cannot read the current manifest: {type(e).__name__}: {e}", item=url) from e
 
 
@@ -212,5 +212,5 @@ def _prune(fs: Any, root: str, url: str, newest: dict[str, Any]) -> None:
                 if fs.exists(f"{root}/{RUNS_DIR}/{run_id}") and run_id not in keep_runs:
                     fs.rm(f"{root}/{RUNS_DIR}/{run_id}", recursive=True)
                 fs.rm(path)
-    except (*store_errors(), ValueError, KeyError) as e:
+    except store_errors() + (ValueError, KeyError) as e:
         log.warning("could not delete superseded runs under %s: %s", url, e)
