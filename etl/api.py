@@ -30,6 +30,7 @@ from pathlib import Path
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ETLError, ExitCode, Interrupted, LockHeld
 from etl.download.sources import expand_sources
+from etl.ops.progress import Mode
 from etl.ops.report import RunReport, config_hash, write_metrics, write_report
 from etl.run.pipeline import RunOptions, RunSummary
 from etl.run.pipeline import run_job as run_pipeline
@@ -80,7 +81,7 @@ def run_job(
     *,
     full_refresh: bool = False,
     metrics_file: Path | None = None,
-    progress: str = "off",
+    progress: Mode = "off",
     handle_signals: bool = False,
     run_id: str | None = None,
 ) -> RunResult:

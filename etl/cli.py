@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from etl import __version__
 from etl.core.config import JobConfig
@@ -41,7 +42,7 @@ COMMANDS = ("run", "validate", "crontab", "generate", "serve", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(ExitCode.BAD_CONFIG)

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ConfigError, ETLError, ExitCode
@@ -78,7 +78,7 @@ class PointResult:
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     def median(self, key: str) -> float:
-        return statistics.median(r[key] for r in self.runs)
+        return cast(float, statistics.median(r[key] for r in self.runs))
 
     def spread(self, key: str) -> tuple[float, float]:
         values = [r[key] for r in self.runs]
@@ -90,7 +90,7 @@ class PointResult:
 
     @property
     def bottleneck(self) -> str:
-        return Counter(r["bottleneck"] for r in self.runs).most_common(1)[0][0]
+        return cast(str, Counter(r["bottleneck"] for r in self.runs).most_common(1)[0][0])
 
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.point.items()) or "(job as is)"
@@ -267,7 +267,7 @@ def _report(job_state: Path) -> dict[str, Any]:
     reports = sorted((job_state / "reports").glob("run-*.json"))
     if not reports:
         raise ETLError(f"bench: the run left no report in {job_state / 'reports'}")
-    return json.loads(reports[-1].read_text())
+    return cast("dict[str, Any]", json.loads(reports[-1].read_text()))
 
 
 def metrics(report: dict[str, Any], process_wall: float) -> dict[str, Any]:
@@ -605,7 +605,8 @@ def bench_command(args: Any) -> int:
     if not args.auto and not vary:
         raise ConfigError("bench needs --vary key=v1,v2 (repeatable) or --auto")
     bench.check(points or [{}])
-    code, extra = ExitCode.OK, {"mode": "auto" if args.auto else "grid"}
+    code = ExitCode.OK
+    extra: dict[str, Any] = {"mode": "auto" if args.auto else "grid"}
     try:
         bench.warm_up()
         if args.auto:

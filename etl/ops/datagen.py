@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -321,7 +321,8 @@ def _zone_weights() -> np.ndarray:
     """A few busy zones and a long tail (like Midtown vs. the outer boroughs); fixed."""
     rank = np.random.default_rng(263).permutation(ZONE_COUNT) + 1
     w = 1.0 / rank**0.9
-    return w / w.sum()
+    weights: np.ndarray = w / w.sum()
+    return weights
 
 
 def zones_table() -> pa.Table:
@@ -356,7 +357,7 @@ def _write_atomic(path: Path, fmt: str, tables: Iterator[pa.Table]) -> None:
 class _GzipSink:
     """A write-only gzip stream with a chosen level (Arrow's gzip stream is fixed at 9)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
         # wbits 31: gzip framing; zlib writes mtime 0, so the bytes depend only on the data.
         self._z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
@@ -369,7 +370,7 @@ class _GzipSink:
 
 
 @contextmanager
-def _maybe_gzip(raw: BinaryIO, gzip: bool) -> Iterator[BinaryIO | _GzipSink]:
+def _maybe_gzip(raw: IO[bytes], gzip: bool) -> Iterator[IO[bytes] | _GzipSink]:
     if not gzip:
         yield raw
         return
@@ -378,7 +379,7 @@ def _maybe_gzip(raw: BinaryIO, gzip: bool) -> Iterator[BinaryIO | _GzipSink]:
     sink.close()
 
 
-def _write_csv(out: BinaryIO | _GzipSink, tables: Iterator[pa.Table]) -> None:
+def _write_csv(out: IO[bytes] | _GzipSink, tables: Iterator[pa.Table]) -> None:
     header = True
     for table in tables:
         buf = pa.BufferOutputStream()
@@ -387,7 +388,7 @@ def _write_csv(out: BinaryIO | _GzipSink, tables: Iterator[pa.Table]) -> None:
         header = False
 
 
-def _write_jsonl(out: BinaryIO | _GzipSink, tables: Iterator[pa.Table]) -> None:
+def _write_jsonl(out: IO[bytes] | _GzipSink, tables: Iterator[pa.Table]) -> None:
     # Timestamps as the same text the CSV holds; JSONL is for small test files, so the
     # row-by-row json.dumps is fast enough.
     for table in tables:

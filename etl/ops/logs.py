@@ -33,10 +33,10 @@ class JsonFormatter(logging.Formatter):
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
-            "stage": record.stage,  # type: ignore[attr-defined]
-            "source": record.source,  # type: ignore[attr-defined]
+            "stage": record.stage,  # type: ignore[attr-defined]  # set on every record by _RunContext; LogRecord does not declare it
+            "source": record.source,  # type: ignore[attr-defined]  # set on every record by _RunContext; LogRecord does not declare it
             "message": record.getMessage(),
-            "run_id": record.run_id,  # type: ignore[attr-defined]
+            "run_id": record.run_id,  # type: ignore[attr-defined]  # set on every record by _RunContext; LogRecord does not declare it
             "logger": record.name,
         }
         if record.exc_info:

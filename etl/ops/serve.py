@@ -132,8 +132,7 @@ def run_forever(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        opts = {"host": host, "port": port, "latency": latency, "bandwidth": bandwidth}
-        async with serve(folder, **opts) as url:
+        async with serve(folder, host=host, port=port, latency=latency, bandwidth=bandwidth) as url:
             limit = f", {bandwidth} bytes/s per response" if bandwidth else ""
             print(f"serving {folder} at {url} (latency {latency}s{limit}); Ctrl+C stops", flush=True)
             await stop.wait()

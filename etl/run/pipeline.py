@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from etl.core.stats import MeteredExecutor, MeteredPut, RunStats
 from etl.download.http import fetch_head
 from etl.download.sources import expand_sources
 from etl.download.stage import download_stage
-from etl.ops.progress import Progress
+from etl.ops.progress import Mode, Progress
 from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
 from etl.run.commits import Commits
@@ -56,7 +57,8 @@ from etl.run.resources import (
     plan_resources,
 )
 from etl.transform.probe import measure_in_worker
-from etl.transform.stage import WorkerSpec, make_executor, transform_stage
+from etl.transform.stage import make_executor, transform_stage
+from etl.transform.worker import WorkerSpec
 from etl.write.folder import OutputWriter
 from etl.write.stage import clean_leftovers, open_writer, write_stage
 
@@ -109,7 +111,7 @@ class RunSummary:
 @dataclass
 class RunOptions:
     full_refresh: bool = False
-    progress: str = "off"
+    progress: Mode = "off"
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
 
 
@@ -121,7 +123,7 @@ class Run:
         self.opts = opts
         self.summary = RunSummary(run_id=opts.run_id, job=cfg.job.name)
         self.times = {s: StageTime() for s in ("download", "read", "transform", "write")}
-        self.progress = Progress(opts.progress)  # type: ignore[arg-type]
+        self.progress = Progress(opts.progress)
 
     async def execute(self) -> RunSummary:
         cfg, summary = self.cfg, self.summary
@@ -223,7 +225,7 @@ class Run:
                 sources,
                 cfg.download,
                 cfg.staging_dir,
-                files_out,  # type: ignore[arg-type]
+                files_out,
                 state_file=cfg.job_state_dir / "sources.json",
                 full_refresh=self.opts.full_refresh,
                 progress=bar,
@@ -250,9 +252,9 @@ class Run:
         meter = self.stats.meters["transform"]
         results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
         stats = await transform_stage(
-            GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]
-            results_in,
-            MeteredExecutor(executor, meter),  # type: ignore[arg-type]
+            GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]  # a wrapper with the queue's get(), not a BoundedQueue (transform_stage should take Gettable[Chunk])
+            results_in,  # type: ignore[arg-type]  # a wrapper with the queue's put()/close(), not a BoundedQueue (transform_stage should take Puttable[ChunkResult])
+            MeteredExecutor(executor, meter),  # type: ignore[arg-type]  # a wrapper with run()/close()/workers, not an Executor subclass (transform_stage should take a Protocol)
             self.cfg.transform,
             in_flight,
             bar,
@@ -366,7 +368,7 @@ def _first_error(e: BaseException) -> BaseException:
     return e
 
 
-def _leaves(e: BaseException) -> Any:
+def _leaves(e: BaseException) -> Iterator[BaseException]:
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
             yield from _leaves(sub)

@@ -90,7 +90,8 @@ class Probe:
     """Where the figures come from: a source name, or ``fallback``."""
 
     def per_row(self, name: str) -> float:
-        return getattr(self, name) / max(self.rows, 1)
+        total: int = getattr(self, name)
+        return total / max(self.rows, 1)
 
 
 def memory_budget(setting: str, usable: int, cpus: int) -> int:

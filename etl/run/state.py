@@ -58,7 +58,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from etl.core import durable
 from etl.core.config import JobConfig
@@ -145,11 +145,11 @@ class Manifest:
 
     @property
     def published(self) -> dict[str, dict[str, Any]]:
-        return self.data["sources"]
+        return cast("dict[str, dict[str, Any]]", self.data["sources"])
 
     @property
     def pending(self) -> dict[str, Any] | None:
-        return self.data["pending"]
+        return cast("dict[str, Any] | None", self.data["pending"])
 
     def dump(self) -> bytes:
         # Compact: with thousands of sources, indenting triples the size and the time.
