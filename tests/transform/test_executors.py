@@ -1,0 +1,317 @@
+"""etl.transform.executors: thread and process executors on real chunks, real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+
+from etl.core.config import JobConfig, load_job
+from etl.core.errors import ChunkTimeout, StepError, WorkerCrashed
+from etl.core.records import Chunk, ChunkResult, Source, StagedFile
+from etl.read.formats import read_chunks
+from etl.transform.executors import (
+    Executor,
+    IpcStats,
+    ProcessExecutor,
+    ThreadExecutor,
+    TransformStats,
+    describe_exit,
+)
+from etl.transform.worker import WorkerSpec
+from tests.conftest import write_trips_csv
+
+HOOK_MODULE = "executor_contract_hooks"  # unique: python steps are imported once per process
+
+HOOKS = '''
+"""Python steps for tests/transform/test_executors.py; the harmful ones act only in workers."""
+import multiprocessing, os, signal, threading
+
+
+def _in_worker():
+    return multiprocessing.parent_process() is not None
+
+
+def kill_self(df):
+    if _in_worker():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return df
+
+
+def exit_now(df, code):
+    if _in_worker():
+        os._exit(code)
+    return df
+
+
+def hang(df):
+    if _in_worker():
+        threading.Event().wait()
+    return df
+
+
+def explode(df):
+    raise ValueError("exploded on purpose")
+
+
+def kill_on(df, trip_id):
+    if _in_worker() and (df["trip_id"] == trip_id).any():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return df
+
+
+def pid(df):
+    df["pid"] = str(os.getpid())
+    return df
+'''
+
+STEPS = """
+  {op = "cast", columns = {trip_id = "int64", distance = "float64", fare = "float64"}},
+  {op = "filter", expr = "distance > 3"},
+  {op = "derive", columns = {per_mile = "fare / distance"}},
+"""
+
+
+def make_job(
+    folder: Path, steps: str = STEPS, *, executor: str = "process", read: str = "chunk_rows = 80"
+) -> JobConfig:
+    (folder / f"{HOOK_MODULE}.py").write_text(HOOKS)
+    job = folder / f"job-{executor}.toml"
+    job.write_text(f"""
+[job]
+name = "executor-test"
+state_dir = "state"
+
+[sources]
+urls = ["data/*.csv"]
+
+[read]
+{read}
+
+[transform]
+executor = "{executor}"
+workers = 2
+steps = [
+{steps}
+]
+
+[output]
+path = "out"
+""")
+    return load_job(job)
+
+
+def spec_of(cfg: JobConfig) -> WorkerSpec:
+    return WorkerSpec(cfg.transform, cfg.output, cfg.read)
+
+
+def chunks_of(path: Path, cfg: JobConfig) -> list[Chunk]:
+    source = Source(0, str(path), path.name, "csv")
+    return list(read_chunks(StagedFile(source, path, path.stat().st_size), cfg.read))
+
+
+def hook_step(name: str, params: str = "") -> str:
+    extra = f", params = {{{params}}}" if params else ""
+    return f'{{op = "python", function = "{HOOK_MODULE}:{name}"{extra}}},'
+
+
+@pytest.fixture
+def trips(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "trips.csv"
+    write_trips_csv(path, rows=400, seed=9)
+    return path
+
+
+def part_bytes(results: list[ChunkResult]) -> list[list[tuple[str, bytes, int]]]:
+    return [[(p.relpath, p.data, p.rows) for p in r.parts] for r in results]
+
+
+async def run_all(executor: Executor, chunks: list[Chunk]) -> list[ChunkResult]:
+    return list(await asyncio.gather(*(executor.run(c) for c in chunks)))
+
+
+# --------------------------------------------------------------- same output anywhere
+
+
+@pytest.mark.parametrize("read", ["chunk_rows = 80", 'chunk_rows = 80\nparse = "reader"'])
+async def test_thread_and_process_executors_give_the_same_parts(tmp_path: Path, trips: Path, read: str) -> None:
+    cfg = make_job(tmp_path, read=read)
+    chunks = chunks_of(trips, cfg)
+    assert len(chunks) >= 4
+    threads = ThreadExecutor(spec_of(cfg), 2)
+    try:
+        by_thread = await run_all(threads, chunks)
+    finally:
+        threads.close()
+    processes = ProcessExecutor(spec_of(cfg), 2, None)
+    try:
+        by_process = await run_all(processes, chunks)
+    finally:
+        processes.close()
+    assert part_bytes(by_process) == part_bytes(by_thread)
+    for a, b in zip(by_thread, by_process):
+        assert (a.source_index, a.index, a.rows_in, a.rows_out, a.rows_rejected) == (
+            b.source_index,
+            b.index,
+            b.rows_in,
+            b.rows_out,
+            b.rows_rejected,
+        )
+    assert threads.workers == processes.workers == 2
+
+
+async def test_process_executor_runs_chunks_in_other_processes(tmp_path: Path, trips: Path) -> None:
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = make_job(tmp_path, hook_step("pid"))
+    chunks = chunks_of(trips, cfg)
+    ex = ProcessExecutor(spec_of(cfg), 2, None)
+    try:
+        results = await run_all(ex, chunks)
+    finally:
+        ex.close()
+    pids = {
+        pid
+        for r in results
+        for p in r.parts
+        for pid in pq.read_table(pa.BufferReader(p.data)).column("pid").to_pylist()
+    }
+    assert pids and str(os.getpid()) not in pids
+    assert len(pids) <= 2  # the pool's two workers
+
+
+# ---------------------------------------------------------------------- failures
+
+
+async def test_worker_that_kills_itself_is_worker_crashed_naming_sigkill(tmp_path: Path, trips: Path) -> None:
+    cfg = make_job(tmp_path, hook_step("kill_self"))
+    chunk = chunks_of(trips, cfg)[1]
+    ex = ProcessExecutor(spec_of(cfg), 1, None)
+    try:
+        with pytest.raises(WorkerCrashed) as info:
+            await ex.run(chunk)
+    finally:
+        ex.close()
+    err = info.value
+    assert not isinstance(err, ChunkTimeout)
+    assert "SIGKILL" in str(err)
+    assert "killed by SIGKILL" in err.message
+    assert err.item == chunk.label
+    assert err.retryable
+
+
+async def test_pool_keeps_working_after_a_worker_died(tmp_path: Path, trips: Path) -> None:
+    cfg = make_job(tmp_path, hook_step("kill_on", 'trip_id = "5"'))
+    chunks = chunks_of(trips, cfg)
+    ex = ProcessExecutor(spec_of(cfg), 1, None)
+    try:
+        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+            await ex.run(chunks[0])  # holds trip 5: its only worker dies
+        rest = [await ex.run(c) for c in chunks[1:]]  # a new worker takes the next chunks
+    finally:
+        ex.close()
+    assert [r.index for r in rest] == [c.index for c in chunks[1:]]
+    assert all(r.rows_out == r.rows_in for r in rest)
+
+
+async def test_worker_that_exits_names_the_exit_code(tmp_path: Path, trips: Path) -> None:
+    cfg = make_job(tmp_path, hook_step("exit_now", "code = 7"))
+    chunk = chunks_of(trips, cfg)[0]
+    ex = ProcessExecutor(spec_of(cfg), 1, None)
+    try:
+        with pytest.raises(WorkerCrashed, match="exit code 7") as info:
+            await ex.run(chunk)
+    finally:
+        ex.close()
+    assert info.value.item == chunk.label
+
+
+async def test_hung_worker_past_the_timeout_is_chunk_timeout(tmp_path: Path, trips: Path) -> None:
+    cfg = make_job(tmp_path, hook_step("hang"))
+    chunk = chunks_of(trips, cfg)[0]
+    ex = ProcessExecutor(spec_of(cfg), 1, 1.0)
+    try:
+        with pytest.raises(ChunkTimeout, match="chunk_timeout") as info:
+            await ex.run(chunk)
+    finally:
+        ex.close()
+    assert isinstance(info.value, WorkerCrashed) and info.value.item == chunk.label
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_failing_step_is_a_step_error_from_either_executor(tmp_path: Path, trips: Path, kind: str) -> None:
+    cfg = make_job(tmp_path, hook_step("explode"))
+    chunk = chunks_of(trips, cfg)[2]
+    ex: Executor = ThreadExecutor(spec_of(cfg), 1) if kind == "thread" else ProcessExecutor(spec_of(cfg), 1, None)
+    try:
+        with pytest.raises(StepError, match="exploded on purpose") as info:
+            await ex.run(chunk)
+    finally:
+        ex.close()
+    assert info.value.item == chunk.label
+    if kind == "process":  # the worker's traceback travels as the cause
+        assert "exploded on purpose" in str(info.value.__cause__)
+
+
+# ------------------------------------------------------------------- describe_exit
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (-signal.SIGKILL, "killed by SIGKILL"),
+        (-signal.SIGTERM, "killed by SIGTERM"),
+        (-signal.SIGSEGV, "killed by SIGSEGV"),
+        (-250, "killed by signal 250"),
+        (0, "exit code 0"),
+        (1, "exit code 1"),
+        (137, "exit code 137"),
+        (None, "exit code None"),
+    ],
+)
+def test_describe_exit(code: int | None, text: str) -> None:
+    assert describe_exit(code) == text
+
+
+# ------------------------------------------------------------------------- IPC stats
+
+
+async def test_process_executor_counts_ipc_bytes(tmp_path: Path, trips: Path) -> None:
+    cfg = make_job(tmp_path)
+    chunks = chunks_of(trips, cfg)
+    ex = ProcessExecutor(spec_of(cfg), 2, None)
+    try:
+        assert ex.ipc_stats().bytes_sent == 0 and ex.ipc_stats().bytes_received == 0
+        results = await run_all(ex, chunks)
+        stats = ex.ipc_stats()
+    finally:
+        ex.close()
+    assert stats.bytes_sent == sum(c.nbytes for c in chunks)
+    assert stats.bytes_received == sum(r.nbytes for r in results) > 0
+    assert stats.seconds >= 0
+
+
+async def test_thread_executor_moves_no_bytes_between_processes(tmp_path: Path, trips: Path) -> None:
+    cfg = make_job(tmp_path)
+    ex = ThreadExecutor(spec_of(cfg), 2)
+    try:
+        await run_all(ex, chunks_of(trips, cfg))
+        assert ex.ipc_stats() == IpcStats()
+    finally:
+        ex.close()
+
+
+def test_transform_stats_add_sums_result_counters() -> None:
+    stats = TransformStats()
+    stats.add(ChunkResult(0, 0, rows_in=10, rows_out=7, rows_rejected=3, seconds=0.5, decode_seconds=0.1))
+    stats.add(ChunkResult(0, 1, rows_in=5, rows_out=5, seconds=0.25, steps_seconds=0.2))
+    assert (stats.rows_in, stats.rows_out, stats.rows_rejected) == (15, 12, 3)
+    assert stats.worker_seconds == 0.75 and stats.decode_seconds == 0.1 and stats.steps_seconds == 0.2
+    assert stats.chunks == 0  # counted by the stage, not by add()
+    assert stats.as_dict()["worker_seconds"] == 0.75
