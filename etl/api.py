@@ -29,14 +29,12 @@ from pathlib import Path
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ETLError, ExitCode, Interrupted, LockHeld
-from etl.download.sources import expand_sources
 from etl.ops.progress import Mode
 from etl.ops.report import RunReport, config_hash, write_metrics, write_report
-from etl.run.pipeline import RunOptions, RunSummary
+from etl.run.pipeline import RunOptions, RunSummary, validate_job
 from etl.run.pipeline import run_job as run_pipeline
 from etl.run.state import JobLock
 from etl.run.stopping import GracefulStop, run_with_signals
-from etl.transform.steps import validate_steps
 
 log = logging.getLogger("etl")
 
@@ -63,16 +61,7 @@ class RunResult:
 
 def load_and_check(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
     """Validate everything that can be checked before work starts: keys, steps, sources."""
-    cfg = load_job(Path(path), list(overrides))
-    return check(cfg)
-
-
-def check(cfg: JobConfig) -> JobConfig:
-    """The checks ``load_job`` cannot make alone: steps (functions importable, expressions
-    valid) and sources (ranges, listings and object-store globs expand)."""
-    validate_steps(cfg.transform.steps, cfg.base_dir, file=str(cfg.file))
-    expand_sources(cfg)
-    return cfg
+    return validate_job(load_job(Path(path), list(overrides)))
 
 
 def run_job(
@@ -94,7 +83,7 @@ def run_job(
         if isinstance(job, JobConfig):
             if overrides:
                 raise ValueError("overrides apply to a job file; load the JobConfig with them instead")
-            cfg = check(job)
+            cfg = validate_job(job)
         else:
             cfg = load_and_check(job, overrides)
     except ETLError as e:

@@ -75,6 +75,6 @@ def test_a_failed_run_is_exit_1_keeps_the_previous_output_and_reports(tmp_path: 
     bad = example(tmp_path, 'transform.on_error="fail"')  # the sample's "n/a" fares now fail the run
     result = etl.run_job(EXAMPLE, overrides=bad, full_refresh=True)
     assert result.exit_code == ExitCode.FAILED and result.status == "failed" and not result.ok
-    assert result.error is not None and "fare" in str(result.error)
+    assert result.error is not None and "trips-00" in str(result.error)  # names the file (and line, column, value)
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     assert result.report is not None and json.loads(result.report.read_text())["status"] == "failed"

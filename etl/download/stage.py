@@ -1,17 +1,23 @@
 """The download stage: sources in, verified local files out.
 
-In: the expanded ``list[Source]``. Out: one ``StagedFile`` per source, put on ``out``.
+Queues and flow::
 
-Queue contract (``out``, a ``BoundedQueue[StagedFile]`` bounded by the pipeline):
+    list[Source] ──► admission window ──► one task per source ──► files queue
+    (expanded at     (concurrency x       aiohttp session,       (out: the pipeline's
+     start-up)        ADMISSION_PER_SLOT)  per-host limits        BoundedQueue[StagedFile],
+                                                                  closed here)
 
-* One ``StagedFile`` per source, in completion order (not source order). Local sources go
-  through at once with ``path`` = the local file itself (no copy). Remote ones are put only
-  once the whole body is on disk at ``staging_dir/<name>``, fsynced, and its sha256/md5
-  verified when the source has one. Nothing unverified is ever put.
-* A finished download keeps its download slot while it waits for room in ``out``, so at
-  most ``concurrency`` staged files wait beyond the queue's own bound (bounded disk).
-* End of stream: this stage calls ``await out.close()`` after the last source is put.
-* Failure: the stage raises (a ``SourceError``); it does not close ``out``. The pipeline
+* **In**: the expanded ``list[Source]``, known at start-up.
+* **Out**: one ``StagedFile`` per source, put on ``out`` in completion order (not source
+  order). Local sources go through at once with ``path`` = the local file itself (no
+  copy). Remote ones are put only once the whole body is on disk at
+  ``staging_dir/<name>``, fsynced, and its sha256/md5 verified when the source has one
+  (the sha256 travels on the ``StagedFile``). Nothing unverified is ever put.
+* **Bound**: at most ``concurrency`` transfers (``per_host`` per host); a finished download
+  keeps its slot while it waits for room in ``out``, so at most ``concurrency`` staged
+  files wait beyond the queue's own bound (bounded disk).
+* **End of stream**: this stage calls ``await out.close()`` after the last source is put.
+* **Failure**: the stage raises (a ``SourceError``); it does not close ``out``. The pipeline
   aborts the queues. Partial ``.part`` files stay, so a rerun resumes them.
 
 Per remote file: at most ``concurrency`` transfers in all and ``per_host`` per host;

@@ -58,6 +58,7 @@ from etl.run.resources import (
 )
 from etl.transform.probe import measure_in_worker
 from etl.transform.stage import make_executor, transform_stage
+from etl.transform.steps import validate_steps
 from etl.transform.worker import WorkerSpec
 from etl.write.folder import OutputWriter
 from etl.write.stage import clean_leftovers, open_writer, write_stage
@@ -252,9 +253,9 @@ class Run:
         meter = self.stats.meters["transform"]
         results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
         stats = await transform_stage(
-            GatedChunks(self.chunks_q, self.results_q, self.guard),  # type: ignore[arg-type]  # a wrapper with the queue's get(), not a BoundedQueue (transform_stage should take Gettable[Chunk])
-            results_in,  # type: ignore[arg-type]  # a wrapper with the queue's put()/close(), not a BoundedQueue (transform_stage should take Puttable[ChunkResult])
-            MeteredExecutor(executor, meter),  # type: ignore[arg-type]  # a wrapper with run()/close()/workers, not an Executor subclass (transform_stage should take a Protocol)
+            GatedChunks(self.chunks_q, self.results_q, self.guard),
+            results_in,
+            MeteredExecutor(executor, meter),
             self.cfg.transform,
             in_flight,
             bar,
@@ -281,6 +282,15 @@ class Run:
             written=self.commits.written,
         )
         self.summary.parts_written = stats.parts
+
+
+def validate_job(cfg: JobConfig) -> JobConfig:
+    """The checks ``load_job`` cannot make alone, made before any work starts: the steps
+    (functions importable, expressions valid) and the sources (ranges, listing files and
+    object-store globs expand). Raises ``ConfigError`` naming the key and the file."""
+    validate_steps(cfg.transform.steps, cfg.base_dir, file=str(cfg.file))
+    expand_sources(cfg)
+    return cfg
 
 
 def measure(cfg: JobConfig, sources: list[Source]) -> Probe:

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pebble
 
@@ -79,6 +79,17 @@ class IpcStats:
     """CPU seconds of the pool's threads in the parent (pickle, send, receive, unpickle)."""
     bytes_sent: int = 0
     bytes_received: int = 0
+
+
+class RunsChunks(Protocol):
+    """What the dispatcher and the recovery runner need: an ``Executor``, or a wrapper of one
+    (``etl.core.stats.MeteredExecutor``)."""
+
+    workers: int
+
+    async def run(self, chunk: Chunk) -> ChunkResult: ...
+
+    def close(self) -> None: ...
 
 
 class Executor(ABC):

@@ -40,7 +40,7 @@ from etl.core.parts import encode_rejects, rejects_name, split_name
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult, Part
 
 if TYPE_CHECKING:
-    from etl.transform.executors import Executor, TransformStats
+    from etl.transform.executors import RunsChunks, TransformStats
 
 log = logging.getLogger("etl.transform")  # the stage's logger: records keep their name
 
@@ -56,7 +56,7 @@ OOM_KILL = "killed by SIGKILL"  # how describe_exit() names the OOM killer's sig
 class ChunkRunner:
     """Runs one chunk to completion: retries, splits after SIGKILL, sets aside or fails."""
 
-    def __init__(self, executor: Executor, cfg: TransformConfig, stats: TransformStats, read: ReadConfig) -> None:
+    def __init__(self, executor: RunsChunks, cfg: TransformConfig, stats: TransformStats, read: ReadConfig) -> None:
         self.executor = executor
         self.cfg = cfg
         self.read = read

@@ -51,12 +51,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from etl.core.config import ReadConfig, TransformConfig
-from etl.core.queues import BoundedQueue, drain
+from etl.core.queues import Gettable, Puttable, drain
 from etl.core.records import Chunk, ChunkResult
 from etl.transform.executors import (
     Executor,
     IpcStats,
     ProcessExecutor,
+    RunsChunks,
     ThreadExecutor,
     TransformStats,
 )
@@ -82,9 +83,9 @@ def make_executor(cfg: TransformConfig, spec: WorkerSpec, workers: int, budget: 
 
 
 async def transform_stage(
-    chunks: BoundedQueue[Chunk],
-    results: BoundedQueue[ChunkResult],
-    executor: Executor,
+    chunks: Gettable[Chunk],
+    results: Puttable[ChunkResult],
+    executor: RunsChunks,
     cfg: TransformConfig,
     in_flight: int,
     progress: Any = None,
