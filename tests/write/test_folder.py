@@ -9,7 +9,6 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from etl.core.config import OutputConfig
@@ -20,23 +19,6 @@ from etl.write.folder import OutputWriter
 pytestmark = pytest.mark.timeout(30)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def frame() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "id": pd.array(range(12), dtype="int64"),
-            "name": pd.array([f"n{i}" if i % 4 else None for i in range(12)], dtype="string"),
-            "city": pd.array(["Paris", "a/b", "x=y%", None, "", "Paris"] * 2, dtype="string"),
-        }
-    )
-
-
-def materialize(parts: list[Part], root: Path) -> None:
-    for part in parts:
-        path = root / part.relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(part.data)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
