@@ -74,6 +74,9 @@ from etl.transform.functions import (
 Node = Callable[["_Frame"], Value]
 
 _CACHE_SIZE = 512  # compiled expressions kept; a job has a few dozen at most
+MAX_DEPTH = 100  # operators nested inside each other: each level costs ~3 Python frames when evaluated (limit 1000)
+MAX_LENGTH = 10_000  # characters of one expression: the parser recurses once per operator, not per character
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # integer literals must fit Arrow's int64
 
 
 class ExprError(ValueError):
@@ -125,13 +128,41 @@ def compile_expr(text: str) -> Expr:
         new, old = max((o for o in offsets if o[0] <= pos), default=(0, 0))
         return old + (pos - new) + 1
 
+    if len(text) > MAX_LENGTH:
+        raise ExprError(f"the expression is {len(text)} characters long; at most {MAX_LENGTH} are allowed")
     try:
         tree = ast.parse(stripped, mode="eval")
     except SyntaxError as e:
         raise ExprError(f"syntax error at column {locate((e.offset or 1) - 1)} in {text!r}: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ExprError(f"{_short(text)} nests too deeply to parse; at most {MAX_DEPTH} levels are allowed") from None
+    _check_size(tree.body, text)
     compiler = _Compiler(text, stripped, names, locate)
     root = compiler.node(tree.body)
     return Expr(text=text, columns=frozenset(compiler.columns), _root=root)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text)} characters)"
+
+
+def _check_size(root: ast.AST, text: str) -> None:
+    """Reject nesting deeper than ``MAX_DEPTH`` and integers beyond int64 (walked without
+    recursion, so a deep tree cannot exhaust the stack here)."""
+    stack: list[tuple[ast.AST, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ExprError(
+                f"{_short(text)} nests operators more than {MAX_DEPTH} levels deep; split it into derive steps"
+            )
+        if isinstance(node, ast.Constant) and type(node.value) is int and not INT64_MIN <= node.value <= INT64_MAX:
+            shown = str(node.value) if node.value.bit_length() < 200 else f"a {len(str(node.value))}-digit number"
+            raise ExprError(
+                f"integer literal {shown} in {_short(text)} does not fit a 64-bit integer "
+                f"({INT64_MIN} to {INT64_MAX}); write it as a float (1e30) if that is meant"
+            )
+        stack.extend((c, depth + 1) for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr))
 
 
 def check_expr(text: str) -> Expr:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -382,3 +385,50 @@ def test_works_on_an_empty_frame(df: pd.DataFrame) -> None:
     empty = df.iloc[:0]
     assert len(ev("strftime(t0, '%Y') + lower(s)", empty)) == 0
     assert compile_expr("a > 1").mask(empty).tolist() == []
+
+
+# ------------------------------------------------------------------ size limits (issue 18)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("fare > 100000000000000000000000000000", r"integer literal 1000.* does not fit a 64-bit integer"),
+        ("x in (1, 99999999999999999999)", r"integer literal 9999.* does not fit a 64-bit integer"),
+        ("x == -" + "9" * 400, r"integer literal a 400-digit number .* does not fit"),
+        (" + ".join(["x"] * 400), r"nests operators more than 100 levels deep"),
+        ("-" * 3000 + "x", r"nests too deeply to parse"),
+        ("-" * 101 + "x", r"nests operators more than 100 levels deep"),
+        ("x" + " " * 20_000, r"at most 10000 are allowed"),
+    ],
+)
+def test_oversized_expressions_are_refused_at_compile_time(text: str, expected: str) -> None:
+    with pytest.raises(ExprError, match=expected):
+        check_expr(text)
+
+
+def test_expressions_at_the_limits_still_evaluate(df: pd.DataFrame) -> None:
+    assert compile_expr("9223372036854775807 > 0").evaluate(df) is True
+    assert compile_expr("-" * 98 + "a").evaluate(df).tolist() == df["a"].tolist()
+    assert compile_expr("+".join(["1"] * 100)).evaluate(df) == 100
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["fare > 100000000000000000000000000000", " + ".join(["fare"] * 400), "-" * 3000 + "fare"],
+)
+def test_validate_exits_2_naming_the_key_without_a_traceback(tmp_path: Path, expr: str) -> None:
+    job = tmp_path / "job.toml"
+    (tmp_path / "a.csv").write_text("fare\n1\n")
+    job.write_text(
+        f'[job]\nname = "x"\nstate_dir = "state"\n[sources]\nurls = ["a.csv"]\n'
+        f'[transform]\nsteps = [{{op = "filter", expr = "{expr}"}}]\n'
+        f'[output]\npath = "out"\n'
+    )
+    run_py = str(Path(__file__).resolve().parents[2] / "run.py")
+    proc = subprocess.run(
+        [sys.executable, run_py, "validate", "--config", str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "transform.steps[0].expr" in proc.stderr
+    assert "Traceback" not in proc.stderr
