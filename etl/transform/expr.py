@@ -321,6 +321,7 @@ class _Compiler:
     def _Compare(self, node: ast.Compare) -> Node:
         if len(node.ops) > 1 and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
             raise self.fail(node, f"'in' cannot be chained in {self.show(node)!r}; use 'and'")
+        self.refuse_none(node)
         operands = [self.node(node.left)]
         steps: list[Callable[[Value, Value], Value]] = []
         for op, right in zip(node.ops, node.comparators):
@@ -339,6 +340,23 @@ class _Compiler:
             return functools.reduce(pc.and_kleene, results)
 
         return run
+
+    def refuse_none(self, node: ast.Compare) -> None:
+        """``x == None`` is null on every row (a filter keeps nothing, silently): refuse it,
+        and ``x is None`` too, pointing at ``isnull(x)`` / ``notnull(x)``."""
+        left = node.left
+        for op, right in zip(node.ops, node.comparators):
+            is_none = [isinstance(n, ast.Constant) and n.value is None for n in (left, right)]
+            if any(is_none) and isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)):
+                other = self.show(right if is_none[0] else left)
+                fn = "isnull" if isinstance(op, (ast.Eq, ast.Is)) else "notnull"
+                why = (
+                    "is not allowed"
+                    if isinstance(op, (ast.Is, ast.IsNot))
+                    else "is null on every row (a comparison with None is never true or false)"
+                )
+                raise self.fail(node, f"comparison {self.show(node)!r} {why}", f"use {fn}({other})")
+            left = right
 
     def literal_list(self, node: ast.AST) -> list[Any]:
         if not isinstance(node, (ast.List, ast.Tuple, ast.Set)):

@@ -344,7 +344,9 @@ def test_every_function_is_documented_with_an_example() -> None:
         ("`unclosed + 1", r"unterminated backtick at column 1"),
         ("a in b", r"right side of 'in' must be a literal list"),
         ("len(s=1)", r"positional arguments only"),
-        ("a is None", r"comparison .* is not allowed"),
+        ("a is None", r"comparison 'a is None' is not allowed.*; use isnull\(a\)"),
+        ("a is not None", r"comparison 'a is not None' is not allowed.*; use notnull\(a\)"),
+        ("a is b", r"comparison 'a is b' is not allowed \(use == or !=\)"),
         ("__import__('os')", r"unknown function '__import__'"),
     ],
 )
@@ -431,4 +433,42 @@ def test_validate_exits_2_naming_the_key_without_a_traceback(tmp_path: Path, exp
     )
     assert proc.returncode == 2, proc.stderr
     assert "transform.steps[0].expr" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("dep_delay != None", "notnull(dep_delay)"),
+        ("dep_delay == None", "isnull(dep_delay)"),
+        ("None != `dep delay`", "notnull(`dep delay`)"),
+        ("x > 0 and s == None", "isnull(s)"),
+        ("0 < a != None", "notnull(a)"),
+    ],
+)
+def test_comparing_with_none_is_refused_with_the_function_to_use(text: str, hint: str) -> None:
+    """``x != None`` is null on every row, so a filter would keep nothing, silently."""
+    with pytest.raises(ExprError, match="is null on every row") as info:
+        check_expr(text)
+    assert str(info.value).endswith(f"use {hint}")
+
+
+def test_none_as_a_value_is_still_allowed(df: pd.DataFrame) -> None:
+    assert vals(ev("coalesce(a, None)", df)) == [1, 2, None, -7, 0, 9]
+    assert vals(ev("clip(x, 0, None)", df)) == [1.5, 0.0, None, 0.0, 3.5, 10.0]
+
+
+def test_validate_refuses_a_none_comparison_with_exit_2_and_the_hint(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[job]\nname = "j"\n[sources]\nurls = []\n'
+        '[transform]\nsteps = [{op = "filter", expr = "dep_delay != None"}]\n'
+        '[output]\npath = "out"\n'
+    )
+    run_py = str(Path(__file__).resolve().parents[2] / "run.py")
+    proc = subprocess.run(
+        [sys.executable, run_py, "validate", "--config", str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "transform.steps[0].expr" in proc.stderr and "use notnull(dep_delay)" in proc.stderr
     assert "Traceback" not in proc.stderr
