@@ -178,12 +178,27 @@ def _fits(value: pa.Scalar, target: pa.DataType) -> bool:
     return True
 
 
+def _strptime_strict(text: pa.Array, fmt: str) -> pa.Array:
+    """Arrow's strptime, without its roll-over of impossible dates (``2026-02-30`` would
+    become 2026-03-02): a value that does not print back as the same text (an impossible
+    date, or just unpadded numbers) is parsed again by pandas, which refuses impossible dates."""
+    parsed = pc.strptime(text, format=fmt, unit="us", error_is_null=True)
+    printed = pc.strftime(parsed.cast(pa.timestamp("s", parsed.type.tz), safe=False), format=fmt)
+    differs = pc.fill_null(pc.not_equal(printed, text), False)
+    if not pc.any(differs).as_py():
+        return parsed
+    rows = pc.indices_nonzero(differs)
+    again = pd.to_datetime(text.take(rows).to_pandas(), format=fmt, errors="coerce", utc=parsed.type.tz is not None)
+    fixed = pa.array(again, from_pandas=True).cast(parsed.type, safe=False)
+    return pc.replace_with_mask(parsed, differs, fixed)
+
+
 def _to_timestamp(arr: pa.Array, fmt: str | None, utc: bool) -> pa.Array:
     """Any text/timestamp/date column to timestamp[us, UTC], then naive unless ``utc``."""
     aware = pa.timestamp("us", "UTC")
     if pa.types.is_string(arr.type) and fmt and not any(d in fmt for d in _PANDAS_ONLY_DIRECTIVES):
         # Arrow's strptime: about 3x faster than pandas, and no round trip through pandas.
-        result = pc.strptime(arr, format=fmt, unit="us", error_is_null=True).cast(aware, safe=False)
+        result = _strptime_strict(arr, fmt).cast(aware, safe=False)
         result = pc.if_else(pc.greater_equal(result, _FIRST_DAY), result, pa.scalar(None, aware))
     elif pa.types.is_string(arr.type):
         parsed = pd.to_datetime(arr.to_pandas(), format=fmt or "ISO8601", errors="coerce", utc=True)

@@ -154,14 +154,26 @@ def test_impossible_calendar_date_without_a_format_is_a_bad_value() -> None:
     assert values(out) == [None, None] and bad.all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with a format, Arrow's strptime rolls an impossible day over into the "
-    "next month (2026-02-30 -> 2026-03-02) instead of giving a bad value",
-)
 def test_impossible_calendar_date_with_a_format_is_a_bad_value() -> None:
     out, bad = cast_column(text(["2026-02-30 00:00:00", "2026-04-31 00:00:00"]), "timestamp", "%Y-%m-%d %H:%M:%S")
     assert values(out) == [None, None] and bad.all()
+
+
+def test_a_format_still_reads_unpadded_fields_and_offsets_beside_impossible_dates() -> None:
+    raw = ["2026-1-2 3:04:05", "2026-02-29 00:00:00", "2024-02-29 00:00:00", None, "2026-01-02 03:04:05"]
+    out, bad = cast_column(text(raw), "timestamp", "%Y-%m-%d %H:%M:%S")
+    assert values(out) == [
+        pd.Timestamp("2026-01-02 03:04:05"),
+        None,
+        pd.Timestamp("2024-02-29"),
+        None,
+        pd.Timestamp("2026-01-02 03:04:05"),
+    ]
+    assert bad.tolist() == [False, True, False, False, False]
+    out, bad = cast_column(
+        text(["2026-02-28 00:00:00+0100", "2026-02-30 00:00:00+0100"]), "timestamp", "%Y-%m-%d %H:%M:%S%z"
+    )
+    assert values(out) == [pd.Timestamp("2026-02-27 23:00:00"), None] and bad.tolist() == [False, True]
 
 
 def test_utc_gives_an_aware_timestamp_taking_naive_text_as_utc() -> None:
