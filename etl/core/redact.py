@@ -8,6 +8,7 @@ secret string of one source, for scrubbing error texts that may quote them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -24,9 +25,17 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: "***" if is_secret_header(k) else v for k, v in headers.items()}
 
 
+_USERINFO = re.compile(r"(//)[^/?#]*@")
+_SECRET_QUERY = re.compile(r"([?&;][^=&#]*(?:" + "|".join(_SECRET_WORDS) + r")[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any userinfo and secret-looking query values (``?token=``) replaced by ``***``."""
-    parts = urlsplit(url)
+    """The URL with any userinfo and secret-looking query values (``?token=``) replaced by
+    ``***``; a URL too broken to parse (``http://[::1/x``) is redacted by pattern."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]

@@ -48,7 +48,7 @@ async def check_sources(cfg: DownloadConfig, sources: list[Source]) -> list[str 
                 if status in (405, 501):  # no HEAD support: ask for one byte instead
                     async with session.get(src.url, headers={**headers, "Range": "bytes=0-0"}) as resp:
                         status = resp.status
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:  # ValueError: a URL yarl cannot parse
                 return f"{type(e).__name__}: {e}".replace(src.url, redact_url(src.url))
             return None if status < 400 else f"HTTP {status}"
 

@@ -156,6 +156,7 @@ def _expand(text: str, base_dir: Path, where: str, file: str) -> list[str]:
     out: list[str] = []
     for one in expanded:
         if _is_remote(one):
+            _check_url(one, where, file)
             out.append(_lower_scheme(one))
             continue
         if is_object_url(one):  # s3://bucket/key, globs and prefixes listed at start-up
@@ -172,6 +173,18 @@ def _expand(text: str, base_dir: Path, where: str, file: str) -> list[str]:
         else:
             out.append(path)
     return out
+
+
+def _check_url(url: str, where: str, file: str) -> None:
+    """A URL that cannot be parsed (an unclosed IPv6 bracket, a port out of range) is a
+    config error naming the key, before anything else reads it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check: out of range raises ValueError
+    except ValueError as e:
+        raise ConfigError(f"not a valid URL: {redact_url(url)} ({e})", key=where, file=file) from None
+    if not parts.hostname:
+        raise ConfigError(f"not a valid URL: {redact_url(url)} (no host name)", key=where, file=file)
 
 
 def _is_remote(url: str) -> bool:
@@ -223,6 +236,7 @@ def _parse_lines(lines: list[str], path: Path) -> Iterator[_Item]:
         url = fields[0]
         sha256, md5 = _parse_checksum(fields[1], where) if len(fields) == 2 else (None, None)
         if _is_remote(url):
+            _check_url(url, "sources.urls_file", where)
             url = _lower_scheme(url)
         else:
             url = _local_path(url, path.parent)

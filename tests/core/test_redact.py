@@ -86,3 +86,7 @@ def test_secret_values_lists_every_secret_of_a_source_longest_first() -> None:
 
 def test_secret_values_skips_strings_too_short_to_scrub_safely() -> None:
     assert _secret_values("https://ab:c@h/x?key=", {"Cookie": "z"}) == []
+
+
+def test_a_url_too_broken_to_parse_is_still_redacted() -> None:
+    assert redact_url("http://alice:pw-999@[::1/x.csv?a=1&token=abc&b=2") == "http://***@[::1/x.csv?a=1&token=***&b=2"

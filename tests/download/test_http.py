@@ -229,12 +229,6 @@ async def test_check_sources_error_that_quotes_the_url_quotes_it_redacted() -> N
     assert "s3cr3t-pw" not in error and "tok-123456" not in error  # ...without its secrets
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a URL yarl cannot parse (unclosed IPv6 bracket) raises ValueError out of "
-    "check_sources, aborting the whole check, instead of an error string for that source "
-    "(an out-of-range port, also unparseable, is reported as InvalidUrlClientError)",
-)
 async def test_check_sources_unparseable_url_is_reported_per_source(server: ScriptedServer) -> None:
     result = await check_sources(CFG, [src("http://alice:pw-999@[::1/x.csv"), src(server.url("a.csv"), 1)])
     assert isinstance(result[0], str) and "pw-999" not in result[0]

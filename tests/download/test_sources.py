@@ -183,6 +183,20 @@ def test_url_credentials_and_authorization_header_together_are_refused(tmp_path:
     assert "pw" not in str(info.value) and "t0ken" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["http://alice:pw-999@[::1/x.csv", "https://alice:pw-999@h.example:99999/a.csv", "http:///a.csv"]
+)
+def test_an_unparseable_url_is_a_config_error_naming_the_key_without_its_secret(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match="not a valid URL") as info:
+        expand_sources(job(tmp_path, urls=["https://h.example/ok.csv", url]))
+    assert info.value.item == "sources.urls[1]" and "pw-999" not in str(info.value)
+    listing = tmp_path / "urls.txt"
+    listing.write_text("https://h.example/ok.csv\n" + url + "\n")
+    with pytest.raises(ConfigError, match="not a valid URL") as info:
+        expand_sources(job(tmp_path, urls_file=str(listing)))
+    assert str(listing) + ":2" in str(info.value) and "pw-999" not in str(info.value)
+
+
 # --------------------------------------------------------------- names, formats
 
 
