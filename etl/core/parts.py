@@ -122,6 +122,13 @@ def _encode(table: pa.Table, out: OutputConfig, label: str) -> bytes:
 
 def _check_partition_columns(table: pa.Table, columns: list[str], label: str) -> None:
     for column in columns:
+        if column.startswith((".", "_")):
+            raise OutputError(
+                f"output.partition_by names column {column!r}: folders starting with "
+                f"{column[0]!r} are hidden files to readers (pyarrow, Spark skip them); "
+                "rename the column first (a rename step)",
+                item=label,
+            )
         if column not in table.column_names:
             raise OutputError(
                 f"output.partition_by names column {column!r}, which the data does not "
@@ -142,12 +149,14 @@ def _partitions(table: pa.Table, columns: list[str], label: str) -> Iterator[tup
     Keys are grouped by folder name, not by value: null and "" (or 1 and "1" in a mixed
     column) share a folder and must share one part file.
     """
-    keyed = table.select(columns).append_column("__row", pa.arange(0, table.num_rows))
-    groups = keyed.group_by(columns, use_threads=False).aggregate([("__row", "list")])
+    # Positional key names: pyarrow reads a name like ".b" or "a.b" as a path into a struct.
+    keys = [f"k{i}" for i in range(len(columns))]
+    keyed = pa.table([table.column(c) for c in columns] + [pa.arange(0, table.num_rows)], names=[*keys, "__row"])
+    groups = keyed.group_by(keys, use_threads=False).aggregate([("__row", "list")])
     rows = groups.column("__row_list")
     folders: dict[str, list[np.ndarray]] = {}
-    for i, key in enumerate(groups.select(columns).to_pylist()):
-        folder = "/".join(_hive_segment(c, key[c], label) for c in columns)
+    for i, key in enumerate(groups.select(keys).to_pylist()):
+        folder = "/".join(_hive_segment(c, key[k], label) for c, k in zip(columns, keys))
         folders.setdefault(folder, []).append(rows[i].values.to_numpy())
     for folder, pieces in folders.items():
         yield folder, pieces[0] if len(pieces) == 1 else np.sort(np.concatenate(pieces))

@@ -143,3 +143,20 @@ def test_missing_partition_column_names_it_and_the_columns() -> None:
         encode_parts(frame(), out, source_index=0, chunk_index=4, label="f.csv[chunk 4, rows 8-11]")
     assert e.value.item == "f.csv[chunk 4, rows 8-11]"
     assert "'town'" in e.value.message and "id, name, city" in e.value.message
+
+
+@pytest.mark.parametrize("column", [".city", "_city"])
+def test_a_partition_column_read_as_a_hidden_folder_is_an_output_error_naming_it(column: str) -> None:
+    out = OutputConfig(path=Path("o"), partition_by=[column])
+    df = frame().rename(columns={"city": column})
+    with pytest.raises(OutputError, match=rf"names column '\{column}': folders starting with") as e:
+        encode_parts(df, out, source_index=0, chunk_index=0, label="f.csv[chunk 0]")
+    assert e.value.item == "f.csv[chunk 0]"
+
+
+def test_partition_columns_with_dots_inside_their_names_group_by_value(tmp_path: Path) -> None:
+    out = OutputConfig(path=Path("o"), partition_by=["c.ity", "a.b"])
+    df = frame().rename(columns={"city": "c.ity"}).assign(**{"a.b": "k"})
+    parts = {p.relpath: p for p in encode_parts(df, out, source_index=0, chunk_index=0)}
+    table = pq.read_table(pa.BufferReader(parts["c.ity=Paris/a.b=k/part-00000-000000.parquet"].data))
+    assert table.column("id").to_pylist() == [0, 5, 6, 11]
