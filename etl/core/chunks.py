@@ -147,6 +147,8 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
             pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
         )
     except (pa.ArrowException, UnicodeError) as e:
+        if bad_text := undecodable(chunk.data, cfg.encoding, chunk.row_start):
+            raise DataError(f"cannot parse CSV: {bad_text}", item=chunk.label) from e
         hint = (
             '; if the file has quote characters inside unquoted fields, set read.parse = "reader"'
             if QUOTE in chunk.data
@@ -162,6 +164,22 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
     skipped[[n - 1 for n, _, _ in bad]] = True
     df.index = pd.Index(starts[~skipped])
     return df, _malformed(starts, bad) if bad else None
+
+
+def undecodable(data: bytes, encoding: str, first_line: int) -> str | None:
+    """Where ``data`` (text starting at file line ``first_line``) is not valid in
+    ``encoding``, said for the user; None when it decodes (error path only)."""
+    try:
+        codecs.decode(data, text_encoding(encoding))
+    except UnicodeError as e:
+        start = getattr(e, "start", 0)
+        line = first_line + data.count(b"\n", 0, start)
+        found, column = data[start : start + 4], start - data.rfind(b"\n", 0, start)
+        return (
+            f"line {line}: bytes {found!r} are not valid {encoding} text (byte {column} of the line); "
+            'set read.encoding to the file\'s encoding (e.g. "latin-1" or "cp1252")'
+        )
+    return None
 
 
 def _record_lines(chunk: Chunk, records: int) -> np.ndarray:

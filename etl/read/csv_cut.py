@@ -36,7 +36,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from etl.core.chunks import count_byte, csv_options, record_end, text_encoding
+from etl.core.chunks import count_byte, csv_options, record_end, text_encoding, undecodable
 from etl.core.config import ReadConfig
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
@@ -115,8 +115,9 @@ class _Cutter:
                 pa.py_buffer(text), read_options=read, parse_options=parse, convert_options=convert
             ).column_names
         except (pa.ArrowException, UnicodeError) as e:
+            detail = undecodable(text, cfg.encoding, 1) or str(e)
             raise DataError(
-                f"cannot read the CSV header of {self.staged.source.url}: {e}", item=self.staged.source.name
+                f"cannot read the CSV header of {self.staged.source.url}: {detail}", item=self.staged.source.name
             ) from e
         self._fill(SAMPLE_BYTES)
         return tuple(names) if self.pending.strip() else None

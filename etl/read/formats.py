@@ -20,6 +20,7 @@ IPC (``encode_ipc``/``decode_ipc``): how chunks cross the process boundary.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 from isal import igzip
 from isal.igzip_lib import IsalError
 
-from etl.core.chunks import csv_options, encode_ipc
+from etl.core.chunks import csv_options, encode_ipc, text_encoding, undecodable
 from etl.core.config import ReadConfig
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
@@ -224,6 +225,7 @@ def _csv_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) ->
         _open_stream(staged) as stream,
         pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert) as reader,
     ):
+        reader.schema.names  # noqa: B018 - raises UnicodeError here for a header that is not valid text
         yield from reader
 
 
@@ -232,6 +234,8 @@ def _locate_csv_error(
 ) -> Found | None:
     """Find the first record after the ``skip`` already read whose field count differs
     from the header's (error path only: pyarrow does not number the rows it rejects)."""
+    if isinstance(error, UnicodeError) or "invalid UTF8" in str(error):
+        return _locate_bad_text(staged, cfg.encoding)
     if "CSV parse error" not in str(error):
         return None  # not a row-shape problem: counting fields would blame the wrong row
     try:
@@ -251,6 +255,27 @@ def _locate_csv_error(
                         f"{cfg.delimiter.join(record)[:80]!r}"
                     )
     except STREAM_ERRORS + (csv.Error, LookupError):
+        return None
+    return None
+
+
+def _locate_bad_text(staged: StagedFile, encoding: str) -> Found | None:
+    """The first line that is not valid ``encoding`` text (error path only; read in blocks)."""
+    decoder = codecs.getincrementaldecoder(text_encoding(encoding))()
+    line, offset = 1, 0
+    try:
+        with _open_stream(staged) as stream:
+            while block := stream.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeError as e:
+                    start = min(max(getattr(e, "start", 0), 0), len(block))
+                    where = undecodable(block[: start + 4], encoding, line) or f"line {line}: not {encoding} text"
+                    row = line + block.count(b"\n", 0, start) - 1  # the header is line 1
+                    return max(row, 1), f"{where} (byte {offset + start} of the decompressed file)"
+                line += block.count(b"\n")
+                offset += len(block)
+    except STREAM_ERRORS:
         return None
     return None
 

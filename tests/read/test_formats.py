@@ -308,3 +308,29 @@ def test_encode_table_writes_csv_with_header_and_empty_nulls() -> None:
     table = pa.table({"a": [1, None], "b": ["x,y", None]})
     data = encode_table(table, OutputConfig(path=Path("out"), format="csv"))
     assert data.decode().splitlines() == ['"a","b"', '1,"x,y"', ","]
+
+
+# ------------------------------------------------------------- invalid text (issue 18)
+
+
+@PARSE_WHERE
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_invalid_utf8_names_the_line_and_points_to_read_encoding(tmp_path: Path, parse: str, where: str) -> None:
+    path = tmp_path / "latin.csv"
+    if where == "header":
+        path.write_bytes(b'id,caf\xe9\n1,"x"\n')
+        line = 1
+    else:
+        path.write_bytes(b"id,name\n" + b'1,"x"\n' * 5 + b'7,caf\xe9\n8,"y"\n')
+        line = 7
+    cfg = ReadConfig(parse=parse)  # type: ignore[arg-type]
+    with pytest.raises(DataError) as info:
+        for chunk in read_chunks(staged(path, "csv"), cfg):
+            decoded(chunk, cfg)
+    message = str(info.value)
+    assert f"line {line}: bytes b'\\xe9" in message and "not valid utf-8 text" in message
+    assert "read.encoding" in message and "quote" not in message
+    latin = ReadConfig(parse=parse, encoding="latin-1")  # type: ignore[arg-type]
+    assert "café" in str(table_of(list(read_chunks(staged(path, "csv"), latin)), latin).to_pylist()) + str(
+        table_of(list(read_chunks(staged(path, "csv"), latin)), latin).column_names
+    )
