@@ -6,12 +6,15 @@ chunk and returns its ``ChunkResult``; a dead, killed or timed-out worker surfac
 decision. ``close()`` stops every worker. The Dask executor is in ``etl.transform.distributed``.
 
 Inter-process cost (``IpcStats``): the CPU time of the process pool's threads in the
-parent (they pickle and send tasks, receive and unpickle results), read from
+parent (the slot threads pickle and send chunks, receive and unpickle results), read from
 ``/proc/self/task/<tid>/schedstat``, and the bytes sent and received.
 
-Failures. A worker killed by a signal, or past ``chunk_timeout`` (pebble kills it), fails
-only its own chunk; pebble starts a new worker, and a pool that breaks anyway (pebble
-does when a worker dies while no task runs) is rebuilt, at most ``MAX_POOL_REBUILDS`` times.
+Failures (issue 21). The process executor owns its workers: each has one pipe of its own
+and one parent thread (``_Slot``), so a worker killed at any moment (receiving a chunk,
+running it, sending the result, idle) fails only the chunk it held, as ``WorkerCrashed``
+naming the signal; a chunk past ``chunk_timeout`` gets its worker killed and fails as
+``ChunkTimeout``. The slot starts a new worker for its next chunk. Nothing is shared
+between workers, so no death can stall or wedge the others (see ``ProcessExecutor``).
 """
 
 from __future__ import annotations
@@ -20,23 +23,31 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Protocol
-
-import pebble
+from typing import Any, Protocol, cast
 
 from etl.core.errors import ChunkTimeout, ETLError, RemoteTraceback, WorkerCrashed
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult
-from etl.transform.worker import WorkerSpec, init_worker, run_chunk
+from etl.transform.worker import READY, WorkerSpec, init_worker, run_chunk, serve
 
 log = logging.getLogger("etl.transform")
 
-MAX_POOL_REBUILDS = 5  # a pool that breaks more often than this is broken by design (workers die at start)
+# Workers in a row that may die before saying READY: more means they die by design (a
+# broken initializer, an impossible memory limit), and retrying only burns time.
+MAX_START_FAILURES = 5
+# Seconds a new worker may take to start (fork server, imports, spec) before it counts as
+# failed: long enough for a cold, loaded machine; short enough that a wedge is noticed.
+WORKER_START_TIMEOUT = 60.0
+# Seconds to wait for a stopped worker to exit before SIGKILL (and for a dead one's exit
+# status): short, as nothing of value is lost; long enough for the fork server to report.
+WORKER_EXIT_GRACE = 3.0
 
 
 @dataclass
@@ -131,100 +142,221 @@ def mp_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-class ProcessExecutor(Executor):
-    """A pebble ``ProcessPool``: a dead or timed-out worker fails only its own task."""
+class _Slot(threading.Thread):
+    """One worker process and the parent thread that owns it: its own pipe, one chunk at a time.
 
-    def __init__(self, spec: WorkerSpec, workers: int, timeout: float | None) -> None:
-        self.workers = workers
-        self._spec = spec
-        self._timeout = timeout
-        self._pool = self._new_pool()
-        self._rebuilds = 0
-        self._ipc = IpcStats()
-        self._reapers: list[threading.Thread] = []
+    The thread takes a chunk from the executor's queue, starts a worker if it has none (or
+    its worker died while idle), sends the chunk, and waits for the reply on the pipe. End
+    of file on the pipe means the worker died: its chunk fails as ``WorkerCrashed`` naming
+    the signal, and the next chunk gets a new worker. No other process shares the pipe, so
+    a worker killed at any moment (receiving, computing, sending) can hurt nothing but its
+    own chunk."""
 
-    def _new_pool(self) -> pebble.ProcessPool:
-        return pebble.ProcessPool(
-            max_workers=self.workers,
-            initializer=init_worker,
-            initargs=(self._spec, True),
-            context=mp_context(),
-        )
+    def __init__(self, owner: ProcessExecutor, number: int) -> None:
+        super().__init__(name=f"transform-slot-{number}", daemon=True)
+        self.owner = owner
+        self.number = number
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.holding: Chunk | None = None
+        """The chunk this slot has taken and not yet answered (the watchdog's ``busy``)."""
+        self.lock = threading.Lock()  # guards proc/conn against close() from the loop's thread
 
-    async def run(self, chunk: Chunk) -> ChunkResult:
+    def run(self) -> None:
+        owner = self.owner
         while True:
-            pool = self._pool
+            task = owner._tasks.get()
+            if task is None:  # close(): one None per slot
+                break
+            chunk, future = task
+            if not future.set_running_or_notify_cancel():
+                continue  # abandoned before it started (the run is stopping)
+            self.holding = chunk
             try:
-                future = pool.schedule(run_chunk, args=(chunk,), timeout=self._timeout)
-                self._ipc.bytes_sent += chunk.nbytes
-                result: ChunkResult = await asyncio.wrap_future(future)
-            except (RuntimeError, BrokenProcessPool) as e:
-                if pool.active:  # a RuntimeError of our own making, not a broken pool
-                    raise
-                self._rebuild(pool, chunk, e)
-                continue  # the chunk never ran on a live worker: not an attempt
-            except pebble.ProcessExpired as e:
-                raise WorkerCrashed(
-                    f"worker process died: {describe_exit(e.exitcode)}",
-                    item=chunk.label,
-                    signal=describe_exit(e.exitcode),
-                ) from None
-            except concurrent.futures.TimeoutError:
-                raise ChunkTimeout(
-                    f"chunk ran longer than transform.chunk_timeout = {self._timeout}s; worker killed",
-                    item=chunk.label,
-                    signal="killed at timeout",
-                ) from None
-            except ETLError as e:
-                tb = getattr(e, "traceback", "")
-                if tb:  # pebble sends the worker's traceback as text; keep it as the cause
-                    e.__cause__ = RemoteTraceback(tb)
-                raise
-            self._ipc.bytes_received += result.nbytes
-            return result
+                result = self._attempt(chunk)
+            except BaseException as e:  # every outcome reaches the awaiting chunk: none is lost
+                if not future.done():
+                    future.set_exception(e)
+            else:
+                if not future.done():
+                    future.set_result(result)
+            finally:
+                self.holding = None
+        self.stop_worker()
 
-    def _rebuild(self, broken: pebble.ProcessPool, chunk: Chunk, error: BaseException) -> None:
-        """Replace a broken pool once, however many chunks notice it."""
-        if broken is not self._pool:
-            return  # another chunk already rebuilt it
-        self._rebuilds += 1
-        if self._rebuilds > MAX_POOL_REBUILDS:
+    # -------------------------------------------------------------- one attempt
+
+    def _attempt(self, chunk: Chunk) -> ChunkResult:
+        owner = self.owner
+        conn = self._ready_worker(chunk)
+        try:
+            conn.send(chunk)
+        except (OSError, ValueError):  # EPIPE: it died while receiving; ValueError: closed by close()
+            raise self._crashed(chunk) from None
+        owner._ipc.bytes_sent += chunk.nbytes
+        if not wait([conn], owner._timeout):
+            self.stop_worker()
+            raise ChunkTimeout(
+                f"chunk ran longer than transform.chunk_timeout = {owner._timeout}s; worker killed",
+                item=chunk.label,
+                signal="killed at timeout",
+            )
+        try:
+            ok, value, text = conn.recv()
+        except (EOFError, OSError, ValueError):  # died before or while sending its reply
+            raise self._crashed(chunk) from None
+        if not ok:
+            if isinstance(value, ETLError) and not value.item:
+                value.item = chunk.label
+            if text:  # keep the worker's traceback as the cause
+                value.__cause__ = RemoteTraceback(text)
+            raise value
+        owner._ipc.bytes_received += value.nbytes
+        return cast(ChunkResult, value)
+
+    def _crashed(self, chunk: Chunk) -> WorkerCrashed:
+        how = describe_exit(self.stop_worker())
+        return WorkerCrashed(f"worker process died: {how}", item=chunk.label, signal=how)
+
+    def _ready_worker(self, chunk: Chunk) -> Connection:
+        """This slot's live worker, started (and waited for) if it has none or it died idle."""
+        conn = self.conn
+        if conn is not None and conn.poll():  # an idle worker never speaks: end of file, it died
+            how = describe_exit(self.stop_worker())
+            log.info("transform worker died while idle (%s); starting a new one", how, extra={"stage": "transform"})
+            conn = None
+        while conn is None:
+            conn = self._start_worker(chunk)
+        return conn
+
+    def _start_worker(self, chunk: Chunk) -> Connection | None:
+        owner = self.owner
+        ours, theirs = owner._ctx.Pipe()
+        with self.lock:
+            if owner._closed.is_set():
+                raise RuntimeError("the process executor is closed")
+            proc = owner._ctx.Process(  # type: ignore[attr-defined]  # BaseContext.Process exists on every concrete context
+                target=owner._serve, args=(theirs, owner._spec), name=f"etl-transform-{self.number}", daemon=True
+            )
+            try:
+                proc.start()
+            finally:
+                theirs.close()  # the worker holds the only other end: its death is our end of file
+            self.proc, self.conn = proc, ours
+        try:
+            ready = bool(wait([ours], WORKER_START_TIMEOUT)) and ours.recv() == READY
+        except (EOFError, OSError):
+            ready = False
+        if ready:
+            owner._start_failures = 0
+            return ours
+        how = describe_exit(self.stop_worker())
+        owner._start_failures += 1
+        if owner._start_failures > MAX_START_FAILURES:
             raise ETLError(  # not a WorkerCrashed: retrying the chunk cannot help
-                f"the worker pool broke {self._rebuilds} times, more than {MAX_POOL_REBUILDS} "
-                f"(last: {error or type(error).__name__}); workers die outside any chunk, "
-                "e.g. while starting",
+                f"{owner._start_failures} transform workers in a row died while starting (last: {how}), "
+                f"more than {MAX_START_FAILURES}",
                 stage="transform",
                 item=chunk.label,
             )
-        log.warning(
-            "worker pool broke (%s); starting a new one", error or type(error).__name__, extra={"stage": "transform"}
+        log.warning("a transform worker died while starting (%s); starting another", how, extra={"stage": "transform"})
+        return None
+
+    def stop_worker(self) -> int | None:
+        """Stop this slot's worker (if any) and return its exit code."""
+        with self.lock:
+            proc, conn = self.proc, self.conn
+            self.proc = self.conn = None
+        if conn is not None:
+            conn.close()  # an idle worker exits on end of file
+        if proc is None:
+            return None
+        proc.join(WORKER_EXIT_GRACE)  # a dead one: the fork server reports its status at once
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(WORKER_EXIT_GRACE)
+        code = proc.exitcode
+        proc.close()
+        return code
+
+
+class ProcessExecutor(Executor):
+    """Worker processes from the fork server, each with its own pipe and parent thread.
+
+    Why not a shared pool: pebble's ``ProcessPool`` (used before issue 21) sends every task
+    down one pipe that all workers read, and takes every result up one pipe that all write,
+    each guarded by a cross-process lock. A worker SIGKILLed while holding one of them
+    (receiving a task, sending a result) never releases it: the other workers wait 60 s
+    for it and exit with code 1, the pool breaks ("All workers expired") and the chunks
+    it held are never failed, so the run waited forever. Here each worker has a pipe of its
+    own: a death is end of file on that pipe, it fails exactly the one chunk that worker
+    held, and nothing else waits on it. ``ChunkRunner`` decides what happens to the chunk.
+    """
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        workers: int,
+        timeout: float | None,
+        *,
+        serve: Callable[[Connection, WorkerSpec], None] = serve,
+    ) -> None:
+        """``serve``: what a worker runs (tests pass one that dies at a chosen moment)."""
+        self.workers = workers
+        self._spec = spec
+        self._timeout = timeout
+        self._serve = serve
+        self._ctx = mp_context()
+        # Unbounded by type, bounded in use: the dispatcher submits at most in_flight chunks.
+        self._tasks: queue.SimpleQueue[tuple[Chunk, concurrent.futures.Future[ChunkResult]] | None] = (
+            queue.SimpleQueue()
         )
-        self._ipc.seconds += _threads_cpu(broken)
-        broken.stop()  # type: ignore[no-untyped-call]  # pebble's ProcessPool.stop() has no annotations
-        # Joining stops its idle workers but may take pebble's 3 s terminate grace: not on the loop.
-        reaper = threading.Thread(target=broken.join, name="transform-pool-reaper", daemon=True)
-        reaper.start()
-        self._reapers.append(reaper)
-        self._pool = self._new_pool()
+        self._closed = threading.Event()
+        self._ipc = IpcStats()
+        self._start_failures = 0
+        self._slots = [_Slot(self, n) for n in range(workers)]
+        for slot in self._slots:
+            slot.start()
+
+    async def run(self, chunk: Chunk) -> ChunkResult:
+        if self._closed.is_set():
+            raise RuntimeError("the process executor is closed")
+        future: concurrent.futures.Future[ChunkResult] = concurrent.futures.Future()
+        self._tasks.put((chunk, future))
+        return await asyncio.wrap_future(future)
+
+    def busy(self) -> int:
+        """Chunks a worker holds now (sent, or being sent, and not answered)."""
+        return sum(slot.holding is not None for slot in self._slots)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (for diagnostics and tests)."""
+        return [p.pid for s in self._slots if (p := s.proc) is not None and p.pid is not None]
 
     def ipc_stats(self) -> IpcStats:
-        own = _threads_cpu(self._pool)
-        return IpcStats(self._ipc.seconds + own, self._ipc.bytes_sent, self._ipc.bytes_received)
+        own = sum(_thread_cpu(s.native_id) for s in self._slots if s.native_id is not None)
+        return IpcStats(own, self._ipc.bytes_sent, self._ipc.bytes_received)
 
     def close(self) -> None:
-        self._pool.stop()  # type: ignore[no-untyped-call]  # pebble's ProcessPool.stop() has no annotations
-        self._pool.join()
-        for reaper in self._reapers:
-            reaper.join()
-
-
-def _threads_cpu(pool: pebble.ProcessPool) -> float:
-    """CPU seconds the pool's threads used so far (0 where /proc is unavailable)."""
-    total = 0.0
-    for thread in getattr(pool, "_loops", ()):  # pebble's scheduler, manager and message threads
-        if isinstance(thread, threading.Thread) and thread.native_id is not None:
-            total += _thread_cpu(thread.native_id)
-    return total
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        while True:  # chunks nobody took: abandoned
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[1].cancel()
+        for _ in self._slots:
+            self._tasks.put(None)
+        for slot in self._slots:  # a busy worker's slot wakes on its end of file
+            with slot.lock:  # under the lock: stop_worker() cannot close the process meanwhile
+                if slot.proc is not None and slot.proc.exitcode is None:
+                    slot.proc.terminate()
+        for slot in self._slots:
+            slot.join(2 * WORKER_EXIT_GRACE + 1)
+            slot.stop_worker()
 
 
 def _thread_cpu(tid: int) -> float:

@@ -5,22 +5,31 @@ transform, output and read config) once per worker, through the pool's initializ
 (``init_worker``); then a ``Chunk`` in and a ``ChunkResult`` (encoded parts, rejected
 rows, timings) out of ``run_chunk``. The serial and thread executors call the same
 functions in the parent, so every executor runs one code path.
+
+``serve`` is a process worker's whole life (``etl.transform.executors.ProcessExecutor``):
+one pipe of its own to the parent, ``READY`` once the spec is installed, then one chunk in
+and one reply out at a time, until the parent closes the pipe.
 """
 
 from __future__ import annotations
 
+import pickle
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
 
 import pandas as pd
 
 from etl.core.chunks import decode_chunk
-from etl.core.config import OutputConfig, ReadConfig, TransformConfig
-from etl.core.errors import StepError
+from etl.core.config import ChecksConfig, OutputConfig, ReadConfig, TransformConfig
+from etl.core.errors import ETLError, StepError
 from etl.core.parts import encode_parts, encode_rejects
-from etl.core.records import Chunk, ChunkResult, Part
+from etl.core.records import Chunk, ChunkChecks, ChunkResult, Part
+from etl.transform.checks import check_chunk
 from etl.transform.steps import apply_steps
 
 
@@ -32,6 +41,8 @@ class WorkerSpec:
     output: OutputConfig
     read: ReadConfig
     """How to parse raw CSV chunks (``read.parse = "worker"``)."""
+    checks: ChecksConfig | None = None
+    """Row checks run on every chunk's output (``[checks]``; ``etl.transform.checks``)."""
 
 
 _SPEC: WorkerSpec | None = None
@@ -70,6 +81,9 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         raise
     except Exception as e:
         raise StepError(f"{type(e).__name__}: {e}", item=chunk.label) from e
+    checks: ChunkChecks | None = None
+    if spec.checks is not None and spec.checks.row_checks:
+        checks = check_chunk(result, spec.checks, chunk.source_name, chunk.unit, chunk.label)
     stepped = time.perf_counter()
     parts = encode_parts(
         result, spec.output, source_index=chunk.source_index, chunk_index=chunk.index, label=chunk.label
@@ -94,6 +108,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         decode_seconds=decoded - start,
         steps_seconds=stepped - decoded,
         encode_seconds=end - stepped,
+        checks=checks,
     )
 
 
@@ -101,3 +116,32 @@ def current_spec() -> WorkerSpec:
     """The spec ``init_worker`` gave this process."""
     assert _SPEC is not None, "init_worker() was not called in this process"
     return _SPEC
+
+
+READY = "ready"
+"""A worker's first message on its pipe: the spec is installed, chunks may come."""
+
+Reply = tuple[bool, Any, str]
+"""What a worker sends back per chunk: (ok, ``ChunkResult`` or the exception, traceback text)."""
+
+
+def serve(conn: Connection, spec: WorkerSpec) -> None:
+    """A process worker: install ``spec``, say ``READY``, then run every chunk that arrives on
+    ``conn`` and send its ``Reply``. Returns when the parent closes the pipe (or dies)."""
+    init_worker(spec, True)
+    conn.send(READY)
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:  # the parent closed our pipe: the pool is stopping
+            return
+        reply: Reply
+        try:
+            reply = (True, run_chunk(chunk), "")
+        except Exception as e:  # every failure of a chunk goes back to the parent, which raises it
+            reply = (False, e, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # an unpicklable error or result
+            text = reply[2] or traceback.format_exc()
+            conn.send((False, ETLError(f"the worker could not send its reply: {e}", stage="transform"), text))
