@@ -38,7 +38,7 @@ EXIT_CODES_HELP = """exit codes:
   130  interrupted by SIGINT, 143 interrupted by SIGTERM
 """
 
-COMMANDS = ("run", "validate", "crontab", "generate", "serve", "bench")
+COMMANDS = ("run", "validate", "schema", "crontab", "generate", "serve", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +99,13 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
         action="store_true",
         help="also send a HEAD request to each remote source (local ones must exist); exit 1 if any fails",
     )
+    v.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every resolved setting and where it came from (default, job file, ETL__ environment, --set)",
+    )
+
+    sub.add_parser("schema", help="print the job file's JSON Schema (for editor completion and checking)")
 
     c = sub.add_parser("crontab", help="check a cron schedule and print a crontab line for the job")
     job_args(c)
@@ -142,7 +149,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return ExitCode.BAD_CONFIG
-    setup_logging(args.log_level, getattr(args, "log_format", "text"), getattr(args, "log_file", None))
+    setup_logging(
+        getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"), getattr(args, "log_file", None)
+    )
     try:
         return _dispatch(args)
     except ETLError as e:
@@ -170,14 +179,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         bandwidth = parse_size(args.bandwidth) if args.bandwidth else None
         run_forever(args.folder, port=args.port, latency=args.latency, bandwidth=bandwidth)
         return ExitCode.OK
+    if args.command == "schema":
+        import json
+
+        from etl.core.config import json_schema
+
+        print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+        return ExitCode.OK
     cfg = load_and_check(args.config, args.overrides)
     if args.command == "validate":
         print(f"{args.config}: OK ({cfg.job.name})")
+        if args.explain:
+            from etl.core.config import explain, load_job_explained
+
+            _, origins = load_job_explained(args.config, args.overrides)
+            print("\n".join(explain(cfg, origins, args.config)))
         return check_sources(cfg) if args.check_sources else ExitCode.OK
     if args.command == "crontab":
         from etl.ops.cron import crontab_line
 
         print(crontab_line(cfg, args.config, args.schedule, args.metrics_file))
+        from etl.ops.cron import env_warnings
+
+        for line in env_warnings(args.config):
+            print(line, file=sys.stderr)
         return ExitCode.OK
     if args.dry_run:
         return dry_run(cfg, args.full_refresh)
@@ -205,8 +230,10 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     from etl.core.redact import redact_url
     from etl.download.sources import expand_sources
     from etl.run.commits import Commits
+    from etl.run.pipeline import plan_job
 
     sources = expand_sources(cfg)
+    cfg, _ = plan_job(cfg, sources)  # the planned chunk size is in the fingerprint that decides skips
     plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
     print(
         f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "
@@ -215,7 +242,9 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     for src, what in zip(sources, plan):
         print(f"  {src.index:5d}  {what:<45}  {redact_url(src.url)}")
     skipped = sum(1 for w in plan if w.startswith(("skip", "resume")))
-    print(f"{len(sources) - skipped} to process, {skipped} to skip; state in {cfg.job_state_dir}")
+    asked = sum(1 for w in plan if w.startswith("conditional GET"))
+    ask = f", {asked} to ask the server (skipped if not modified)" if asked else ""
+    print(f"{len(sources) - skipped - asked} to process, {skipped} to skip{ask}; state in {cfg.job_state_dir}")
     return ExitCode.OK
 
 
@@ -230,7 +259,7 @@ def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
     """Run under the job lock (``etl.api.run_job``); print or log the summary."""
     from etl.api import run_job
     from etl.ops.progress import choose_mode
-    from etl.ops.report import format_summary
+    from etl.ops.report import format_summary, summary_fields
     from etl.run.pipeline import RunOptions
 
     run_id = RunOptions().run_id
@@ -244,12 +273,21 @@ def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:
         run_id=run_id,
     )
     if result.status == "skipped":
-        log.warning("%s", result.error, extra={"stage": "lock"})
+        err = result.error
+        log.warning("%s", f"{err.item}: {err.message}" if err and err.item else err, extra={"stage": "lock"})
         return result.exit_code
     if result.error is not None:
         raise result.error
     assert result.summary is not None
-    if args.log_file is None and args.log_format == "text":
+    if args.log_format == "json":  # one object: the fields under "summary", a one-line message
+        fields = summary_fields(result.summary)
+        log.info(
+            "run %s done in %.2fs: %d rows in, %d out, %d rejected; %d parts published",
+            *(fields[k] for k in ("run_id", "wall_seconds", "rows_in", "rows_out", "rows_rejected")),
+            fields["parts_published"],
+            extra={"stage": "run", "summary": fields},
+        )
+    elif args.log_file is None:
         print(format_summary(result.summary), file=sys.stderr)
     else:
         log.info("%s", format_summary(result.summary), extra={"stage": "run"})

@@ -160,7 +160,7 @@ def test_second_run_while_locked_exits_75_and_touches_nothing(tmp_path: Path, da
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running run holds it
         proc = run(cfg)
     assert proc.returncode == 75, proc.stderr
-    assert "skipped: already running" in proc.stderr
+    assert "skipped: already running" in proc.stderr and proc.stderr.count("[lock]") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "state" / "cron" / "reports").exists()
     assert run(cfg).returncode == 0  # the lock went with its holder
 
@@ -198,6 +198,8 @@ def test_kill_9_mid_run_then_rerun_equals_a_clean_run(tmp_path: Path, data: Path
     assert {n for n, s in statuses(report).items() if s == "resumed"} == committed
     assert statuses(report)["t3.csv"] == "processed"
     assert (rows_digest(tmp_path / "out"), layout(tmp_path / "out")) == clean_run(tmp_path, sources)
+    parts = len(layout(tmp_path / "out"))  # the summary counts the resumed run's parts too
+    assert f"  output   {parts} parts published (" in again.stderr
     assert leftovers(tmp_path) == []
 
 
@@ -301,6 +303,40 @@ def test_dry_run_lists_the_plan_and_runs_nothing(tmp_path: Path, data: Path) -> 
     plan = run(cfg, "run", "--dry-run").stdout
     assert plan.count("skip: unchanged") == 3 and "process: changed" in plan
     assert "0 to process" not in plan and "1 to process, 3 to skip" in plan
+
+
+def test_dry_run_predicts_skips_with_a_planned_chunk_size(tmp_path: Path, data: Path) -> None:
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]).replace("chunk_rows = 60", ""))  # the plan picks it
+    first = run(cfg, "run", "--quiet", "--log-format", "json")
+    assert first.returncode == 0, first.stderr
+    (summary,) = [json.loads(x)["summary"] for x in first.stderr.splitlines() if '"summary"' in x]
+    assert summary["sources"] == 4 and summary["parts_published"] == len(layout(tmp_path / "out"))
+    plan = run(cfg, "run", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "0 to process, 4 to skip" in plan.stdout
+    again = run(cfg)
+    assert again.returncode == 0 and set(statuses(last_report(tmp_path / "state")).values()) == {"unchanged"}
+    assert f"  output   {summary['parts_published']} parts published (0 written by this run" in again.stderr
+
+
+def test_schema_and_validate_explain(tmp_path: Path, data: Path) -> None:
+    schema = subprocess.run([sys.executable, RUN_PY, "schema"], check=True, capture_output=True, text=True)
+    doc = json.loads(schema.stdout)
+    assert doc["properties"]["transform"]["description"] and "workers" in doc["$defs"]["TransformConfig"]["properties"]
+    cfg = write(tmp_path, job_toml(["data/t*.csv"]))
+    env = {"PATH": "/usr/bin:/bin", "ETL__TRANSFORM__WORKERS": "3", "ETL__READ__THREADS": "1"}
+    proc = run(cfg, "validate", "--explain", "--set", "read.threads=4", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "transform.workers = 3    # environment ETL__TRANSFORM__WORKERS" in lines
+    assert "read.threads = 4    # --set" in lines  # --set beats the environment
+    assert "read.chunk_rows = 60    # job file" in lines and "download.per_host = 4    # default" in lines
+    bad = run(cfg, "validate", env={**env, "ETL__TRANSFORM__WORKES": "2", "ETL__OUTPUT__MODE": "upsert"})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert (
+        "2 problems:" in bad.stderr
+        and "did you mean 'workers'? (set by environment ETL__TRANSFORM__WORKES)" in bad.stderr
+    )
 
 
 def test_validate_check_sources_names_each_failing_source(tmp_path: Path, data: Path) -> None:

@@ -15,11 +15,15 @@ stage sends ``TransformConfig`` to worker processes.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
@@ -108,7 +112,9 @@ class DownloadConfig(Model):
     per_host: int = Field(default=4, ge=1)
     """Most connections to one host at once."""
     timeout: Timeout = Timeout()
+    """Connect, read-gap and per-file timeouts in seconds."""
     retry: Retry = Retry()
+    """Retries on connection errors, timeouts, 408, 429 and 5xx."""
     headers: dict[str, str] = {}
     """Request headers for every source (``${ENV}`` values for secrets; redacted in logs)."""
     chunk_bytes: int = Field(default=1 << 20, ge=1024)
@@ -274,6 +280,7 @@ class TransformConfig(Model):
     chunk_timeout: float | None = Field(default=None, gt=0)
     """Seconds one chunk may run before its worker is killed and the chunk retried."""
     dask: DaskConfig = DaskConfig()
+    """With ``executor = "dask"``: where the cluster is."""
     base_dir: Path = Path(".")
     """Folder made importable for ``python`` steps (the job file's folder; set by the loader)."""
 
@@ -354,12 +361,19 @@ class ResourcesConfig(Model):
 
 class JobConfig(Model):
     job: JobSection
+    """The job's name and its state folder (lock, manifest, reports)."""
     sources: SourcesSection
+    """What to fetch: URLs, local paths, globs, object-store URLs."""
     download: DownloadConfig = DownloadConfig()
+    """Download concurrency, timeouts, retries and headers."""
     read: ReadConfig = ReadConfig()
+    """How files are cut into chunks and parsed."""
     transform: TransformConfig = TransformConfig()
+    """The steps, and where and how they run."""
     output: OutputConfig
+    """Where and how the result is published."""
     resources: ResourcesConfig = ResourcesConfig()
+    """The memory budget the run sizes itself to."""
     base_dir: Path = Path(".")
     """Folder of the job file; relative paths resolve against it (set by the loader)."""
     file: Path = Path("job.toml")
@@ -377,35 +391,78 @@ class JobConfig(Model):
 
 # --------------------------------------------------------------------------- loading
 
+ENV_PREFIX = "ETL__"
+"""``ETL__TRANSFORM__WORKERS=4`` overrides ``transform.workers`` (``__`` between key parts)."""
+LOADER_KEYS = frozenset({"base_dir", "file"})
+"""Keys the loader sets itself; never written in a job file, left out of the JSON Schema."""
+SUGGEST_CUTOFF = 0.6  # difflib similarity for "did you mean": lower suggests noise, higher misses typos
 
-def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+
+def load_job(
+    path: str | Path, overrides: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> JobConfig:
     """Read, override, resolve and validate a job file. Raises ``ConfigError``."""
+    return load_job_explained(path, overrides, environ)[0]
+
+
+def load_job_explained(
+    path: str | Path, overrides: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[JobConfig, dict[str, str]]:
+    """``load_job`` plus where each overridden key came from (``{"transform.workers":
+    "environment ETL__TRANSFORM__WORKERS"}``); ``explain`` turns both into lines.
+
+    Precedence: the job file < ``ETL__SECTION__KEY`` environment variables < ``--set``.
+    Every problem (bad overrides, unset ``${VARS}``, every invalid key) is collected and
+    raised as one ``ConfigError``."""
     path = Path(path)
+    environ = os.environ if environ is None else environ
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("job file not found", file=str(path)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"not valid TOML: {e}", file=str(path)) from None
-    for item in overrides or []:
-        apply_override(raw, item, file=str(path))
-    raw = _resolve_env(raw, "", str(path))
+    origins: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for origin, item in [*env_overrides(environ), *(("--set", o) for o in overrides or [])]:
+        try:
+            origins[apply_override(raw, item, file=str(path))] = origin
+        except ConfigError as e:
+            problems.append((e.item, f"{e.message} ({origin})"))
+    raw = _resolve_env(raw, "", environ, problems)
     base = path.resolve().parent
     raw["base_dir"] = str(base)
     raw["file"] = str(path)
-    raw.setdefault("transform", {})["base_dir"] = str(base)
+    if isinstance(raw.get("transform", {}), dict):
+        raw.setdefault("transform", {})["base_dir"] = str(base)
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
-        # A misspelt key shows up twice (unknown + missing): the unknown one is the real news.
-        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        first = errors[0]
-        raise ConfigError(_message(first), key=key_path(first["loc"]), file=str(path)) from None
-    return _resolve_paths(cfg, base)
+        problems += _problems(e.errors(), origins, {k for k, _ in problems})
+    if problems:
+        key, message = problems[0]
+        raise ConfigError(message, key=key, file=str(path), problems=problems)
+    return _resolve_paths(cfg, base), origins
 
 
-def apply_override(raw: dict[str, Any], item: str, *, file: str = "") -> None:
-    """Apply one ``key.path=value`` (``transform.steps[0].expr=...``); value parsed as TOML."""
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(origin, "key.path=value")`` for every ``ETL__…`` variable, sorted by name.
+
+    ``ETL__DOWNLOAD__TIMEOUT__READ=5`` is ``download.timeout.read=5``; a part made of
+    digits is a list index (``ETL__TRANSFORM__STEPS__0__EXPR``); names are lower-cased."""
+    out = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        key = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".")
+        out.append((f"environment {name}", f"{key}={environ[name]}"))
+    return out
+
+
+def apply_override(raw: dict[str, Any], item: str, *, file: str = "") -> str:
+    """Apply one ``key.path=value`` (``transform.steps[0].expr=...``); value parsed as TOML.
+    Returns the key path, written the way error messages write it."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key.path=value, got {item!r}", file=file)
@@ -429,6 +486,7 @@ def apply_override(raw: dict[str, Any], item: str, *, file: str = "") -> None:
             if isinstance(node, dict) and index not in node:
                 node[index] = {}
             node = node[index]
+    return key_path(tuple(int(p) if p.isdigit() else p for p in parts))
 
 
 def key_path(loc: tuple[Any, ...]) -> str:
@@ -448,33 +506,194 @@ def key_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _problems(errors: list[ErrorDetails], origins: dict[str, str], known: set[str]) -> list[tuple[str, str]]:
+    """Every validation error as (key path, message), each once, unknown keys first.
+
+    A misspelt key shows up twice (unknown + missing); the missing one is dropped when the
+    unknown one's suggestion names it. Keys already reported (an unset ``${VAR}``) are not
+    repeated. A key set by an override says which one."""
+    out: list[tuple[str, str]] = []
+    suggested: set[str] = set()
+    for err in sorted(errors, key=lambda err: err["type"] != "extra_forbidden"):
+        key = key_path(err["loc"])
+        if err["type"] == "missing" and key in suggested or key in known:
+            continue
+        message = _message(err)
+        if err["type"] == "extra_forbidden":
+            names = sorted(_field_names(err["loc"][:-1]) - LOADER_KEYS)
+            match = difflib.get_close_matches(str(err["loc"][-1]), names, n=1, cutoff=SUGGEST_CUTOFF)
+            if match:
+                message += f"; did you mean {match[0]!r}?"
+                suggested.add(key.rpartition(".")[0] + "." + match[0] if "." in key else match[0])
+            elif names:
+                message += f"; known keys here: {', '.join(names)}"
+        origin = next((o for k, o in reversed(origins.items()) if key == k or key.startswith((k + ".", k + "["))), None)
+        by = f" (set by {origin})" if origin else ""
+        same = next((i for i, (k, _) in enumerate(out) if k == key), None)
+        if same is not None:  # one line per key: a union's members each add an error
+            out[same] = (key, f"{out[same][1].removesuffix(by)}, or {message}{by}")
+            continue
+        out.append((key, message + by))
+    return out
+
+
 def _message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown key (check the spelling; see the README's config reference)"
+        return "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{err['msg']}{shown}"
+    message = f"{err['msg']}{shown}"
+    ctx = err.get("ctx") or {}
+    if err["type"] == "union_tag_invalid":
+        choices, got = [str(t).strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")], ctx.get("tag")
+        message = f"unknown op {got!r} (one of: {', '.join(choices)})"
+    elif err["type"] == "literal_error":
+        choices, got = re.findall(r"'([^']*)'", str(ctx.get("expected", ""))), value
+    else:
+        return message
+    match = difflib.get_close_matches(str(got), choices, n=1, cutoff=SUGGEST_CUTOFF)
+    return f"{message}; did you mean {match[0]!r}?" if match else message
 
 
-def _resolve_env(node: Any, where: str, file: str) -> Any:
+def _models(tp: Any) -> list[type[BaseModel]]:
+    """The models a field's annotation can hold (through Annotated, unions, Optional)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    if get_origin(tp) in (Union, UnionType):
+        return [m for a in get_args(tp) for m in _models(a)]
+    return []
+
+
+def _field_names(loc: tuple[Any, ...]) -> set[str]:
+    """The keys allowed at ``loc`` (a pydantic location, tags included)."""
+    types: list[Any] = [JobConfig]
+    for part in loc:
+        models = [m for t in types for m in _models(t)]
+        if isinstance(part, int):
+            types = [get_args(t)[0] for t in types for t in _unwrap_list(t)]
+        elif fields := [f for m in models for n, f in m.model_fields.items() if part in (n, f.alias)]:
+            types = [f.annotation for f in fields]
+        elif part in STEP_OPS:
+            types = [
+                m for m in models if "op" in m.model_fields and get_args(m.model_fields["op"].annotation) == (part,)
+            ]
+        # else: a plain union's member tag; the same types go on
+    return {f.alias or name for t in types for m in _models(t) for name, f in m.model_fields.items()}
+
+
+def _unwrap_list(tp: Any) -> list[Any]:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) is list:
+        return [tp]
+    if get_origin(tp) in (Union, UnionType):
+        return [x for a in get_args(tp) for x in _unwrap_list(a)]
+    return []
+
+
+def _resolve_env(node: Any, where: str, environ: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
     if isinstance(node, dict):
-        return {k: _resolve_env(v, f"{where}.{k}" if where else k, file) for k, v in node.items()}
+        return {k: _resolve_env(v, f"{where}.{k}" if where else k, environ, problems) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_env(v, f"{where}[{i}]", file) for i, v in enumerate(node)]
+        return [_resolve_env(v, f"{where}[{i}]", environ, problems) for i, v in enumerate(node)]
     if isinstance(node, str):
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in os.environ:
-                return os.environ[name]
+            if name in environ:
+                return environ[name]
             if default is not None:
                 return default
-            raise ConfigError(f"environment variable ${{{name}}} is not set", key=where, file=file)
+            problems.append((where, f"environment variable ${{{name}}} is not set"))
+            return m.group(0)
 
         return _ENV_REF.sub(sub, node)
     return node
+
+
+def env_references(path: Path) -> list[tuple[str, str, bool]]:
+    """``(key path, VAR, has a default)`` for every ``${VAR}`` in a job file's strings."""
+    found: list[tuple[str, str, bool]] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(node, str):
+            found.extend((where, m.group(1), m.group(2) is not None) for m in _ENV_REF.finditer(node))
+
+    walk(tomllib.loads(path.read_text(encoding="utf-8")), "")
+    return found
+
+
+def json_schema() -> dict[str, Any]:
+    """The job file's JSON Schema (every key with its description), for editors."""
+    schema = JobConfig.model_json_schema()
+    for props in [schema["properties"], *(d.get("properties", {}) for d in schema.get("$defs", {}).values())]:
+        for key in LOADER_KEYS:
+            props.pop(key, None)
+    schema["required"] = [k for k in schema.get("required", []) if k not in LOADER_KEYS]
+    defs = schema.get("$defs", {})
+    for props in [schema["properties"], *(d.get("properties", {}) for d in defs.values())]:
+        for prop in props.values():
+            if isinstance(prop.get("default"), dict):
+                for key in LOADER_KEYS:
+                    prop["default"].pop(key, None)
+            if "description" in prop:
+                continue
+            if "const" in prop:  # a step's op
+                prop["description"] = f"The step: {prop['const']!r}."
+            elif "$ref" in prop:  # a section: its class docstring
+                prop["description"] = defs[prop["$ref"].rsplit("/", 1)[-1]].get("description", "")
+    schema["title"] = "cronetl job file"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def explain(cfg: JobConfig, origins: dict[str, str], path: Path) -> list[str]:
+    """Every resolved setting with where it came from: ``default``, ``job file``,
+    ``environment ETL__…`` or ``--set``. Header values are redacted."""
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    data = cfg.model_dump(
+        mode="json", by_alias=True, exclude={"base_dir": True, "file": True, "transform": {"base_dir"}}
+    )
+    lines: list[str] = []
+
+    def in_file(parts: list[str | int]) -> bool:
+        node: Any = raw
+        for p in parts:
+            if isinstance(node, dict) and p in node or isinstance(node, list) and isinstance(p, int) and p < len(node):
+                node = node[p]  # type: ignore[index]  # guarded above: p is a key of the dict or an index of the list
+            else:
+                return False
+        return True
+
+    def walk(node: Any, parts: list[str | int]) -> None:
+        if isinstance(node, dict) and node and not (parts and parts[-1] in ("headers", "params", "columns", "values")):
+            for k, v in node.items():
+                walk(v, [*parts, k])
+            return
+        if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+            for i, v in enumerate(node):
+                walk(v, [*parts, i])
+            return
+        key = key_path(tuple(parts))
+        origin = next(
+            (o for k, o in reversed(origins.items()) if key == k or key.startswith((k + ".", k + "["))),
+            "job file" if in_file(parts) else "default",
+        )
+        shown = {k: "***" for k in node} if parts[-1] == "headers" and isinstance(node, dict) else node
+        lines.append(f"{key} = {json.dumps(shown, ensure_ascii=False)}    # {origin}")
+
+    walk(data, [])
+    return lines
 
 
 def _resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:

@@ -78,11 +78,19 @@ class ConfigError(ETLError):
 
     exit_code = ExitCode.BAD_CONFIG
 
-    def __init__(self, message: str, *, key: str = "", file: str = "") -> None:
+    def __init__(
+        self, message: str, *, key: str = "", file: str = "", problems: list[tuple[str, str]] | None = None
+    ) -> None:
         super().__init__(message, stage="config", item=key)
         self.file = file
+        self.problems = problems or [(key, message)]
+        """Every (key path, message) found at once; the first is ``item`` and ``message``."""
 
     def __str__(self) -> str:
+        if len(self.problems) > 1:
+            lines = "\n".join(f"  key {k}: {m}" if k else f"  {m}" for k, m in self.problems)
+            head = f"{self.file}: " if self.file else ""
+            return f"{head}{len(self.problems)} problems:\n{lines}"
         where = ", ".join(p for p in (self.file, self.item and f"key {self.item}") if p)
         return f"{where}: {self.message}" if where else self.message
 

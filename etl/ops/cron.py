@@ -15,11 +15,12 @@ The line runs the job the way cron needs it: absolute interpreter, script and jo
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from etl.core.config import JobConfig
+from etl.core.config import ENV_PREFIX, JobConfig, env_references
 from etl.core.errors import ConfigError
 
 MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "@reboot")
@@ -115,3 +116,35 @@ def crontab_line(
         argv += ["--metrics-file", str(metrics_file.resolve())]
     command = " ".join(shlex.quote(a) for a in argv) + f" >> {shlex.quote(str(logs / 'cron.out'))} 2>&1"
     return f"{schedule} {command.replace('%', chr(92) + '%')}"
+
+
+def env_warnings(config: Path, environ: dict[str, str] | None = None) -> list[str]:
+    """What cron's environment will lack: every ``${VAR}`` the job file uses without a
+    default, and the ``ETL__…`` overrides set here; with how to provide them.
+
+    Cron starts jobs with a near-empty environment (``HOME``, ``LOGNAME``, ``PATH``,
+    ``SHELL``), not the login shell's, so a job that validates here fails there."""
+    environ = dict(os.environ) if environ is None else environ
+    needed: dict[str, list[str]] = {}
+    for key, name, has_default in env_references(config):
+        if not has_default:
+            needed.setdefault(name, []).append(key)
+    overrides = sorted(n for n in environ if n.upper().startswith(ENV_PREFIX))
+    if not needed and not overrides:
+        return []
+    out = [
+        f"warning: the job file uses ${{{name}}} ({', '.join(keys)}); cron's environment will not have it"
+        for name, keys in sorted(needed.items())
+    ]
+    out += [f"warning: {name} overrides the job here; cron's environment will not have it" for name in overrides]
+    names = [*sorted(needed), *overrides]
+    env_file = config.resolve().with_suffix(".env")
+    out += [
+        "  provide them in one of two ways:",
+        "  - as lines above the entry in the crontab (visible to anyone who can read it):",
+        *(f"      {n}=..." for n in names),
+        f"  - or, for secrets, in a file only the job's user can read ({env_file}, mode 600,",
+        "    one NAME=value per line) and the entry's command prefixed with:",
+        f"      set -a; . {shlex.quote(str(env_file))}; set +a;",
+    ]
+    return out

@@ -2,6 +2,8 @@
 
 Every record may carry ``stage`` and ``source`` (pass them in ``extra=``); the run id is
 added to every record by a filter, so a JSON log line always says which run wrote it.
+Every other ``extra=`` field (a retry's ``url``, ``attempt``, ``delay``, ``reason``; the
+end-of-run ``summary``) becomes a key of the JSON object.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
 
@@ -28,20 +30,33 @@ class _RunContext(logging.Filter):
         return True
 
 
+# What every LogRecord carries by itself; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "where"}
+_CORE_KEYS = ("time", "level", "stage", "source", "message", "run_id", "logger")
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: the core keys, then every ``extra=`` field by its own
+    name (a field that would shadow a core key is written as ``extra_<name>``). Values
+    JSON cannot hold are written as their ``str``."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
-            "stage": record.stage,  # type: ignore[attr-defined]  # set on every record by _RunContext; LogRecord does not declare it
-            "source": record.source,  # type: ignore[attr-defined]  # set on every record by _RunContext; LogRecord does not declare it
+            "stage": getattr(record, "stage", ""),
+            "source": getattr(record, "source", ""),
             "message": record.getMessage(),
-            "run_id": record.run_id,  # type: ignore[attr-defined]  # set on every record by _RunContext; LogRecord does not declare it
+            "run_id": getattr(record, "run_id", ""),
             "logger": record.name,
         }
+        for key, value in vars(record).items():
+            if key in _RECORD_ATTRS or key in ("stage", "source", "run_id"):
+                continue
+            entry[f"extra_{key}" if key in _CORE_KEYS or key == "traceback" else key] = value
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 class TextFormatter(logging.Formatter):

@@ -8,6 +8,7 @@ per stage is logged at most every ``LOG_INTERVAL_S`` seconds. ``--quiet`` turns 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -15,6 +16,7 @@ import time
 from typing import Literal
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 Mode = Literal["bar", "log", "off"]
 
@@ -82,12 +84,23 @@ class StageProgress:
             self._bar.close()
 
 
+def _logs_to_terminal() -> bool:
+    return any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout)
+        for h in logging.getLogger().handlers
+    )
+
+
 class Progress:
-    """All the bars of one run."""
+    """All the bars of one run. While bars are drawn, log lines bound for the terminal go
+    through ``tqdm.write`` (``logging_redirect_tqdm``), so a line never lands inside a bar."""
 
     def __init__(self, mode: Mode) -> None:
         self.mode = mode
         self._stages: list[StageProgress] = []
+        self._redirect = contextlib.ExitStack()
+        if mode == "bar" and _logs_to_terminal():  # a log file needs no redirect (it would add a handler)
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def stage(self, name: str, unit: str, total: int | None = None) -> StageProgress:
         sp = StageProgress(name, unit, total, self.mode, position=len(self._stages))
@@ -97,3 +110,4 @@ class Progress:
     def close(self) -> None:
         for sp in self._stages:
             sp.close()
+        self._redirect.close()

@@ -42,6 +42,7 @@ from etl.download.stage import download_stage
 from etl.ops.progress import Mode, Progress
 from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
+from etl.run.checks import Gate, previous_output_rows
 from etl.run.commits import Commits
 from etl.run.memguard import GatedChunks, MemoryGuard
 from etl.run.resources import (
@@ -54,8 +55,10 @@ from etl.run.resources import (
     READER_SLACK,
     REMOTE_SAMPLE_BYTES,
     Probe,
+    ResourcePlan,
     plan_resources,
 )
+from etl.transform.checks import validate_checks
 from etl.transform.probe import measure_in_worker
 from etl.transform.stage import make_executor, transform_stage
 from etl.transform.steps import validate_steps
@@ -107,6 +110,8 @@ class RunSummary:
     """Workers, chunk size, queue bounds and the measurements behind them (etl/resources.py)."""
     memory: dict[str, Any] = field(default_factory=dict)
     """Memory guard: peak sampled process-tree RSS, pauses, forced admits (etl/memguard.py)."""
+    checks: dict[str, Any] = field(default_factory=dict)
+    """``[checks]``: rows to publish and every check's result (etl/run/checks.py)."""
 
 
 @dataclass
@@ -131,10 +136,8 @@ class Run:
         start = time.perf_counter()
         sources = expand_sources(cfg)
         summary.sources = len(sources)
-        plan = await asyncio.to_thread(plan_resources, cfg, lambda c: measure(c, sources))  # seconds: off the loop
-        read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
-        transform = cfg.transform.model_copy(update={"executor": plan.executor})
-        self.cfg = cfg = cfg.model_copy(update={"read": read, "transform": transform})
+        cfg, plan = await asyncio.to_thread(plan_job, cfg, sources)  # seconds: off the loop
+        self.cfg = cfg
         workers, in_flight = plan.workers, plan.in_flight
         summary.workers, summary.plan = workers, plan.as_dict()
         self.guard = MemoryGuard(plan.budget)
@@ -147,7 +150,9 @@ class Run:
         clean_leftovers(cfg.output, keep=adopt)
         writer = open_writer(cfg.output, self.opts.run_id, adopt=adopt)
         self.commits.begin(writer)
-        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output, cfg.read), workers, plan.budget)
+        self.gate = Gate(cfg, self.opts.run_id, sources)
+        spec = WorkerSpec(cfg.transform, cfg.output, cfg.read, cfg.checks)
+        executor = make_executor(cfg.transform, spec, workers, plan.budget)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
         self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
         self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(
@@ -169,6 +174,7 @@ class Run:
                 q.abort()
             await self._join_pools()
             stopped = isinstance(e, asyncio.CancelledError)  # a signal: the next run resumes
+            self.gate.discard()
             if not self.commits.failed(interrupted=stopped):
                 writer.discard()
             err = _first_error(e)
@@ -181,6 +187,7 @@ class Run:
             self.progress.close()
             self.stats.stop()
         await self._join_pools()
+        self._check(writer)  # raises ChecksFailed (exit 4): nothing published
         self.commits.publishing()
         try:
             summary.published = writer.publish()
@@ -196,6 +203,30 @@ class Run:
         summary.queues = [q.stats.as_dict() for q in queues]
         summary.stats = self.stats.finish(summary.wall_seconds, summary.queues)
         return summary
+
+    def _written(self, result: ChunkResult, parts: list[tuple[str, int, int]]) -> None:
+        """A writer thread wrote one chunk's parts: commit them, and keep its check results."""
+        self.commits.written(result, parts)
+        self.gate.add(result)
+
+    def _check(self, writer: OutputWriter) -> None:
+        """The gate: every check on this run's data, before anything is published."""
+        s = self.summary
+        if self.cfg.output.mode == "overwrite":
+            publish = sum(p["rows_out"] for p in self.commits.report())  # carried-over sources too
+        else:
+            publish = s.rows_out
+        try:
+            s.checks = self.gate.finish(
+                rows_in=s.rows_in,
+                rows_rejected=s.rows_rejected,
+                published_rows=publish,
+                previous_rows=previous_output_rows(self.commits.manifest.published),
+            )
+        except BaseException:
+            self.commits.failed()
+            writer.discard()
+            raise
 
     async def _join_pools(self) -> None:
         """Wait for reader and writer threads off the loop (they may still need it to unblock)."""
@@ -279,9 +310,19 @@ class Run:
             self.write_pool,
             meter=self.stats.meters["write"],
             progress=self.progress.stage("write", "parts"),
-            written=self.commits.written,
+            written=self._written,
         )
         self.summary.parts_written = stats.parts
+
+
+def plan_job(cfg: JobConfig, sources: list[Source]) -> tuple[JobConfig, ResourcePlan]:
+    """The resource plan and the job as it will run under it (planned chunk rows, reader
+    threads, executor). ``--dry-run`` uses it too: the planned settings are part of the
+    fingerprint that decides which sources a run skips."""
+    plan = plan_resources(cfg, lambda c: measure(c, sources))
+    read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
+    transform = cfg.transform.model_copy(update={"executor": plan.executor})
+    return cfg.model_copy(update={"read": read, "transform": transform}), plan
 
 
 def validate_job(cfg: JobConfig) -> JobConfig:
@@ -289,6 +330,7 @@ def validate_job(cfg: JobConfig) -> JobConfig:
     (functions importable, expressions valid) and the sources (ranges, listing files and
     object-store globs expand). Raises ``ConfigError`` naming the key and the file."""
     validate_steps(cfg.transform.steps, cfg.base_dir, file=str(cfg.file))
+    validate_checks(cfg.checks, file=str(cfg.file))
     expand_sources(cfg)
     return cfg
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from etl.core.config import JobConfig, LookupStep, load_job, parse_size
+from etl.core.config import JobConfig, LookupStep, explain, json_schema, load_job, load_job_explained, parse_size
 from etl.core.errors import ConfigError, ExitCode
 
 BASE = """
@@ -130,3 +131,117 @@ def test_sizes_and_memory_limit(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_job(path)
     assert exc.value.item == "resources.memory_limit"
+
+
+# ------------------------------------------------ every problem at once, "did you mean"
+
+
+def test_every_invalid_key_is_reported_in_one_error(tmp_path: Path) -> None:
+    text = (
+        BASE.replace('name = "trips"', 'name = "trips"\nworkers = 3')
+        .replace('expr = "fare > 0"', 'exp = "fare > 0"')
+        .replace('op = "derive"', 'op = "derived"')
+        .replace('path = "out"', 'path = "out"\nformt = "csv"\nmode = "upsert"')
+        + '\n[read]\nchunk_row = 5\n[download]\nheaders = {A = "${SURELY_UNSET_VAR}"}\n'
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_job(path, environ={})
+    problems = dict(exc.value.problems)
+    assert problems["transform.steps[0].exp"] == "unknown key; did you mean 'expr'?"
+    assert "transform.steps[0].expr" not in problems  # the misspelling's "missing" twin is dropped
+    assert problems["read.chunk_row"] == "unknown key; did you mean 'chunk_rows'?"
+    assert problems["output.formt"] == "unknown key; did you mean 'format'?"
+    assert "did you mean 'derive'?" in problems["transform.steps[1]"]
+    assert (
+        "did you mean" not in problems["job.workers"]
+        and "known keys here: keep_reports, name" in problems["job.workers"]
+    )
+    assert "'overwrite' or 'append'" in problems["output.mode"]
+    assert "${SURELY_UNSET_VAR} is not set" in problems["download.headers.A"]
+    assert len(problems) == 7
+    text_of = str(exc.value)
+    assert text_of.startswith(f"{path}: 7 problems:\n")
+    assert all(f"key {k}: " in text_of for k in problems)
+    assert exc.value.exit_code == ExitCode.BAD_CONFIG
+
+
+def test_a_union_key_gives_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_job(write(tmp_path, BASE), ["transform.in_flight=0"], environ={})
+    assert [k for k, _ in exc.value.problems] == ["transform.in_flight"]
+    assert "or Input should be 'auto'" in exc.value.message and exc.value.message.endswith("(set by --set)")
+
+
+# ------------------------------------------------------------- environment overrides
+
+
+def test_environment_overrides_any_key_between_file_and_set(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace("[output]", "[read]\nchunk_rows = 10\n\n[output]"))
+    env = {
+        "ETL__TRANSFORM__WORKERS": "4",
+        "ETL__READ__CHUNK_ROWS": "20",
+        "ETL__DOWNLOAD__TIMEOUT__READ": "2.5",
+        "ETL__TRANSFORM__STEPS__0__EXPR": "fare > 5",
+        "ETL__OUTPUT__FORMAT": "csv",
+        "ETLX_UNRELATED": "1",
+    }
+    cfg, origins = load_job_explained(path, ["output.format=parquet"], environ=env)
+    assert cfg.transform.workers == 4
+    assert cfg.read.chunk_rows == 20  # environment beats the job file
+    assert cfg.download.timeout.read == 2.5
+    assert cfg.transform.steps[0].expr == "fare > 5"  # type: ignore[union-attr]
+    assert cfg.output.format == "parquet"  # --set beats the environment
+    assert origins["transform.workers"] == "environment ETL__TRANSFORM__WORKERS"
+    assert origins["output.format"] == "--set"
+    lines = explain(cfg, origins, path)
+    assert "transform.workers = 4    # environment ETL__TRANSFORM__WORKERS" in lines
+    assert 'output.format = "parquet"    # --set' in lines
+    assert "read.chunk_rows = 20    # environment ETL__READ__CHUNK_ROWS" in lines
+    assert 'transform.steps[0].expr = "fare > 5"    # environment ETL__TRANSFORM__STEPS__0__EXPR' in lines
+    assert 'transform.steps[1].op = "derive"    # job file' in lines
+    assert "read.threads = 2    # default" in lines
+    assert not any(line.startswith(("base_dir", "file", "transform.base_dir")) for line in lines)
+
+
+def test_a_bad_environment_override_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_job(write(tmp_path, BASE), environ={"ETL__TRANSFORM__WROKERS": "3", "ETL__READ__CHUNK_ROWS": "lots"})
+    problems = dict(exc.value.problems)
+    assert problems["transform.wrokers"] == (
+        "unknown key; did you mean 'workers'? (set by environment ETL__TRANSFORM__WROKERS)"
+    )
+    assert problems["read.chunk_rows"].endswith("(set by environment ETL__READ__CHUNK_ROWS)")
+
+
+def test_explain_redacts_header_values(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + '\n[download]\nheaders = {Authorization = "Bearer s3cret"}\n')
+    cfg, origins = load_job_explained(path, environ={})
+    lines = explain(cfg, origins, path)
+    assert 'download.headers = {"Authorization": "***"}    # job file' in lines
+    assert "s3cret" not in "\n".join(lines)
+
+
+# -------------------------------------------------------------------- JSON Schema
+
+
+def test_json_schema_describes_every_key_and_checks_the_example_jobs() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    missing = [
+        f"{name}.{key}"
+        for name, d in [("job file", schema), *schema["$defs"].items()]
+        for key, prop in d.get("properties", {}).items()
+        if not prop.get("description")
+    ]
+    assert missing == []
+    assert "base_dir" not in schema["properties"] and "file" not in schema["properties"]
+    validator = jsonschema.Draft202012Validator(schema)
+    root = Path(__file__).resolve().parents[2]
+    jobs = sorted((root / "config").glob("*.toml"))
+    assert jobs
+    for job in jobs:
+        assert list(validator.iter_errors(tomllib.loads(job.read_text()))) == [], job
+    bad = tomllib.loads(BASE.replace('expr = "fare > 0"', 'exp = "fare > 0"'))
+    assert [e.validator for e in validator.iter_errors(bad)]  # an editor would flag it

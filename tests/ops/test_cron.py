@@ -126,3 +126,41 @@ def test_printed_line_runs_the_job_under_crons_environment(tmp_path: Path) -> No
     logs = (state_logs / "cron.log").read_text().splitlines()
     assert logs and all(json.loads(line)["run_id"] for line in logs)
     assert list((job_dir / "out").glob("*.parquet")) and metrics.exists()
+
+
+def test_vars_cron_will_not_have_are_named_and_the_advice_works(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    write_trips_csv(tmp_path / "data" / "a.csv", rows=20, seed=0)
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(
+        JOB.replace(
+            'executor = "serial"', 'executor = "serial"\nsteps = [{op = "filter", expr = "${ETL_TEST_FILTER}"}]'
+        )
+        + '\n[download]\nheaders = {Authorization = "Bearer ${ETL_TEST_TOKEN}", X = "${ETL_TEST_OPTIONAL:-none}"}\n'
+    )
+    env = {"PATH": "/usr/bin:/bin", "ETL_TEST_TOKEN": "t0k", "ETL_TEST_FILTER": "notnull(fare)", "ETL__READ__THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, RUN_PY, "crontab", "--config", str(cfg), "--schedule", "@daily"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert "${ETL_TEST_TOKEN} (download.headers.Authorization)" in err
+    assert "${ETL_TEST_FILTER} (transform.steps[0].expr)" in err
+    assert "ETL__READ__THREADS overrides the job here" in err
+    assert "ETL_TEST_OPTIONAL" not in err  # it has a default
+    prefix = next(line.strip() for line in err.splitlines() if line.strip().startswith("set -a;"))
+    command = proc.stdout.strip().removeprefix("@daily ").replace("\\%", "%")
+    bare = ["env", "-i", "PATH=/usr/bin:/bin", "/bin/sh", "-c"]
+    failed = subprocess.run([*bare, command], check=False, timeout=120, cwd="/", stdin=subprocess.DEVNULL)
+    assert failed.returncode == 2  # as warned: the variables are missing under cron
+    env_file = cfg.with_suffix(".env")
+    env_file.write_text("ETL_TEST_TOKEN=t0k\nETL_TEST_FILTER='notnull(fare)'\n")
+    env_file.chmod(0o600)
+    ok = subprocess.run([*bare, f"{prefix} {command}"], check=False, timeout=120, cwd="/", stdin=subprocess.DEVNULL)
+    assert ok.returncode == 0, (tmp_path / "state" / "nightly" / "logs" / "cron.out").read_text()
+    assert list((tmp_path / "out").glob("*.parquet"))

@@ -118,3 +118,31 @@ def test_formatters_on_records_built_by_hand() -> None:
     record.stage, record.source, record.run_id = "transform", "b.csv", "rid"
     assert json.loads(JsonFormatter().format(record))["message"] == "hello world"
     assert TextFormatter().format(record).endswith("[transform] b.csv: hello world")
+
+
+def test_json_keeps_every_extra_field(tmp_path: Path) -> None:
+    log_file = tmp_path / "run.log"
+    setup_logging("INFO", "json", log_file, run_id="r1")
+    logging.getLogger("etl.download").warning(
+        "retry %s in %.2fs",
+        "http://h/a.csv",
+        0.5,
+        extra={
+            "stage": "download",
+            "source": "a.csv",
+            "url": "http://h/a.csv",
+            "attempt": 2,
+            "delay": 0.5,
+            "reason": "HTTP 503",
+            "summary": {"rows_in": 10, "stage_seconds": {"read": 0.1}},
+            "level": "not the level",  # would shadow a core key
+            "path": Path("/x/y"),  # JSON cannot hold it: written as its str
+        },
+    )
+    (entry,) = [json.loads(line) for line in lines(log_file)]
+    assert entry["level"] == "WARNING" and entry["extra_level"] == "not the level"
+    assert entry["url"] == "http://h/a.csv" and entry["attempt"] == 2
+    assert entry["delay"] == 0.5 and entry["reason"] == "HTTP 503"
+    assert entry["summary"] == {"rows_in": 10, "stage_seconds": {"read": 0.1}}
+    assert entry["path"] == "/x/y"
+    assert set(entry) == JSON_KEYS | {"url", "attempt", "delay", "reason", "summary", "extra_level", "path"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,41 @@ def test_bar_mode_draws_a_bar_per_stage(capsys: pytest.CaptureFixture[str]) -> N
     p.close()
     err = capsys.readouterr().err
     assert "download" in err and "2/2" in err
+
+
+def test_bar_mode_sends_terminal_log_lines_through_tqdm(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    before, level = root.handlers[:], root.level
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("LOG %(message)s"))
+    root.handlers[:] = [console]
+    root.setLevel(logging.INFO)
+    try:
+        p = Progress("bar")
+        sp = p.stage("transform", "rows", total=10)
+        sp.update(items=3)
+        assert console not in root.handlers  # redirected while bars are drawn
+        logging.getLogger("etl.state").info("manifest saved")
+        sp.update(items=7)
+        p.close()
+        assert root.handlers == [console]  # and put back
+    finally:
+        root.handlers[:] = before
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    line = next(x for x in err.replace("\r", "\n").splitlines() if "manifest saved" in x)
+    assert line == "LOG manifest saved"  # a line of its own, not glued to a bar
+
+
+def test_bar_mode_leaves_a_log_file_alone(tmp_path: Path) -> None:
+    root = logging.getLogger()
+    before = root.handlers[:]
+    to_file = logging.FileHandler(tmp_path / "run.log")
+    root.handlers[:] = [to_file]
+    try:
+        p = Progress("bar")
+        assert root.handlers == [to_file]  # no extra handler writing to the terminal
+        p.close()
+    finally:
+        to_file.close()
+        root.handlers[:] = before

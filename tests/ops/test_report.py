@@ -16,6 +16,7 @@ from etl.ops.report import (
     config_hash,
     format_summary,
     last_success,
+    summary_fields,
     write_metrics,
     write_report,
 )
@@ -219,3 +220,19 @@ def test_config_hash_is_stable_and_follows_the_job(tmp_path: Path) -> None:
     a = config_hash(load_job(tmp_path / "job.toml"))
     assert a == config_hash(load_job(tmp_path / "job.toml")) and len(a) == 16
     assert a != config_hash(load_job(tmp_path / "job.toml", ["output.format=csv"]))
+
+
+def test_summary_counts_parts_kept_from_earlier_runs() -> None:
+    published = [f"zone={z}/part-{s:05d}-000000.parquet" for s in range(2) for z in range(3)]
+    s = summary(parts_written=3, published=[*published, "_rejected/rejected-00000-000000.jsonl"])
+    text = format_summary(s)
+    assert "6 parts published (3 written by this run, 3 kept from earlier runs)" in text
+    fields = summary_fields(s)
+    assert fields["parts_published"] == 6 and fields["parts_written"] == 3
+
+
+def test_summary_fields_are_plain_json() -> None:
+    fields = summary_fields(summary())
+    assert json.loads(json.dumps(fields)) == fields
+    assert fields["rows_in"] == 1234 and fields["rows_rejected"] == 34 and fields["sources_skipped"] == 1
+    assert fields["stage_seconds"]["transform"] == 2.0 and fields["rows_per_second"] == 493.6
