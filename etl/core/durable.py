@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import IO, Any
 
 TEMP_SUFFIX = ".tmp"
+PRIVATE_MODE = 0o600  # state files, reports, logs and staged downloads: readable by the owner only
+PRIVATE_DIR_MODE = 0o700  # the state folder: its files may name sources and hold their data
 
 
 @contextmanager

@@ -1,6 +1,9 @@
-"""Keeping secrets out of messages: URLs, headers and free text about a source.
+"""Keeping secrets out of messages and state files: URLs, headers and free text about a source.
 
 ``redact_url`` hides userinfo and secret-looking query values (``?token=``);
+``url_key`` is how state files name a URL (its redacted form and, when that hid a secret,
+a keyed hash of the whole URL, so two URLs differing only in a token stay distinct);
+``state_secret`` is that hash's key, kept in the state folder with mode 0600;
 ``redact_headers`` hides the values of secret headers (``Authorization``, ``Cookie``,
 ``X-Api-Key``, any name with token/secret/key/password); ``_secret_values`` lists every
 secret string of one source, for scrubbing error texts that may quote them.
@@ -8,9 +11,16 @@ secret string of one source, for scrubbing error texts that may quote them.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import re
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
+
+from etl.core.durable import PRIVATE_MODE
 
 _SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
 _SECRET_WORDS = ("token", "secret", "key", "password", "signature", "credential")
@@ -58,3 +68,44 @@ def _secret_values(url: str, headers: Mapping[str, str]) -> list[str]:
     found += [p for p in (parts.username, parts.password) if p]
     found += [v for k, v in parse_qsl(parts.query) if _is_secret_param(k)]
     return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+SECRET_FILE = "url.key"  # in the state folder: the key of url_key's hashes
+_KEY_HEX = 16  # hex digits of the keyed hash kept in state files: 64 bits tell a job's URLs apart
+
+
+def url_key(url: str, key: bytes) -> str:
+    """How a state file names ``url``: the URL itself when it holds no secret; otherwise
+    its redacted form plus ``#hmac=`` and a keyed hash of the whole URL (identity without
+    the secret, and without a hash that could be brute-forced offline: the key is needed)."""
+    safe = redact_url(url)
+    if safe == url:
+        return url
+    digest = hmac.new(key, url.encode(), hashlib.sha256).hexdigest()[:_KEY_HEX]
+    return f"{safe}#hmac={digest}"
+
+
+def state_secret(folder: Path) -> bytes:
+    """The key of ``url_key`` for one state folder: read from ``<folder>/url.key``, or made
+    (32 random bytes, mode 0600, created whole by a hard link so a concurrent reader never
+    sees it half-written)."""
+    path = folder / SECRET_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{SECRET_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+    try:
+        os.write(fd, secrets.token_bytes(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process made it first: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _fetch(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
     size = 0
     try:
         with fs.open(path, "rb", block_size=block_bytes) as r:
-            w = open(partial, "wb")
+            w = open(partial, "wb", opener=lambda p, flags: os.open(p, flags, durable.PRIVATE_MODE))
             try:
                 while data := r.read(block_bytes):
                     write_and_hash(w, data, hashers)

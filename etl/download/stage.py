@@ -48,6 +48,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -294,6 +295,11 @@ async def _stage_local(src: Source) -> StagedFile:
 # --------------------------------------------------------------------- one transfer
 
 
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener for staged files: created readable by the owner only."""
+    return os.open(path, flags, durable.PRIVATE_MODE)
+
+
 class _Transfer:
     """One remote source: its attempts, its ``.part`` file and its validators."""
 
@@ -301,6 +307,7 @@ class _Transfer:
         self.f = fetcher
         self.src = src
         self.safe_url = redact_url(src.url)
+        self.ident = fetcher.state.ident(src.url)  # how state files name it: no secret in clear
         self.headers: CIMultiDict[str] = CIMultiDict(_DEFAULT_HEADERS)
         self.headers.update(fetcher.cfg.headers)
         self.headers.update(dict(src.headers))
@@ -509,7 +516,7 @@ class _Transfer:
             await asyncio.to_thread(hash_file, self.part, hashers, offset)
         chunk = self.f.cfg.chunk_bytes
         size = offset
-        f: IO[bytes] = await asyncio.to_thread(open, self.part, "ab" if offset else "wb")
+        f: IO[bytes] = await asyncio.to_thread(open, self.part, "ab" if offset else "wb", opener=_private)
         buf = bytearray()
         try:
             async for piece in resp.content.iter_chunked(chunk):
@@ -544,7 +551,7 @@ class _Transfer:
     # ----------------------------------------------------------- incremental
 
     def _conditional_headers(self) -> dict[str, str]:
-        entry = self.f.state.entries.get(self.src.url)
+        entry = self.f.state.entries.get(self.ident)
         if self.f.full_refresh or not entry:
             return {}
         try:
@@ -565,12 +572,12 @@ class _Transfer:
 
     def _not_modified(self) -> StagedFile:
         self.f.stats.not_modified += 1
-        entry = self.f.state.entries[self.src.url]
+        entry = self.f.state.entries[self.ident]
         log.info("%s: not modified, reusing %s", self.safe_url, self.final, extra=self._extra())
         return StagedFile(self.src, self.final, entry["size"], unchanged=True, sha256=entry.get("sha256"))
 
     def _remember(self, size: int, digests: dict[str, str], headers: Mapping[str, str | None]) -> None:
-        self.f.state.entries[self.src.url] = {
+        self.f.state.entries[self.ident] = {
             "name": self.src.name,
             "etag": headers.get("ETag"),
             "last_modified": headers.get("Last-Modified"),
@@ -589,7 +596,7 @@ class _Transfer:
         meta = self._read_meta()
         validator = meta.get("etag") if not str(meta.get("etag", "")).startswith("W/") else None
         validator = validator or meta.get("last_modified")
-        if size and meta.get("url") == self.src.url and validator:
+        if size and meta.get("url") == self.ident and validator:
             return size, validator
         self._discard()
         return 0, None
@@ -602,7 +609,8 @@ class _Transfer:
 
     def _write_meta(self, headers: Mapping[str, str]) -> None:
         etag, modified = headers.get("ETag"), headers.get("Last-Modified")
-        durable.write_json(self.meta, {"url": self.src.url, "etag": etag, "last_modified": modified})
+        meta = {"url": self.ident, "etag": etag, "last_modified": modified}
+        durable.write_json(self.meta, meta, mode=durable.PRIVATE_MODE)
 
     def _discard(self) -> None:
         self.part.unlink(missing_ok=True)

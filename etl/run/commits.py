@@ -127,7 +127,7 @@ class Commits:
                 log.info("not resuming run %s: %s", p["run_id"], reason, extra={"stage": "state"})
             else:
                 adopt = tmp
-                self.adopted = _keep_intact(tmp, p["sources"], {s.url: s.index for s in sources})
+                self.adopted = _keep_intact(tmp, p["sources"], {self.manifest.ident(s.url): s.index for s in sources})
                 log.info(
                     "resuming run %s: %d committed source(s) in %s",
                     p["run_id"],
@@ -164,12 +164,13 @@ class Commits:
                 sha["v"] = file_sha256(staged.path)
             return sha["v"]
 
-        if (entry := self.adopted.get(src.url)) is not None:
+        url = self.manifest.ident(src.url)  # as the manifest names it: no secret in clear
+        if (entry := self.adopted.get(url)) is not None:
             if is_unchanged(staged, entry, ident, sha256):
                 self._skip(src, entry, "resumed")
                 return False
-            self._forget_adopted(src.url, entry)
-        entry = self._published_entry(src.url)
+            self._forget_adopted(url, entry)
+        entry = self._published_entry(url)
         if entry is not None and is_unchanged(staged, entry, ident, sha256):
             if self.mode == "append":
                 self._skip(src, entry, "unchanged")
@@ -190,7 +191,7 @@ class Commits:
             "parts": [],
         }
         with self._lock:
-            self._open[src.index] = _Open(src.url, record)
+            self._open[src.index] = _Open(url, record)
             self.statuses[src.index] = SourceStatus(src.index, src.name, "processed")
         return True
 
@@ -243,8 +244,9 @@ class Commits:
         adopted = p["sources"] if usable and p else {}
         out = []
         for src in sources:
-            entry = adopted.get(src.url) or self._published_entry(src.url)
-            how = "resume (committed by run {})".format(p and p["run_id"]) if src.url in adopted else "skip"
+            url = self.manifest.ident(src.url)
+            entry = adopted.get(url) or self._published_entry(url)
+            how = "resume (committed by run {})".format(p and p["run_id"]) if url in adopted else "skip"
             if entry is None:
                 out.append("fetch and process" if src.is_remote else "process")
             elif src.is_remote:
@@ -310,7 +312,7 @@ class Commits:
 
     def _commit(self, src: Source, entry: dict[str, Any]) -> None:
         with self._lock:
-            snap = self._store(src.url, entry)
+            snap = self._store(self.manifest.ident(src.url), entry)
         self._flush(snap)
 
     def _maybe_commit(self, o: _Open) -> tuple[int, bytes] | None:

@@ -4,6 +4,7 @@ Layout of ``<job.state_dir>/<job.name>/``::
 
     lock            flock'd by the running process (the kernel drops it if the process dies)
     sources.json    per-URL validators (ETag, Last-Modified, size, sha256) from the download stage
+    url.key         the key of the hashes that name URLs holding a secret (below)
     manifest.json   the sources the published output holds, and the sources a run has committed
     staging/        downloaded files (kept: a 304 on the next run reuses them)
     reports/        the last ``job.keep_reports`` run reports
@@ -20,6 +21,12 @@ outlives the run until a later run publishes it::
 
     entry = {index, name, size, mtime_ns, ino, sha256, etag, last_modified,
              rows_in, rows_out, rows_rejected, parts: [{path, rows, bytes}]}
+
+* **No secret in clear**: every file here is mode 0600 in a 0700 folder, and a URL with
+  credentials or a secret query value (``user:pw@``, ``?token=``) is named by its redacted
+  form plus a keyed hash of the whole URL (``etl.core.redact.url_key``, key in ``url.key``):
+  readable, yet two URLs differing only in their token stay two sources. Manifests of
+  older versions, which named such URLs in clear, are re-keyed when loaded.
 
 * **Commit**: a source is committed once its reader has finished (so its chunk count is
   known) and every one of its chunks has been written (each part is fsynced before its
@@ -64,6 +71,7 @@ from etl.core import durable
 from etl.core.config import JobConfig
 from etl.core.errors import LockHeld
 from etl.core.records import StagedFile
+from etl.core.redact import state_secret, url_key
 
 log = logging.getLogger("etl.state")
 
@@ -86,7 +94,8 @@ class JobLock:
 
     def __enter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.chmod(self.path.parent, durable.PRIVATE_DIR_MODE)  # the job's own folder: reports, staged data
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, durable.PRIVATE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,9 +129,19 @@ def fingerprint(cfg: JobConfig) -> str:
 class Manifest:
     """``<state>/manifest.json``: ``sources`` (what the output holds) and ``pending``."""
 
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, path: Path, data: dict[str, Any], key: bytes = b"") -> None:
         self.path = path
         self.data = data
+        self.key = key
+        for sources in (data.get("sources"), (data.get("pending") or {}).get("sources")):
+            if isinstance(sources, dict):  # older manifests named URLs with secrets in clear
+                renamed = {self.ident(url): e for url, e in sources.items()}
+                sources.clear()
+                sources.update(renamed)
+
+    def ident(self, url: str) -> str:
+        """The name this manifest gives ``url`` (``redact.url_key``)."""
+        return url_key(url, self.key)
 
     @classmethod
     def load(cls, state_dir: Path) -> Manifest:
@@ -141,7 +160,7 @@ class Manifest:
         data.setdefault("fingerprint", None)
         data.setdefault("sources", {})
         data.setdefault("pending", None)
-        return cls(path, data)
+        return cls(path, data, state_secret(state_dir))
 
     @property
     def published(self) -> dict[str, dict[str, Any]]:
@@ -156,7 +175,7 @@ class Manifest:
         return json.dumps(self.data, separators=(",", ":"), default=str).encode()
 
     def save(self, data: bytes | None = None) -> None:
-        durable.write_bytes(self.path, self.dump() if data is None else data)
+        durable.write_bytes(self.path, self.dump() if data is None else data, mode=durable.PRIVATE_MODE)
 
 
 def file_sha256(path: Path) -> str:

@@ -84,7 +84,7 @@ async def test_save_replaces_the_file_and_leaves_no_temp_file(tmp_path: Path) ->
     await state.save()
     assert set(SourceState.load(path).entries) == {"new"}
     assert path.stat().st_ino != before  # a new file renamed over the old one, not rewritten in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sources.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sources.json", "url.key"]
 
 
 async def test_a_save_that_fails_leaves_the_previous_file_intact(tmp_path: Path) -> None:
@@ -120,3 +120,21 @@ async def test_throttled_save_writes_once_the_interval_has_passed(
     monkeypatch.setattr(source_state, "STATE_SAVE_SECONDS", 0.0)  # every interval has passed
     await state.save(throttle=True)
     assert set(SourceState.load(path).entries) == {"u"}
+
+
+async def test_urls_with_secrets_are_stored_redacted_with_a_keyed_hash_and_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "sources.json"
+    a, b = "https://u:pw-111@h.example/a.csv?token=tok-222", "https://u:pw-111@h.example/a.csv?token=tok-333"
+    # a file of an older version named them in clear: re-keyed on load
+    path.write_text(json.dumps({"version": 1, "files": {a: dict(ENTRY), "https://h.example/plain.csv": dict(ENTRY)}}))
+    state = SourceState.load(path)
+    state.entries[state.ident(b)] = dict(ENTRY, size=9)
+    await state.save(keep={a, b, "https://h.example/plain.csv"})
+    text = path.read_text()
+    assert "pw-111" not in text and "tok-222" not in text and "tok-333" not in text
+    names = sorted(json.loads(text)["files"])
+    assert len(names) == 3 and "https://h.example/plain.csv" in names  # no secret: kept as it was
+    assert all(n.startswith("https://***@h.example/a.csv?token=***#hmac=") for n in names[:2] if "***" in n)
+    again = SourceState.load(path)
+    assert again.entries[again.ident(a)]["size"] == ENTRY["size"] and again.entries[again.ident(b)]["size"] == 9
+    assert path.stat().st_mode & 0o777 == 0o600 and (tmp_path / "url.key").stat().st_mode & 0o777 == 0o600

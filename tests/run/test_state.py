@@ -230,3 +230,79 @@ def test_unreadable_manifest_is_ignored_with_a_warning(tmp_path: Path, caplog: p
     assert m.published == {} and m.pending is None and "manifest.json" in caplog.text
     (cfg.job_state_dir / "manifest.json").write_text(json.dumps({"version": 99}))
     assert Manifest.load(cfg.job_state_dir).published == {}
+
+
+# --------------------------------------------------------- no secret on disk (issue 18)
+
+
+def test_no_url_secret_in_clear_anywhere_in_the_state_folder_or_the_output(tmp_path: Path) -> None:
+    """Two runs over HTTP (the first cut mid-download, leaving .part/.part.json; the
+    second completes, the third finds the state by its hashed names): the secrets of the
+    source URLs appear in no file of the state folder or the output, and every state file
+    is mode 0600 in a 0700 folder."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_trips_csv
+    from tests.http_server import Stall, serve_folder_in_thread
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_trips_csv(data / "t.csv", rows=3000, seed=1)
+    write_trips_csv(data / "u.csv", rows=50, seed=2)
+    base, stop = serve_folder_in_thread(data, {"t.csv": [Stall(after_bytes=8192), Stall(after_bytes=8192)]})
+    secrets = ("pw-sekrit-1", "tok-sekrit-2", "tok-sekrit-3")
+    try:
+        host = base.removeprefix("http://")
+        urls = [f"http://alice:{secrets[0]}@{host}/t.csv?token={secrets[1]}", f"{base}/u.csv?x=1&api_key={secrets[2]}"]
+        job_file = tmp_path / "job.toml"
+        job_file.write_text(
+            f"""
+[job]
+name = "secret"
+state_dir = "state"
+[sources]
+urls = {json.dumps(urls)}
+[download]
+retry = {{attempts = 1}}
+timeout = {{read = 1}}
+[transform]
+executor = "thread"
+on_error = "quarantine"
+steps = [{{op = "cast", columns = {{fare = "float64"}}}}]
+[output]
+path = "out"
+"""
+        )
+        run = [
+            sys.executable,
+            str(Path(__file__).resolve().parents[2] / "run.py"),
+            "--config",
+            str(job_file),
+            "--quiet",
+        ]
+        codes = [subprocess.run(run, capture_output=True, text=True, timeout=120).returncode]
+        # the cut download's resume validators, read before the next run resumes and removes them
+        part_json = [p.read_text() for p in (tmp_path / "state").rglob("*.part.json")]
+        codes += [subprocess.run(run, capture_output=True, text=True, timeout=120).returncode for _ in range(2)]
+    finally:
+        stop()
+    assert codes[0] == 1 and codes[1] in (0, 3) and codes[2] in (0, 3), codes
+    assert part_json and '"url": "http://***@' in part_json[0]
+    assert not any(secret in text for text in part_json for secret in secrets)
+    state = tmp_path / "state" / "secret"
+    files = [p for p in (tmp_path / "state").rglob("*") if p.is_file()] + [
+        p for p in (tmp_path / "out").rglob("*") if p.is_file()
+    ]
+    assert any(p.name == "manifest.json" for p in files) and any(p.name == "sources.json" for p in files)
+    for path in files:
+        raw = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in raw, f"{secret} in clear in {path}"
+    manifest = json.loads((state / "manifest.json").read_text())
+    assert len(manifest["sources"]) == 2 and all("#hmac=" in url for url in manifest["sources"])
+    last = json.loads(sorted((state / "reports").glob("run-*.json"))[-1].read_text())
+    assert [s["status"] for s in last["sources"]] == ["unchanged", "unchanged"]  # found again by hashed name
+    assert state.stat().st_mode & 0o777 == 0o700
+    for name in ("manifest.json", "sources.json", "url.key", "lock"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600, name
