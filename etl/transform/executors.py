@@ -23,7 +23,9 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import queue
+import select
 import signal
 import threading
 from abc import ABC, abstractmethod
@@ -160,7 +162,9 @@ class _Slot(threading.Thread):
         self.conn: Connection | None = None
         self.holding: Chunk | None = None
         """The chunk this slot has taken and not yet answered (the watchdog's ``busy``)."""
-        self.lock = threading.Lock()  # guards proc/conn against close() from the loop's thread
+        self.pidfd: int | None = None
+        """The worker's pidfd: waits for its exit and signals it without the fork server."""
+        self.lock = threading.Lock()  # guards proc/conn/pidfd against close() from the loop's thread
 
     def run(self) -> None:
         owner = self.owner
@@ -195,7 +199,7 @@ class _Slot(threading.Thread):
             raise self._crashed(chunk) from None
         owner._ipc.bytes_sent += chunk.nbytes
         if not wait([conn], owner._timeout):
-            self.stop_worker()
+            self.stop_worker(kill=True)
             raise ChunkTimeout(
                 f"chunk ran longer than transform.chunk_timeout = {owner._timeout}s; worker killed",
                 item=chunk.label,
@@ -242,7 +246,7 @@ class _Slot(threading.Thread):
                 proc.start()
             finally:
                 theirs.close()  # the worker holds the only other end: its death is our end of file
-            self.proc, self.conn = proc, ours
+            self.proc, self.conn, self.pidfd = proc, ours, _pidfd(proc.pid)
         try:
             ready = bool(wait([ours], WORKER_START_TIMEOUT)) and ours.recv() == READY
         except (EOFError, OSError):
@@ -262,22 +266,41 @@ class _Slot(threading.Thread):
         log.warning("a transform worker died while starting (%s); starting another", how, extra={"stage": "transform"})
         return None
 
-    def stop_worker(self) -> int | None:
-        """Stop this slot's worker (if any) and return its exit code."""
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to this slot's worker through its pidfd (never a reused pid)."""
         with self.lock:
-            proc, conn = self.proc, self.conn
-            self.proc = self.conn = None
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signum)
+                except ProcessLookupError:
+                    pass  # it has exited already
+
+    def stop_worker(self, kill: bool = False) -> int | None:
+        """Stop this slot's worker (if any: an idle one exits when its pipe closes; ``kill``,
+        or one still there after ``WORKER_EXIT_GRACE``, gets SIGKILL) and return its exit code.
+
+        Exit is seen on the pidfd, so a worker orphaned by a killed fork server (whose exit
+        status is lost: the fork server reports it) is still stopped, never left running."""
+        if kill:
+            self.signal(signal.SIGKILL)
+        with self.lock:
+            proc, conn, pidfd = self.proc, self.conn, self.pidfd
+            self.proc = self.conn = self.pidfd = None
         if conn is not None:
-            conn.close()  # an idle worker exits on end of file
+            conn.close()
         if proc is None:
             return None
-        proc.join(WORKER_EXIT_GRACE)  # a dead one: the fork server reports its status at once
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join(WORKER_EXIT_GRACE)
-        code = proc.exitcode
-        proc.close()
-        return code
+        try:
+            if pidfd is not None and not select.select([pidfd], [], [], WORKER_EXIT_GRACE)[0]:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                select.select([pidfd], [], [], WORKER_EXIT_GRACE)
+            proc.join(WORKER_EXIT_GRACE)  # its status, from the fork server (255 if the server is gone)
+            return proc.exitcode
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+            if proc.exitcode is not None:
+                proc.close()
 
 
 class ProcessExecutor(Executor):
@@ -351,12 +374,18 @@ class ProcessExecutor(Executor):
         for _ in self._slots:
             self._tasks.put(None)
         for slot in self._slots:  # a busy worker's slot wakes on its end of file
-            with slot.lock:  # under the lock: stop_worker() cannot close the process meanwhile
-                if slot.proc is not None and slot.proc.exitcode is None:
-                    slot.proc.terminate()
+            slot.signal(signal.SIGTERM)
         for slot in self._slots:
             slot.join(2 * WORKER_EXIT_GRACE + 1)
             slot.stop_worker()
+
+
+def _pidfd(pid: int | None) -> int | None:
+    """A pidfd for ``pid``; None if it is gone already (then its pipe's end of file tells)."""
+    try:
+        return os.pidfd_open(pid) if pid is not None else None
+    except ProcessLookupError:
+        return None
 
 
 def _thread_cpu(tid: int) -> float:
