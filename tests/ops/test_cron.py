@@ -138,7 +138,12 @@ def test_vars_cron_will_not_have_are_named_and_the_advice_works(tmp_path: Path) 
         )
         + '\n[download]\nheaders = {Authorization = "Bearer ${ETL_TEST_TOKEN}", X = "${ETL_TEST_OPTIONAL:-none}"}\n'
     )
-    env = {"PATH": "/usr/bin:/bin", "ETL_TEST_TOKEN": "t0k", "ETL_TEST_FILTER": "notnull(fare)", "ETL__READ__THREADS": "1"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "ETL_TEST_TOKEN": "t0k",
+        "ETL_TEST_FILTER": "notnull(fare)",
+        "ETL__READ__THREADS": "1",
+    }
     proc = subprocess.run(
         [sys.executable, RUN_PY, "crontab", "--config", str(cfg), "--schedule", "@daily"],
         check=False,
