@@ -34,6 +34,7 @@ EXIT_CODES_HELP = """exit codes:
        or validate --check-sources found a source that does not answer
   2    bad job file, override or command-line usage
   3    success, but some rows were rejected (skipped or quarantined)
+  4    a [checks] check failed: nothing published, the previous output is intact
   75   skipped: another run of this job holds the lock
   130  interrupted by SIGINT, 143 interrupted by SIGTERM
 """
@@ -189,6 +190,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_and_check(args.config, args.overrides)
     if args.command == "validate":
         print(f"{args.config}: OK ({cfg.job.name})")
+        print_checks(cfg)
         if args.explain:
             from etl.core.config import explain, load_job_explained
 
@@ -207,6 +209,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(cfg, args.full_refresh)
     return run_command(cfg, args)
+
+
+def print_checks(cfg: JobConfig) -> None:
+    """The checks a run will make before publishing (``[checks]``), one per line."""
+    from etl.run.checks import describe_checks
+
+    lines = describe_checks(cfg.checks)
+    print(f"checks before publishing ({len(lines)}):")
+    print("\n".join(f"  {line}" for line in lines))
 
 
 def check_sources(cfg: JobConfig) -> int:

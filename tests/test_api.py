@@ -39,7 +39,7 @@ def test_run_job_runs_the_example_and_leaves_state_report_and_metrics(tmp_path: 
     rows = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out").rglob("*.parquet"))
     assert rows == result.summary.rows_out > 0
     assert result.report is not None and json.loads(result.report.read_text())["exit_code"] == ExitCode.REJECTED_ROWS
-    assert f'etl_run_exit_code{{job="example"}} {ExitCode.REJECTED_ROWS}' in metrics.read_text()
+    assert f'etl_run_exit_code{{job="example"}} {float(ExitCode.REJECTED_ROWS)}' in metrics.read_text()
     again = etl.run_job(EXAMPLE, overrides=example(tmp_path))  # the state: every source is unchanged
     assert again.exit_code == ExitCode.OK and again.summary is not None
     assert again.summary.sources_skipped == 3 and again.summary.rows_in == 0

@@ -364,6 +364,108 @@ class JobConfig(Model):
     """The job's name and its state folder (lock, manifest, reports)."""
     sources: SourcesSection
     """What to fetch: URLs, local paths, globs, object-store URLs."""
+# -------------------------------------------------------------------------- checks
+
+ColumnCheckName = Literal["not_null", "unique", "accepted_values", "min", "max"]
+RunCheckName = Literal["min_rows", "max_rows", "max_rejected", "max_drop", "not_empty"]
+CheckValue = bool | int | float | str
+
+
+def _share(v: Any) -> Any:
+    """``"50%"`` → 0.5; a plain number is already a share (0.5)."""
+    if isinstance(v, str) and v.strip().endswith("%"):
+        try:
+            return float(v.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"expected a share like '5%' or 0.05, got {v!r}") from None
+    return v
+
+
+class ColumnChecks(Model):
+    not_null: bool = False
+    """Every row has a value in this column."""
+    unique: bool = False
+    """No value appears twice in this run's output (nulls ignored), across every file and chunk."""
+    accepted_values: list[CheckValue] | None = Field(default=None, min_length=1)
+    """The only values allowed (nulls pass; add ``not_null``)."""
+    min: CheckValue | None = None
+    """Smallest allowed value (inclusive; a string is parsed for timestamp and date columns)."""
+    max: CheckValue | None = None
+    """Largest allowed value (inclusive)."""
+    warn: list[ColumnCheckName] = []
+    """Checks of this column that only warn: logged and reported, and the run still publishes."""
+
+
+class ExpectCheck(Model):
+    expr: str = Field(min_length=1)
+    """An expression (the ``filter`` language) that must be true on every output row; a row
+    where it is false or null fails."""
+    name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")
+    """Name in reports and metrics (default: the expression's position, ``expect[0]``)."""
+    warn: bool = False
+    """Only warn: logged and reported, and the run still publishes."""
+
+
+_ARROW_ALIASES = {
+    "float64": "double",
+    "float32": "float",
+    "float16": "halffloat",
+    "str": "string",
+    "utf8": "string",
+    "large_string": "string",
+    "large_utf8": "string",
+    "boolean": "bool",
+}
+
+
+def arrow_type_name(name: str) -> str:
+    """An Arrow type name in one spelling: ``float64`` → ``double``; a category as its values."""
+    name = name.strip()
+    if name.startswith("dictionary<values="):
+        name = name[len("dictionary<values=") :].split(",", 1)[0]
+    return _ARROW_ALIASES.get(name, name)
+
+
+class SchemaContract(Model):
+    columns: dict[str, str] = Field(min_length=1)
+    """Expected output columns and their Arrow types (``int64``, ``double``, ``string``,
+    ``timestamp[us]``, ``bool``, ``date32``; ``float64`` and ``str`` are accepted aliases)."""
+    allow_extra: bool = False
+    """Output columns not listed are allowed."""
+    on_drift: Literal["fail", "warn"] = "fail"
+    """A missing, extra or retyped column fails the run, or only warns."""
+
+
+class ChecksConfig(Model):
+    columns: dict[str, ColumnChecks] = {}
+    """Row checks per output column, run in the workers on every chunk's output."""
+    expect: list[ExpectCheck] = []
+    """Expressions that must hold on every output row."""
+    min_rows: int | None = Field(default=None, ge=0)
+    """Fewest rows the run may publish (overwrite: the whole output; append: this run's rows)."""
+    max_rows: int | None = Field(default=None, ge=0)
+    """Most rows the run may publish (same count as ``min_rows``)."""
+    max_rejected: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Largest share of rows read that may be rejected (``"1%"`` or 0.01), with ``on_error``
+    ``skip`` or ``quarantine``."""
+    max_drop: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Largest fall in published rows against the last successful run (``"50%"``)."""
+    schema_: SchemaContract | None = Field(default=None, alias="schema")
+    """The output's expected columns and types, and what to do on drift."""
+    allow_empty: bool = False
+    """Let a run that read rows publish none over a non-empty previous output (otherwise it
+    fails the ``not_empty`` check, which needs no configuration)."""
+    warn: list[RunCheckName] = []
+    """Run checks that only warn: logged and reported, and the run still publishes."""
+
+    _parse_shares = field_validator("max_rejected", "max_drop", mode="before")(_share)
+
+    @property
+    def row_checks(self) -> bool:
+        """True when the workers have anything to check."""
+        return bool(self.columns or self.expect or self.schema_)
+
+
     download: DownloadConfig = DownloadConfig()
     """Download concurrency, timeouts, retries and headers."""
     read: ReadConfig = ReadConfig()
@@ -382,6 +484,8 @@ class JobConfig(Model):
     @property
     def job_state_dir(self) -> Path:
         return self.job.state_dir / self.job.name
+    checks: ChecksConfig = ChecksConfig()
+    """Checks on the run's output rows before it is published."""
 
     @property
     def staging_dir(self) -> Path:

@@ -11,6 +11,7 @@ Hierarchy::
     ├── WorkerCrashed           a worker process died on a chunk          (retryable)
     │   └── ChunkTimeout        a chunk ran past transform.chunk_timeout  (retryable)
     ├── OutputError             output could not be written or published  (terminal)
+    ├── ChecksFailed            a [checks] check failed: nothing published (exit 4)
     ├── LockHeld                another run of the same job holds the lock (exit 75)
     └── Interrupted             SIGINT / SIGTERM stopped the run          (exit 130 / 143)
 
@@ -36,6 +37,7 @@ class ExitCode:
     FAILED = 1  # the job failed: nothing was published, earlier output is intact
     BAD_CONFIG = 2  # bad job file, override or command-line usage
     REJECTED_ROWS = 3  # success, but some rows were skipped or quarantined
+    CHECKS_FAILED = 4  # a [checks] check failed: nothing was published, earlier output is intact
     LOCKED = 75  # skipped: another run of this job is running (EX_TEMPFAIL)
     INTERRUPTED_INT = 130  # SIGINT (128 + 2)
     INTERRUPTED_TERM = 143  # SIGTERM (128 + 15)
@@ -163,6 +165,20 @@ class OutputError(ETLError):
 
     def __init__(self, message: str, *, item: str) -> None:
         super().__init__(message, stage="write", item=item)
+
+
+class ChecksFailed(ETLError):
+    """One or more ``[checks]`` failed on this run's data; nothing was published.
+
+    ``checks`` holds every check's result (plain dicts: ``name``, ``status``, ``failed``,
+    ``examples``, ...), so the run report and the metrics can show them after the run.
+    """
+
+    exit_code = ExitCode.CHECKS_FAILED
+
+    def __init__(self, message: str, *, checks: list[dict[str, Any]]) -> None:
+        super().__init__(message, stage="checks", item="")
+        self.checks = checks
 
 
 class LockHeld(ETLError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Format = Literal["csv", "jsonl", "parquet"]
 ChunkKind = Literal["arrow", "csv"]
@@ -116,6 +116,55 @@ RESULT_COUNTERS = (
 
 
 @dataclass(slots=True)
+class CheckTally:
+    """One row check on one chunk's output (or summed over a run): failing rows, and up to
+    ``MAX_CHECK_EXAMPLES`` of them (file, line or row, the values checked)."""
+
+    failed: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+MAX_CHECK_EXAMPLES = 5
+"""Example rows kept per failed check: enough to find the problem, small in every report."""
+
+
+@dataclass(slots=True)
+class ChunkChecks:
+    """What the row checks found in one chunk's output (``etl.transform.checks``)."""
+
+    source_name: str
+    unit: str
+    """How the chunk numbers its rows: file ``line`` or data ``row``."""
+    tallies: dict[str, CheckTally] = field(default_factory=dict)
+    """Check name (``not_null(id)``, ``expect[0]``) → its tally."""
+    keys: dict[str, bytes] = field(default_factory=dict, repr=False)
+    """``unique`` checks: column → the non-null values' 128-bit hashes (two little-endian
+    uint64 per row) followed by their row numbers (one int64 per row), for the run-wide test."""
+    schema: tuple[tuple[str, str], ...] | None = None
+    """The output's columns and Arrow types (None when the chunk published no rows)."""
+
+    def merge(self, other: ChunkChecks) -> None:
+        """Add ``other`` (a later piece of the same chunk) to this one."""
+        for name, t in other.tallies.items():
+            mine = self.tallies.setdefault(name, CheckTally())
+            mine.failed += t.failed
+            mine.examples = (mine.examples + t.examples)[:MAX_CHECK_EXAMPLES]
+        for col, data in other.keys.items():
+            self.keys[col] = _join_keys(self.keys.get(col, b""), data)
+        self.schema = self.schema or other.schema
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(k) for k in self.keys.values())
+
+
+def _join_keys(a: bytes, b: bytes) -> bytes:
+    """Two ``ChunkChecks.keys`` blobs as one: hashes first, then row numbers."""
+    na, nb = len(a) // 24, len(b) // 24
+    return a[: 16 * na] + b[: 16 * nb] + a[16 * na :] + b[16 * nb :]
+
+
+@dataclass(slots=True)
 class ChunkResult:
     """What a worker sends back: encoded parts, rejected rows and a few metrics."""
 
@@ -135,8 +184,10 @@ class ChunkResult:
     steps_seconds: float = 0.0
     encode_seconds: float = 0.0
     """Output parts (and dead-letter rows) to bytes."""
+    checks: ChunkChecks | None = None
+    """Row-check results on this chunk's output (``[checks]``); None when none are set."""
 
     @property
     def nbytes(self) -> int:
-        own = sum(len(p.data) for p in self.parts)
+        own = sum(len(p.data) for p in self.parts) + (self.checks.nbytes if self.checks else 0)
         return own + (len(self.rejects.data) if self.rejects else 0)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
 from etl.core import durable
 from etl.core.config import JobConfig
 from etl.core.parts import REJECTS_DIR
@@ -80,6 +82,7 @@ def format_summary(s: Any) -> str:
         f"  stages   {stages}",
         f"  speed    {s.rows_in / wall:,.0f} rows/s, {s.bytes_read / wall / 2**20:,.1f} MiB/s read",
     ]
+    lines += _checks_lines(getattr(s, "checks", None) or {})
     if getattr(s, "stats", None):
         from etl.core.stats import (
             format_stats,  # per-stage table and bottleneck (issue 7)
@@ -87,6 +90,21 @@ def format_summary(s: Any) -> str:
 
         lines.append(format_stats(s.stats))
     return "\n".join(lines)
+
+
+def _checks_lines(checks: dict[str, Any]) -> list[str]:
+    """``[checks]`` in the summary: the counts, then every warned check with its examples."""
+    from etl.run.checks import format_result
+
+    results = checks.get("results", [])
+    if not results:
+        return []
+    counts = {k: sum(r["status"] == k for r in results) for k in ("passed", "warned", "failed")}
+    lines = [f"  checks   {counts['passed']} passed, {counts['warned']} warned, {counts['failed']} failed"]
+    for r in results:
+        if r["status"] != "passed":
+            lines += ["    " + line for line in format_result(r).splitlines()]
+    return lines
 
 
 def config_hash(cfg: JobConfig) -> str:
@@ -106,6 +124,8 @@ class RunReport:
     exit_code: int | None = None
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    """``[checks]``: rows to publish and every check's result, also when they failed the run."""
 
     def finish(self, status: str, exit_code: int, summary: Any = None, error: BaseException | None = None) -> None:
         self.end = time.time()
@@ -114,6 +134,10 @@ class RunReport:
         self.error = str(error) if error is not None else None
         if summary is not None:
             self.summary = asdict(summary)
+            self.checks = self.summary.get("checks") or {}
+        results = getattr(error, "checks", None)  # ChecksFailed: the run has no summary
+        if isinstance(results, list):
+            self.checks = {"results": results}
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -147,36 +171,40 @@ def last_success(state_dir: Path) -> float | None:
 
 
 def write_metrics(path: Path, report: RunReport, state_dir: Path) -> None:
-    job = report.job.replace("\\", "\\\\").replace('"', '\\"')
+    """The run's status as a Prometheus textfile (prometheus_client's registry and
+    ``write_to_textfile``: a temp file in the same folder, renamed over ``path``)."""
     s = report.summary
-    success = last_success(state_dir)
-    lines = [
-        "# HELP etl_last_run_timestamp_seconds End time of the last run.",
-        "# TYPE etl_last_run_timestamp_seconds gauge",
-        f'etl_last_run_timestamp_seconds{{job="{job}"}} {report.end:.3f}',
-        "# HELP etl_last_success_timestamp_seconds End time of the last successful run.",
-        "# TYPE etl_last_success_timestamp_seconds gauge",
-        f'etl_last_success_timestamp_seconds{{job="{job}"}} {success or 0:.3f}',
-        "# HELP etl_run_duration_seconds Wall time of the last run.",
-        "# TYPE etl_run_duration_seconds gauge",
-        f'etl_run_duration_seconds{{job="{job}"}} {report.end - report.start:.3f}',
-        "# HELP etl_run_exit_code Exit code of the last run (0 success, 3 rejected rows, ...).",
-        "# TYPE etl_run_exit_code gauge",
-        f'etl_run_exit_code{{job="{job}"}} {report.exit_code if report.exit_code is not None else -1}',
-        "# HELP etl_run_success Whether the last run succeeded (1) or not (0).",
-        "# TYPE etl_run_success gauge",
-        f'etl_run_success{{job="{job}"}} {int(report.status.startswith("success"))}',
-        "# HELP etl_rows Rows of the last run by kind.",
-        "# TYPE etl_rows gauge",
-    ]
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, ["job"], registry=registry).labels(report.job).set(value)
+
+    gauge("etl_last_run_timestamp_seconds", "End time of the last run.", report.end)
+    gauge("etl_last_success_timestamp_seconds", "End time of the last successful run.", last_success(state_dir) or 0)
+    gauge("etl_run_duration_seconds", "Wall time of the last run.", report.end - report.start)
+    exit_code = report.exit_code if report.exit_code is not None else -1
+    gauge(
+        "etl_run_exit_code", "Exit code of the last run (0 success, 3 rejected rows, 4 checks failed, ...).", exit_code
+    )
+    gauge("etl_run_success", "Whether the last run succeeded (1) or not (0).", int(report.status.startswith("success")))
+    rows = Gauge("etl_rows", "Rows of the last run by kind.", ["job", "kind"], registry=registry)
     for kind in ("in", "out", "rejected"):
-        lines.append(f'etl_rows{{job="{job}",kind="{kind}"}} {s.get(f"rows_{kind}", 0)}')
-    lines += [
-        "# HELP etl_bytes_downloaded Bytes downloaded by the last run.",
-        "# TYPE etl_bytes_downloaded gauge",
-        f'etl_bytes_downloaded{{job="{job}"}} {s.get("bytes_downloaded", 0)}',
-    ]
-    durable.write_bytes(path, ("\n".join(lines) + "\n").encode(), mode=0o644)  # node_exporter reads it
+        rows.labels(report.job, kind).set(s.get(f"rows_{kind}", 0))
+    gauge("etl_downloaded_bytes", "Bytes downloaded by the last run.", s.get("bytes_downloaded", 0))
+    results = report.checks.get("results", [])
+    if results:
+        failures = Gauge(
+            "etl_check_failures",
+            "Failing rows (row checks) or 1 (run checks) per [checks] check of the last run; 0 when it passed.",
+            ["job", "check", "severity"],
+            registry=registry,
+        )
+        for r in results:
+            failed = 0 if r["status"] == "passed" else r.get("failed") or 1
+            failures.labels(report.job, r["name"], "warn" if r.get("warn_only") else "fail").set(failed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry)
+    path.chmod(0o644)  # node_exporter runs as another user; the temp file got the umask's mode
 
 
 def dumps(report: RunReport) -> str:

@@ -42,6 +42,7 @@ from etl.download.stage import download_stage
 from etl.ops.progress import Mode, Progress
 from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
+from etl.run.checks import Gate, previous_output_rows
 from etl.run.commits import Commits
 from etl.run.memguard import GatedChunks, MemoryGuard
 from etl.run.resources import (
@@ -57,6 +58,7 @@ from etl.run.resources import (
     ResourcePlan,
     plan_resources,
 )
+from etl.transform.checks import validate_checks
 from etl.transform.probe import measure_in_worker
 from etl.transform.stage import make_executor, transform_stage
 from etl.transform.steps import validate_steps
@@ -108,6 +110,8 @@ class RunSummary:
     """Workers, chunk size, queue bounds and the measurements behind them (etl/resources.py)."""
     memory: dict[str, Any] = field(default_factory=dict)
     """Memory guard: peak sampled process-tree RSS, pauses, forced admits (etl/memguard.py)."""
+    checks: dict[str, Any] = field(default_factory=dict)
+    """``[checks]``: rows to publish and every check's result (etl/run/checks.py)."""
 
 
 @dataclass
@@ -146,7 +150,9 @@ class Run:
         clean_leftovers(cfg.output, keep=adopt)
         writer = open_writer(cfg.output, self.opts.run_id, adopt=adopt)
         self.commits.begin(writer)
-        executor = make_executor(cfg.transform, WorkerSpec(cfg.transform, cfg.output, cfg.read), workers, plan.budget)
+        self.gate = Gate(cfg, self.opts.run_id, sources)
+        spec = WorkerSpec(cfg.transform, cfg.output, cfg.read, cfg.checks)
+        executor = make_executor(cfg.transform, spec, workers, plan.budget)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
         self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)
         self.results_q: BoundedQueue[ChunkResult] = BoundedQueue(
@@ -168,6 +174,7 @@ class Run:
                 q.abort()
             await self._join_pools()
             stopped = isinstance(e, asyncio.CancelledError)  # a signal: the next run resumes
+            self.gate.discard()
             if not self.commits.failed(interrupted=stopped):
                 writer.discard()
             err = _first_error(e)
@@ -180,6 +187,7 @@ class Run:
             self.progress.close()
             self.stats.stop()
         await self._join_pools()
+        self._check(writer)  # raises ChecksFailed (exit 4): nothing published
         self.commits.publishing()
         try:
             summary.published = writer.publish()
@@ -195,6 +203,30 @@ class Run:
         summary.queues = [q.stats.as_dict() for q in queues]
         summary.stats = self.stats.finish(summary.wall_seconds, summary.queues)
         return summary
+
+    def _written(self, result: ChunkResult, parts: list[tuple[str, int, int]]) -> None:
+        """A writer thread wrote one chunk's parts: commit them, and keep its check results."""
+        self.commits.written(result, parts)
+        self.gate.add(result)
+
+    def _check(self, writer: OutputWriter) -> None:
+        """The gate: every check on this run's data, before anything is published."""
+        s = self.summary
+        if self.cfg.output.mode == "overwrite":
+            publish = sum(p["rows_out"] for p in self.commits.report())  # carried-over sources too
+        else:
+            publish = s.rows_out
+        try:
+            s.checks = self.gate.finish(
+                rows_in=s.rows_in,
+                rows_rejected=s.rows_rejected,
+                published_rows=publish,
+                previous_rows=previous_output_rows(self.commits.manifest.published),
+            )
+        except BaseException:
+            self.commits.failed()
+            writer.discard()
+            raise
 
     async def _join_pools(self) -> None:
         """Wait for reader and writer threads off the loop (they may still need it to unblock)."""
@@ -278,7 +310,7 @@ class Run:
             self.write_pool,
             meter=self.stats.meters["write"],
             progress=self.progress.stage("write", "parts"),
-            written=self.commits.written,
+            written=self._written,
         )
         self.summary.parts_written = stats.parts
 
@@ -298,6 +330,7 @@ def validate_job(cfg: JobConfig) -> JobConfig:
     (functions importable, expressions valid) and the sources (ranges, listing files and
     object-store globs expand). Raises ``ConfigError`` naming the key and the file."""
     validate_steps(cfg.transform.steps, cfg.base_dir, file=str(cfg.file))
+    validate_checks(cfg.checks, file=str(cfg.file))
     expand_sources(cfg)
     return cfg
 

@@ -169,6 +169,11 @@ def merge_pieces(chunk: Chunk, pieces: list[ChunkResult]) -> ChunkResult:
         merged.parts += p.parts
         for name in RESULT_COUNTERS:
             setattr(merged, name, getattr(merged, name) + getattr(p, name))
+        if p.checks is not None:  # row-check tallies and unique keys of every piece
+            if merged.checks is None:
+                merged.checks = p.checks
+            else:
+                merged.checks.merge(p.checks)
     rejects = [p.rejects for p in pieces if p.rejects is not None]
     if rejects:  # JSON Lines concatenate; pieces are in row order
         merged.rejects = Part(rejects_name(chunk), b"".join(r.data for r in rejects), sum(r.rows for r in rejects))

@@ -39,6 +39,7 @@ REPORT_KEYS = {
     "rows",
     "bytes",
     "stage_seconds",
+    "checks",
 }
 
 
@@ -170,7 +171,8 @@ def test_metrics_textfile_parses_with_prometheus_client(tmp_path: Path) -> None:
         ("etl_rows", (("job", "trips"), ("kind", "out"))): 1200,
         ("etl_rows", (("job", "trips"), ("kind", "rejected"))): 34,
     }
-    assert m[("etl_bytes_downloaded", job)] == 3 << 20
+    assert m[("etl_downloaded_bytes", job)] == 3 << 20
+    assert not [k for k in m if k[0] == "etl_check_failures"]  # no [checks]: no series
 
 
 def test_metrics_of_a_failed_run_with_no_success_yet(tmp_path: Path) -> None:
@@ -236,3 +238,24 @@ def test_summary_fields_are_plain_json() -> None:
     assert json.loads(json.dumps(fields)) == fields
     assert fields["rows_in"] == 1234 and fields["rows_rejected"] == 34 and fields["sources_skipped"] == 1
     assert fields["stage_seconds"]["transform"] == 2.0 and fields["rows_per_second"] == 493.6
+
+
+def test_summary_and_report_list_warned_and_failed_checks() -> None:
+    from etl.core.errors import ChecksFailed
+
+    warned = {
+        "name": "min(fare)",
+        "key": "checks.columns.fare.min",
+        "kind": "row",
+        "status": "warned",
+        "warn_only": True,
+        "failed": 3,
+        "examples": [{"file": "a.csv", "line": 7, "values": {"fare": -1.5}}],
+    }
+    passed = warned | {"name": "not_null(id)", "status": "passed", "warn_only": False, "failed": 0, "examples": []}
+    text = format_summary(summary(checks={"published_rows": 10, "results": [warned, passed]}))
+    assert "checks   1 passed, 1 warned, 0 failed" in text
+    assert "min(fare) WARNED: 3 row(s)" in text and "e.g. file a.csv line 7: fare=-1.5" in text
+    r = RunReport("20260101T000000-a", "trips", "h")
+    r.finish("failed", 4, error=ChecksFailed("1 check(s) failed", checks=[warned | {"status": "failed"}]))
+    assert r.as_dict()["checks"]["results"][0]["status"] == "failed"
