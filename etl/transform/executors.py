@@ -47,6 +47,11 @@ MAX_START_FAILURES = 5
 # Seconds a new worker may take to start (fork server, imports, spec) before it counts as
 # failed: long enough for a cold, loaded machine; short enough that a wedge is noticed.
 WORKER_START_TIMEOUT = 60.0
+# Seconds before starting again after a failed start, doubled per failure in a row up to
+# the max (0.1 + 0.2 + 0.4 + 0.8 + 1.6 = 3.1 s before giving up): enough for a killed fork
+# server to be reaped and replaced, short enough not to stall the run.
+START_BACKOFF = 0.1
+START_BACKOFF_MAX = 2.0
 # Seconds to wait for a stopped worker to exit before SIGKILL (and for a dead one's exit
 # status): short, as nothing of value is lost; long enough for the fork server to report.
 WORKER_EXIT_GRACE = 3.0
@@ -244,6 +249,10 @@ class _Slot(threading.Thread):
             )
             try:
                 proc.start()
+            except (EOFError, OSError) as e:  # the fork server died under us: the next start makes a new one
+                ours.close()
+                self._start_failed(chunk, f"the fork server failed: {type(e).__name__}: {e}")
+                return None
             finally:
                 theirs.close()  # the worker holds the only other end: its death is our end of file
             self.proc, self.conn, self.pidfd = proc, ours, _pidfd(proc.pid)
@@ -254,7 +263,15 @@ class _Slot(threading.Thread):
         if ready:
             owner._start_failures = 0
             return ours
-        how = describe_exit(self.stop_worker())
+        self._start_failed(chunk, describe_exit(self.stop_worker()))
+        return None
+
+    def _start_failed(self, chunk: Chunk, how: str) -> None:
+        """Count a failed start; fail the chunk past ``MAX_START_FAILURES``, else back off.
+
+        The back-off gives a fork server that was just killed time to be gone: until the
+        parent can reap it, multiprocessing thinks it alive and connects in vain."""
+        owner = self.owner
         owner._start_failures += 1
         if owner._start_failures > MAX_START_FAILURES:
             raise ETLError(  # not a WorkerCrashed: retrying the chunk cannot help
@@ -264,7 +281,7 @@ class _Slot(threading.Thread):
                 item=chunk.label,
             )
         log.warning("a transform worker died while starting (%s); starting another", how, extra={"stage": "transform"})
-        return None
+        owner._closed.wait(min(START_BACKOFF * 2 ** (owner._start_failures - 1), START_BACKOFF_MAX))
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to this slot's worker through its pidfd (never a reused pid)."""
