@@ -143,9 +143,27 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
 
         parse.invalid_row_handler = skip
     try:
-        table = pacsv.read_csv(
-            pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
-        )
+        try:
+            table = pacsv.read_csv(
+                pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
+            )
+        except pa.ArrowInvalid as e:
+            if "straddling" not in str(e):
+                raise
+            # A record longer than pyarrow's block (1 MiB): parse the chunk as one block.
+            # Readers cut chunks at record ends, so the chunk bounds the longest record.
+            line, size = _longest_record(chunk)
+            if size > cfg.max_record_bytes:
+                raise DataError(
+                    f"the record starting at line {line} is {size} bytes, longer than "
+                    f"read.max_record_bytes ({cfg.max_record_bytes}); raise it if records this long are real",
+                    item=f"{chunk.source_name}[line {line}]",
+                ) from e
+            bad.clear()
+            read.block_size = len(chunk.data) + 1
+            table = pacsv.read_csv(
+                pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
+            )
     except (pa.ArrowException, UnicodeError) as e:
         if bad_text := undecodable(chunk.data, cfg.encoding, chunk.row_start):
             raise DataError(f"cannot parse CSV: {bad_text}", item=chunk.label) from e
@@ -180,6 +198,19 @@ def undecodable(data: bytes, encoding: str, first_line: int) -> str | None:
             'set read.encoding to the file\'s encoding (e.g. "latin-1" or "cp1252")'
         )
     return None
+
+
+def _longest_record(chunk: Chunk) -> tuple[int, int]:
+    """(file line where the chunk's longest record starts, its bytes), by the quote count."""
+    buf = np.frombuffer(chunk.data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == ord("\n"))
+    quotes = np.flatnonzero(buf == QUOTE[0])
+    ends_record = (np.searchsorted(quotes, newlines) & 1) == 0
+    ends = np.concatenate((newlines[ends_record] + 1, [len(buf)]))
+    starts = np.concatenate(([0], ends[:-1]))
+    longest = int(np.argmax(ends - starts))
+    line = chunk.row_start + (int(np.flatnonzero(ends_record)[longest - 1]) + 1 if longest else 0)
+    return line, int(ends[longest] - starts[longest])
 
 
 def _record_lines(chunk: Chunk, records: int) -> np.ndarray:

@@ -818,3 +818,11 @@ def _resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
             ),
         }
     )
+    max_record_bytes: int = Field(default=64 << 20, ge=1 << 10)
+    """Longest record (CSV record or JSON line, in bytes, as text) read; a longer one fails
+    the run naming its file and line. Bytes (``67108864``) or a size (``"64MiB"``)."""
+
+    @field_validator("max_record_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v) if isinstance(v, str) else v

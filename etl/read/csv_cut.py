@@ -16,9 +16,17 @@ it since the last record boundary (RFC 4180). A quote inside an unquoted field (
 pipe``) breaks that count: files with those need ``read.parse = "reader"``. The worker
 checks every chunk: pyarrow must find the records the quote count finds.
 
-Chunk size. ``chunk_rows`` lines times the mean line length of the file's first
-``SAMPLE_BYTES``: the cuts depend only on the file and the setting, so every executor
-(and every rerun) sees the same chunks and writes the same part files.
+Chunk size, in bytes. ``chunk_rows`` lines times the mean line length of the file's
+first ``SAMPLE_BYTES``, at most ``MAX_CHUNK_BYTES``: wide rows (or a first row holding a
+2 MiB field, which makes the sample one line long) cannot ask for gigabytes. The cuts
+depend only on the file and the settings, so every executor (and every rerun) sees the
+same chunks and writes the same part files.
+
+Long records. A record of any length up to ``read.max_record_bytes`` is cut whole,
+wherever it sits (the first row too): the buffer grows by doubling while no record end is
+in it, and decompression is only asked for what the buffer needs, so a gzip bomb is read
+no further than ``max_record_bytes`` past the last record end. A longer record (or a
+quoted field that never closes) fails the file naming the line where it starts.
 
 Parsing (``parse_csv_chunk``, in the worker): pyarrow's CSV reader with the options the
 reader-side path uses (``csv_options``: every column a string, ``read.null_values`` null
@@ -43,7 +51,8 @@ from etl.core.records import Chunk, StagedFile
 
 SAMPLE_BYTES = 1 << 20  # text whose mean line length sizes the chunks: more is steadier, slower to start
 MIN_READ_BYTES = 1 << 16  # smallest read from the decompressor: smaller means more Python calls per chunk
-MAX_RECORD_BYTES = 64 << 20  # no record end this far past the target: an unclosed quote, not a long record
+MAX_CHUNK_BYTES = 32 << 20  # text per chunk at most: a worker holds several times its chunk while parsing;
+# bigger chunks only save per-chunk overhead, which is negligible past a few MiB
 
 
 def splittable(cfg: ReadConfig) -> bool:
@@ -55,7 +64,7 @@ def splittable(cfg: ReadConfig) -> bool:
 def split_csv(stream: BinaryIO, staged: StagedFile, cfg: ReadConfig) -> Iterator[Chunk]:
     """Cut the stream into ``Chunk(kind="csv")`` records (see the module docstring)."""
     src = staged.source
-    reader = _Cutter(stream, staged)
+    reader = _Cutter(stream, staged, cfg.max_record_bytes)
     header = reader.header(cfg)
     if header is None:
         return  # empty, blank, or a header and nothing else
@@ -74,8 +83,8 @@ def split_csv(stream: BinaryIO, staged: StagedFile, cfg: ReadConfig) -> Iterator
 class _Cutter:
     """Buffered text of one stream, handed out in whole records."""
 
-    def __init__(self, stream: BinaryIO, staged: StagedFile) -> None:
-        self.stream, self.staged = stream, staged
+    def __init__(self, stream: BinaryIO, staged: StagedFile, max_record: int) -> None:
+        self.stream, self.staged, self.max_record = stream, staged, max_record
         self.pending = b""
         self.eof = False
         self.line = 1  # file line where ``pending`` starts
@@ -125,7 +134,7 @@ class _Cutter:
     def target_bytes(self, rows: int) -> int:
         sample = self.pending[:SAMPLE_BYTES]
         per_line = len(sample) / max(sample.count(b"\n"), 1)
-        return max(int(rows * per_line), 1)
+        return max(min(int(rows * per_line), MAX_CHUNK_BYTES), 1)
 
     def next_chunk(self, target: int) -> bytes | None:
         """The next whole records, about ``target`` bytes; None at the end of the stream."""
@@ -137,11 +146,21 @@ class _Cutter:
             end = record_end(self.pending, target)
             if end:
                 return self._take(end)
-            if len(self.pending) > target + MAX_RECORD_BYTES:
-                raise DataError(
-                    f"{self.staged.source.url}: no end of record in {len(self.pending) >> 20} MiB after "
-                    f"line {self.line}: a quoted field never closes, or quote characters appear inside "
-                    'unquoted fields (then set read.parse = "reader")',
-                    item=self.staged.source.name,
-                )
-            target = len(self.pending) + MIN_READ_BYTES  # one record longer than the target: read on
+            # No record end in the buffer: its first record is longer than the buffer.
+            if len(self.pending) > self.max_record:
+                raise self._too_long()
+            target = min(max(2 * len(self.pending), len(self.pending) + MIN_READ_BYTES), self.max_record + 1)
+
+    def _too_long(self) -> DataError:
+        src = self.staged.source
+        return DataError(
+            f"{src.url}: the record starting at line {self.line} is longer than read.max_record_bytes "
+            f"({_size(self.max_record)}; no record end in the {_size(len(self.pending))} read from there): "
+            "raise read.max_record_bytes if records this long are real; otherwise a quoted field never "
+            'closes, or quote characters appear inside unquoted fields (then set read.parse = "reader")',
+            item=f"{src.name}[line {self.line}]",
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"

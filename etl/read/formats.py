@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -96,7 +97,7 @@ def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None =
     if staged.source.format == "csv" and splittable(cfg):
         yield from _text_chunks(staged, cfg)
         return
-    batches = _guarded(staged, cfg, block_size, read_batches(staged, cfg, block_size))
+    batches = _guarded(staged, cfg, block_size, _long_records(staged, cfg, block_size, read_batches))
     row_start = 0
     for index, table in enumerate(_rebatch(batches, cfg.chunk_rows)):
         yield Chunk(
@@ -140,6 +141,59 @@ def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
         yield pa.Table.from_batches(pending)
 
 
+def _long_records(
+    staged: StagedFile, cfg: ReadConfig, block_size: int | None, read_batches: BatchSource
+) -> Iterator[pa.RecordBatch]:
+    """The reader's batches; when a record is longer than its block (pyarrow: "straddling
+    object"), the file is read again with blocks of ``read.max_record_bytes``, past the rows
+    already handed on. Only such files pay for the big blocks."""
+    delivered = 0
+    check = staged.source.format != "parquet"  # Parquet has no records of text
+    try:
+        for batch in read_batches(staged, cfg, block_size):
+            if check:
+                _check_record_sizes(staged, cfg, batch, delivered)
+            delivered += batch.num_rows
+            yield batch
+        return
+    except pa.ArrowInvalid as e:
+        if not _straddles(e) or (block_size or 0) > cfg.max_record_bytes:
+            raise
+    skip = delivered
+    for batch in read_batches(staged, cfg, cfg.max_record_bytes + 1):
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch = batch.slice(skip) if skip else batch
+        _check_record_sizes(staged, cfg, batch, delivered)
+        delivered += batch.num_rows
+        yield batch
+        skip = 0
+
+
+def _check_record_sizes(staged: StagedFile, cfg: ReadConfig, batch: pa.RecordBatch, before: int) -> None:
+    """Fail on a row whose text fields alone pass ``read.max_record_bytes`` (pyarrow's
+    streaming readers accept records longer than their block; the limit is ours)."""
+    sizes = None
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            length = pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
+            sizes = length if sizes is None else pc.add(sizes, length)
+    if sizes is None or len(sizes) == 0 or pc.max(sizes).as_py() <= cfg.max_record_bytes:
+        return
+    row = before + int(pc.index(sizes, pc.max(sizes)).as_py()) + 1
+    raise DataError(
+        f"cannot read {staged.source.format} file {_where(staged)}: data row {row} holds "
+        f"{pc.max(sizes).as_py()} bytes of text, more than read.max_record_bytes ({cfg.max_record_bytes}); "
+        "raise it if records this long are real",
+        item=f"{staged.source.name}[chunk {(row - 1) // cfg.chunk_rows}]",
+    )
+
+
+def _straddles(e: Exception) -> bool:
+    return "straddling object" in str(e)
+
+
 def _guarded(
     staged: StagedFile,
     cfg: ReadConfig,
@@ -161,6 +215,13 @@ def _guarded(
 def _read_error(staged: StagedFile, cfg: ReadConfig, block_size: int | None, delivered: int, e: Exception) -> DataError:
     src = staged.source
     where = _where(staged)
+    if _straddles(e):  # even at max_record_bytes: the locators would read that record whole
+        return DataError(
+            f"cannot read {src.format} file {where}: a record at or after data row {delivered + 1} is longer "
+            f"than read.max_record_bytes ({cfg.max_record_bytes} bytes); raise it if records this long are real"
+            + ("; otherwise a quoted field never closes" if src.format == "csv" else ""),
+            item=f"{src.name}[chunk {delivered // cfg.chunk_rows}]",
+        )
     locate = _LOCATORS.get(src.format)
     found = locate(staged, cfg, block_size, delivered, e) if locate else None
     row, detail = (

@@ -19,6 +19,9 @@ from etl.core.config import ReadConfig
 from etl.core.records import Chunk, Source, StagedFile
 from etl.read.formats import COMPRESSION_BY_SUFFIX, read_chunks
 
+MAX_SAMPLE_RATIO = 16  # text kept per compressed byte of the head: CSV gzips 5-10x; more is a bomb's padding
+MIN_SAMPLE_TEXT = 1 << 20  # ... but at least this much text, so that a tiny head still gives whole records
+
 
 def sample_chunk(src: Source, cfg: ReadConfig, rows: int, read_rows: int) -> tuple[Chunk | None, int]:
     """(the first chunk of ``rows`` rows, bytes this process grew while reading up to
@@ -53,10 +56,11 @@ def sample_from_head(raw: bytes, src: Source, folder: Path) -> Source:
     ``zlib.error``/``OSError``/``ValueError`` for bytes that do not decompress."""
     name = Path(src.name)
     codec = COMPRESSION_BY_SUFFIX.get(name.suffix.lower())
+    limit = max(len(raw) * MAX_SAMPLE_RATIO, MIN_SAMPLE_TEXT)  # a gzip bomb expands no further than this
     text = (
-        zlib.decompressobj(wbits=47).decompress(raw)
+        zlib.decompressobj(wbits=47).decompress(raw, limit)
         if codec == "gzip"  # 47: gzip or zlib header
-        else bz2.BZ2Decompressor().decompress(raw)
+        else bz2.BZ2Decompressor().decompress(raw, limit)
         if codec == "bz2"
         else raw
     )

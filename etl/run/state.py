@@ -119,7 +119,7 @@ class JobLock:
 def fingerprint(cfg: JobConfig) -> str:
     """Hash of the settings that shape the output rows and files (not the source list)."""
     shaping = {
-        "read": cfg.read.model_dump(mode="json", exclude={"threads"}),
+        "read": cfg.read.model_dump(mode="json", exclude={"threads", "max_record_bytes"}),
         "transform": cfg.transform.model_dump(mode="json", include={"steps", "on_error"}),
         "output": cfg.output.model_dump(mode="json", include={"path", "format", "compression", "partition_by"}),
     }

@@ -133,3 +133,86 @@ def test_bom_blank_lines_and_missing_final_newline(tmp_path: Path) -> None:
 
     assert list(df.columns) == ["id", "note"]
     assert list(df["id"]) == ["1", "2", "3"] and list(df.index) == [2, 4, 5]
+
+
+# ------------------------------------------------- long records, bombs, byte targets (issue 18)
+
+
+def rows_of(path: Path, cfg: ReadConfig) -> list[tuple[int, str, str]]:
+    """(start line, id, note) of every row, parsed as the workers parse them."""
+    out = []
+    for chunk in read_chunks(staged(path), cfg):
+        df, _ = parse_csv_chunk(chunk, cfg, "fail")
+        out += [(int(line), str(i), str(note)) for line, i, note in zip(df.index, df["id"], df["note"])]
+    return out
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("quoted", [False, True])
+def test_a_record_of_several_mib_is_read_whole_wherever_it_sits(tmp_path: Path, where: str, quoted: bool) -> None:
+    long = ("ab\ncd" if quoted else "x") * (3 << 20 if not quoted else 700_000)  # 3 MiB, past pyarrow's 1 MiB block
+    rows = [[str(i), "short", "1"] for i in range(50)]
+    at = {"first": 0, "middle": 25, "last": 50}[where]
+    rows.insert(at, ["L", long, "1"])
+    path = write_csv(tmp_path / "long.csv", rows)
+    cfg = ReadConfig(chunk_rows=10)
+    got = rows_of(path, cfg)
+    assert [(i, note) for _, i, note in got] == [(r[0], r[1]) for r in rows]
+    assert got[at][0] == 2 + at  # named by the line it starts on
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_a_record_longer_than_max_record_bytes_fails_naming_file_and_line(tmp_path: Path, suffix: str) -> None:
+    path = write_csv(tmp_path / f"long{suffix}", [["1", "a", "1"], ["2", "x" * (3 << 20), "1"], ["3", "b", "1"]])
+    with pytest.raises(DataError) as info:
+        rows_of(path, ReadConfig(max_record_bytes="2MiB"))  # type: ignore[arg-type]
+    assert info.value.item == f"{path.name}[line 3]"
+    assert "record starting at line 3 is 3145733 bytes, longer than read.max_record_bytes (2097152)" in str(info.value)
+    # past the chunk's byte target, the reader itself stops at max_record_bytes
+    small = ReadConfig(chunk_rows=1, max_record_bytes="2MiB")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="record starting at line 3 is longer than read.max_record_bytes") as info:
+        list(read_chunks(staged(path), small))
+    assert info.value.item == f"{path.name}[line 3]"
+
+
+class Counting(io.RawIOBase):
+    """A stream that counts what is read from it (to show decompression is bounded)."""
+
+    def __init__(self, inner: io.BufferedIOBase) -> None:
+        self.inner, self.read_bytes = inner, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_a_gzip_bomb_is_decompressed_no_further_than_max_record_bytes(tmp_path: Path) -> None:
+    from etl.read.csv_cut import MAX_CHUNK_BYTES, split_csv
+
+    path = tmp_path / "bomb.csv.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(b"id,note\n1,a\n")
+        for _ in range(64):  # 1 GiB of NUL bytes in about 1 MiB of gzip
+            f.write(bytes(16 << 20))
+    stream = Counting(gzip.open(path, "rb"))  # type: ignore[arg-type]
+    cfg = ReadConfig(max_record_bytes="4MiB")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"record starting at line 3 is longer than read.max_record_bytes"):
+        list(split_csv(stream, staged(path), cfg))  # type: ignore[arg-type]
+    assert stream.read_bytes < MAX_CHUNK_BYTES + (8 << 20)  # one chunk's target and one record: not the GiB behind
+    # the same file through the reader stage's entry point: a DataError, not a MemoryError
+    with pytest.raises(DataError, match=r"bomb.csv.gz\[line 3\]"):
+        list(read_chunks(staged(path), cfg))
+
+
+def test_chunk_targets_are_bytes_capped_whatever_the_first_lines_look_like(tmp_path: Path) -> None:
+    from etl.read.csv_cut import MAX_CHUNK_BYTES
+
+    wide = [[str(i), "w" * 20_000, "1"] for i in range(3000)]  # 20 KB rows: 60 MB
+    path = write_csv(tmp_path / "wide.csv", wide)
+    chunks = list(read_chunks(staged(path), ReadConfig()))  # 200,000 rows would be 4 GB
+    assert len(chunks) >= 2 and max(len(c.data) for c in chunks) <= MAX_CHUNK_BYTES
+    assert sum(c.rows for c in chunks) == 3000

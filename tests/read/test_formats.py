@@ -334,3 +334,29 @@ def test_invalid_utf8_names_the_line_and_points_to_read_encoding(tmp_path: Path,
     assert "café" in str(table_of(list(read_chunks(staged(path, "csv"), latin)), latin).to_pylist()) + str(
         table_of(list(read_chunks(staged(path, "csv"), latin)), latin).column_names
     )
+
+
+# ------------------------------------------------------- records longer than a block (issue 18)
+
+
+@pytest.mark.parametrize("where", [0, 7])
+def test_reader_parsed_records_longer_than_a_block_are_read_whole(tmp_path: Path, where: int) -> None:
+    long = "x" * (5 << 20)  # past CSV_BLOCK_BYTES (4 MiB)
+    rows = [[str(i), "a"] for i in range(10)]
+    rows.insert(where, ["L", long])
+    path = tmp_path / "long.csv"
+    path.write_text("id,note\n" + "".join(f"{i},{n}\n" for i, n in rows))
+    cfg = ReadConfig(parse="reader", chunk_rows=4)
+    assert rows_of(list(read_chunks(staged(path, "csv"), cfg)), cfg) == [tuple(r) for r in rows]
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "note": n + n}) + "\n" for i, n in rows))  # 10 MiB: past 8 MiB
+    got = rows_of(list(read_chunks(staged(jsonl, "jsonl"), cfg)), cfg)
+    assert got == [(i, n + n) for i, n in rows]
+
+
+def test_reader_parsed_record_longer_than_max_record_bytes_fails_naming_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text("id,note\n1,a\n2," + "x" * (5 << 20) + "\n3,b\n")
+    cfg = ReadConfig(parse="reader", max_record_bytes="2MiB")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"data row 2 holds 5242881 bytes of text, more than read.max_record_bytes"):
+        list(read_chunks(staged(path, "csv"), cfg))

@@ -244,3 +244,15 @@ def test_sample_from_head_of_jsonl_keeps_whole_lines(tmp_path: Path) -> None:
 def test_sample_from_head_of_bytes_that_are_not_gzip_raises(tmp_path: Path) -> None:
     with pytest.raises((OSError, ValueError, zlib.error)):
         sample_from_head(b"this is not gzip at all\n" * 10, remote("t.csv.gz"), tmp_path)
+
+
+def test_sample_from_head_of_a_gzip_bomb_is_bounded(tmp_path: Path) -> None:
+    import zlib
+
+    from etl.read.sample import MAX_SAMPLE_RATIO
+
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)
+    raw = packer.compress(b"id,note\n1,a\n" + bytes(256 << 20)) + packer.flush()  # 256 MiB of NULs
+    sample = sample_from_head(raw, Source(0, "http://h/bomb.csv.gz", "bomb.csv.gz", "csv"), tmp_path)
+    assert Path(sample.url).stat().st_size <= max(len(raw) * MAX_SAMPLE_RATIO, 1 << 20)
+    assert Path(sample.url).read_bytes() == b"id,note\n1,a\n"  # cut after the last whole record
