@@ -242,6 +242,14 @@ class PythonStep(Model):
     """Keyword arguments passed to the function."""
 
 
+class SqlStep(Model):
+    op: Literal["sql"]
+    query: str = Field(min_length=1)
+    """A row-wise DuckDB ``SELECT … FROM chunk [WHERE …]`` run on every chunk (needs the
+    ``sql`` extra). No aggregates, window functions, ORDER BY, LIMIT, DISTINCT, GROUP BY,
+    joins or subqueries: the output must not depend on where chunks are cut."""
+
+
 Step = Annotated[
     SelectStep
     | DropStep
@@ -253,7 +261,8 @@ Step = Annotated[
     | FillnaStep
     | DropnaStep
     | LookupStep
-    | PythonStep,
+    | PythonStep
+    | SqlStep,
     Field(discriminator="op"),
 ]
 STEP_OPS = frozenset(m.model_fields["op"].annotation.__args__[0] for m in get_args(get_args(Step)[0]))

@@ -24,7 +24,9 @@ import importlib
 import json
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,10 @@ from etl.core.config import (
     PythonStep,
     RenameStep,
     SelectStep,
+    SqlStep,
     Step,
 )
-from etl.core.errors import ConfigError, StepError
+from etl.core.errors import ConfigError, ExitCode, StepError
 from etl.transform.casts import _Problem, cast_column
 from etl.transform.expr import ExprError, check_expr, compile_expr, to_arrow
 
@@ -78,6 +81,10 @@ def apply_steps(
         where = f"transform.steps[{i}] ({step.op})"
         try:
             df, bad = _RUNNERS[type(step)](df, step, Path(base_dir))
+        except _BadQuery as e:  # the job's query does not fit the data: a job-file error, exit 2
+            err = StepError(f"{e} (key transform.steps[{i}].query)", item=label, step=where)
+            err.exit_code = ExitCode.BAD_CONFIG
+            raise err from None
         except _Problem as e:
             raise StepError(str(e), item=label, step=where) from e.__cause__
         except ExprError as e:
@@ -336,6 +343,189 @@ def _python(df: pd.DataFrame, step: PythonStep, base_dir: Path) -> tuple[pd.Data
     return result, None
 
 
+# -------------------------------------------------------------------------------- sql
+
+SQL_ROW = "__etl_row"  # the hidden column that carries each row's position through the query
+_SQL_CACHE = 16  # planned queries kept per process; a job has a handful
+# Functions that return a set of rows (a row would become many) or depend on more than
+# the row: refused like aggregates. Aggregates come from DuckDB's own catalogue.
+_SQL_NOT_ROW_WISE = frozenset({"unnest", "generate_series", "range", "nextval", "currval"})
+_SQL_MODIFIERS = {"ORDER_MODIFIER": "ORDER BY", "LIMIT_MODIFIER": "LIMIT", "DISTINCT_MODIFIER": "DISTINCT"}
+
+
+class _BadQuery(_Problem):
+    """The query does not fit the chunk (an unknown column, a wrong type): a job-file error."""
+
+
+@dataclass(frozen=True)
+class SqlPlan:
+    """A checked query, rewritten to carry ``SQL_ROW``, and which output columns are input
+    columns passed through unchanged (taken from the chunk as they are, types included)."""
+
+    text: str
+    star: bool
+    """A plain ``*`` (or ``chunk.*``): every input column passes, but ``star_except``."""
+    star_except: frozenset[str]
+    passed: frozenset[str]
+    """Output columns that are a bare input column under its own name."""
+
+
+@functools.cache
+def _duckdb() -> Any:
+    try:
+        import duckdb
+    except ImportError:
+        raise _Problem("the sql step needs DuckDB: pip install 'cronetl[sql]'") from None
+    return duckdb
+
+
+_SQL_LOCAL = threading.local()
+
+
+def _sql_connection() -> Any:
+    """This worker's DuckDB connection (one per process, or per thread with the thread
+    executor; a connection is not shared between threads): one DuckDB thread, as a worker
+    is one core's worth of work."""
+    con = getattr(_SQL_LOCAL, "con", None)
+    if con is None:
+        con = _SQL_LOCAL.con = _duckdb().connect(config={"threads": 1})
+    return con
+
+
+def _sql_value(sql: str, *params: Any) -> Any:
+    """The one value a statement returns (fetched to the end: DuckDB refuses new work on a
+    connection with an unfinished result)."""
+    return _sql_connection().execute(sql, list(params)).fetchall()[0][0]
+
+
+@functools.cache
+def _aggregates() -> frozenset[str]:
+    rows = _sql_connection().execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type = 'aggregate'"
+    )
+    return frozenset(r[0].lower() for r in rows.fetchall())
+
+
+@functools.lru_cache(maxsize=_SQL_CACHE)
+def sql_plan(query: str) -> SqlPlan:
+    """Parse and check ``query`` (``_Problem`` naming what is not allowed) and rewrite it to
+    carry ``SQL_ROW``. Checked on DuckDB's own syntax tree, not on the text."""
+    tree = json.loads(_sql_value("SELECT json_serialize_sql(?)", query))
+    if tree.get("error"):
+        raise _Problem(f"not valid SQL: {tree.get('error_message', 'syntax error')}")
+    if len(tree["statements"]) != 1:
+        raise _Problem("expected one SELECT statement")
+    node = tree["statements"][0]["node"]
+    if node.get("type") != "SELECT_NODE":
+        raise _Problem("expected one SELECT … FROM chunk (no UNION, INTERSECT, EXCEPT or VALUES)")
+    _row_wise(node)
+    alias = node["from_table"].get("alias") or "chunk"
+    star, star_except, passed = False, set[str](), set[str]()
+    for item in node["select_list"]:
+        if item.get("class") == "STAR" and item.get("relation_name", "") in ("", alias) and not item.get("columns"):
+            star = True
+            item["exclude_list"] = [*item.get("exclude_list", []), SQL_ROW]
+            star_except.update(str(x) for x in item["exclude_list"])
+            star_except.update(str(r.get("key", r) if isinstance(r, dict) else r) for r in item.get("replace_list", []))
+        elif (
+            item.get("class") == "COLUMN_REF"
+            and item["column_names"][-1:]
+            and item.get("alias", "") in ("", item["column_names"][-1])
+        ):
+            passed.add(item["column_names"][-1])
+    probe = json.loads(_sql_value("SELECT json_serialize_sql(?)", f"SELECT {SQL_ROW} FROM chunk"))
+    node["select_list"].append(probe["statements"][0]["node"]["select_list"][0])
+    text = _sql_value("SELECT json_deserialize_sql(?)", json.dumps(tree))
+    return SqlPlan(str(text), star, frozenset(star_except), frozenset(passed))
+
+
+def _row_wise(node: dict[str, Any]) -> None:
+    """Refuse whatever makes a row's output depend on other rows, i.e. on chunk boundaries."""
+    for m in node.get("modifiers", []):
+        raise _Problem(f"{_SQL_MODIFIERS.get(m.get('type'), m.get('type'))} is not allowed: {_WHY}")
+    if node.get("cte_map", {}).get("map"):
+        raise _Problem(f"WITH is not allowed: {_WHY}")
+    if node.get("group_expressions") or node.get("group_sets"):
+        raise _Problem(f"GROUP BY is not allowed: {_WHY}")
+    for clause in ("having", "qualify"):
+        if node.get(clause):
+            raise _Problem(f"{clause.upper()} is not allowed: {_WHY}")
+    src = node.get("from_table") or {}
+    if src.get("type") != "BASE_TABLE" or str(src.get("table_name", "")).lower() != "chunk" or src.get("schema_name"):
+        raise _Problem("the query must read FROM chunk, and only chunk (no joins, other tables or table functions)")
+    if src.get("sample"):
+        raise _Problem(f"USING SAMPLE is not allowed: {_WHY}")
+    aggregates = _aggregates()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            kind = x.get("class")
+            if kind == "WINDOW":
+                raise _Problem(f"window functions ({x.get('function_name', '')} OVER …) are not allowed: {_WHY}")
+            if kind == "SUBQUERY":
+                raise _Problem(f"subqueries are not allowed: {_WHY}")
+            name = str(x.get("function_name", "")).lower()
+            if kind == "FUNCTION" and (name in aggregates or name in _SQL_NOT_ROW_WISE):
+                shown = "count" if name == "count_star" else name
+                raise _Problem(f"{shown}() is not row-wise (an aggregate or a set of rows): {_WHY}")
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(node.get("select_list"))
+    walk(node.get("where_clause"))
+
+
+_WHY = "the sql step is row-wise, so its output never depends on where chunks are cut"
+
+
+def _arrow_column(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """DuckDB's text types as the expression steps give them (``string``)."""
+    if pa.types.is_large_string(values.type) or pa.types.is_string_view(values.type):
+        return values.cast(pa.string())
+    return values
+
+
+def _sql(df: pd.DataFrame, step: SqlStep, _: Path) -> tuple[pd.DataFrame, None]:
+    plan = sql_plan(step.query)
+    duckdb = _duckdb()
+    con = _sql_connection()
+    try:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise _Problem(f"cannot hand the chunk to DuckDB: {e}") from e
+    table = table.append_column(SQL_ROW, pa.array(np.arange(len(df), dtype=np.int64)))
+    con.register("chunk", table)
+    try:
+        result = con.sql(plan.text).to_arrow_table()
+    except (duckdb.BinderException, duckdb.ConversionException) as e:
+        columns = ", ".join(map(str, df.columns))
+        raise _BadQuery(f"{str(e).strip()} (the chunk's columns: {columns})") from None
+    except duckdb.Error as e:
+        raise _Problem(f"{type(e).__name__}: {str(e).strip()}") from None
+    finally:
+        con.unregister("chunk")
+    names = result.column_names[:-1]  # the last is SQL_ROW, as the plan appended it
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise _BadQuery(f"the query gives two columns named {twice!r}; name them apart with AS")
+    rows = result.column(len(names)).to_numpy()
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():  # DuckDB keeps the order with one thread; make sure
+        order = np.argsort(rows, kind="stable")
+        result, rows = result.take(order), rows[order]
+    index = df.index[rows]
+    out: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        as_is = name in df.columns and (name in plan.passed or (plan.star and name not in plan.star_except))
+        if as_is:
+            out[name] = df[name].iloc[rows].set_axis(index)
+        else:
+            out[name] = pd.Series(pd.arrays.ArrowExtensionArray(_arrow_column(result.column(i))), index=index)
+    return pd.DataFrame(out, index=index), None
+
+
 _RUNNERS: dict[type, Callable[[pd.DataFrame, Any, Path], tuple[pd.DataFrame, Bad | None]]] = {
     SelectStep: _select,
     DropStep: _drop,
@@ -348,6 +538,7 @@ _RUNNERS: dict[type, Callable[[pd.DataFrame, Any, Path], tuple[pd.DataFrame, Bad
     DropnaStep: _dropna,
     LookupStep: _lookup,
     PythonStep: _python,
+    SqlStep: _sql,
 }
 
 
@@ -374,6 +565,8 @@ def _checks(step: Step, base_dir: Path) -> list[tuple[str, Callable[[], Any]]]:
         return [(f"columns.{name}", functools.partial(check_expr, text)) for name, text in step.columns.items()]
     if isinstance(step, PythonStep):
         return [("function", lambda: load_function(step.function, base_dir))]
+    if isinstance(step, SqlStep):
+        return [("query", lambda: sql_plan(step.query))]
     if isinstance(step, LookupStep):
         path = step.path if step.path.is_absolute() else base_dir / step.path
         table: Callable[[], pd.DataFrame] = lambda: read_lookup_table(*_table(path))  # noqa: E731 - cached after the first call

@@ -737,3 +737,137 @@ def test_chunking_does_not_change_the_result(job_dir: Path, rows: list[dict], da
         order = ["_row", "_step"]
         joined = pd.concat(part_rejects).sort_values(order).reset_index(drop=True)
         pd.testing.assert_frame_equal(joined, whole_rejects.sort_values(order).reset_index(drop=True))
+
+
+# -------------------------------------------------------------------------------- sql
+
+
+def typed(trips: pd.DataFrame) -> pd.DataFrame:
+    result, _ = run(
+        trips,
+        {"op": "cast", "columns": {"fare": "float64", "zone": "int64", "payment": "category"}},
+        {"op": "parse_datetime", "columns": ["pickup", "dropoff"]},
+    )
+    return result
+
+
+def test_sql_is_row_wise_keeps_row_numbers_and_passes_columns_as_they_are(trips: pd.DataFrame) -> None:
+    df = typed(trips)
+    result, rejects = apply_steps(
+        df,
+        steps({"op": "sql", "query": "SELECT *, fare / zone AS rate, upper(payment) AS pay FROM chunk WHERE fare > 7"}),
+        base_dir=Path("."),
+        label="t",
+    )
+    assert rejects is None
+    assert list(result.index) == [START, START + 4]  # row numbers survive, in order
+    assert list(result.columns) == [*df.columns, "rate", "pay"]
+    for col in df.columns:  # passed through untouched: same dtype (category, timestamps), same values
+        assert result[col].dtype == df[col].dtype
+        assert vals(result[col]) == vals(df[col].loc[result.index])
+    assert vals(result["rate"]) == [12.5, 30.25 / 9] and vals(result["pay"]) == ["CARD", "OTHER"]
+
+
+def test_sql_nulls_and_division_match_the_expression_steps(trips: pd.DataFrame) -> None:
+    df = typed(trips)
+    sql, _ = run(
+        df, {"op": "sql", "query": "SELECT fare / (zone - zone) AS d, fare > 10 AS big, fare + 1 AS f1 FROM chunk"}
+    )
+    expr, _ = run(
+        df,
+        {"op": "derive", "columns": {"d": "fare / (zone - zone)", "big": "fare > 10", "f1": "fare + 1"}},
+        {"op": "select", "columns": ["d", "big", "f1"]},
+    )
+    for col in ("d", "big", "f1"):
+        assert vals(sql[col]) == vals(expr[col])
+        assert str(sql[col].dtype) == str(expr[col].dtype)
+    assert vals(sql["d"])[:2] == [math.inf, math.inf] and vals(sql["big"]) == [True, False, None, None, True]
+    kept, _ = run(df, {"op": "sql", "query": "SELECT * FROM chunk WHERE fare > 10 OR payment = 'cash'"})
+    filtered, _ = run(df, {"op": "filter", "expr": "fare > 10 or payment == 'cash'"})
+    assert list(kept.index) == list(filtered.index)  # a null condition drops the row, in both
+
+
+@pytest.mark.parametrize(
+    "query, says",
+    [
+        ("SELECT count(*) FROM chunk", "count() is not row-wise"),
+        ("SELECT sum(fare) AS s FROM chunk", "sum() is not row-wise"),
+        ("SELECT fare, row_number() OVER () AS n FROM chunk", "window functions"),
+        ("SELECT * FROM chunk ORDER BY fare", "ORDER BY is not allowed"),
+        ("SELECT * FROM chunk LIMIT 10", "LIMIT is not allowed"),
+        ("SELECT DISTINCT zone FROM chunk", "DISTINCT is not allowed"),
+        ("SELECT zone FROM chunk GROUP BY zone", "GROUP BY is not allowed"),
+        ("SELECT * FROM chunk c JOIN chunk d USING (zone)", "FROM chunk, and only chunk"),
+        ("SELECT * FROM other", "FROM chunk, and only chunk"),
+        ("SELECT *, (SELECT max(fare) FROM chunk) AS m FROM chunk", "subqueries are not allowed"),
+        ("SELECT * FROM chunk UNION ALL SELECT * FROM chunk", "no UNION"),
+        ("WITH c AS (SELECT * FROM chunk) SELECT * FROM c", "WITH is not allowed"),
+        ("SELECT unnest([1, 2]) AS x FROM chunk", "unnest() is not row-wise"),
+        ("SELEC * FROM chunk", "not valid SQL: syntax error"),
+        ("SELECT 1; SELECT 2", "one SELECT statement"),
+    ],
+)
+def test_sql_that_is_not_row_wise_or_not_sql_is_refused_at_validation(query: str, says: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        validate_steps(steps({"op": "filter", "expr": "fare > 0"}, {"op": "sql", "query": query}), Path("."))
+    assert exc.value.item == "transform.steps[1].query" and exc.value.exit_code == 2
+    assert says in exc.value.message and exc.value.message.startswith("sql step: ")
+
+
+def test_sql_unknown_column_is_a_job_file_error_naming_the_step(trips: pd.DataFrame) -> None:
+    with pytest.raises(StepError) as exc:
+        run(typed(trips), {"op": "sql", "query": "SELECT fare, tip FROM chunk"})
+    err = exc.value
+    assert err.exit_code == 2 and err.step == "transform.steps[0] (sql)"
+    assert '"tip" not found' in err.message and "key transform.steps[0].query" in err.message
+    assert "the chunk's columns: pickup, dropoff, fare, payment, zone" in err.message
+    with pytest.raises(StepError) as twice:
+        run(typed(trips), {"op": "sql", "query": "SELECT fare, zone AS fare FROM chunk"})
+    assert "two columns named 'fare'" in twice.value.message and twice.value.exit_code == 2
+
+
+def _arrow_round(expr: str) -> str:
+    """The expression steps' round(x, 1) in SQL: Arrow's kernel (half-to-even of x*10, over 10,
+    x itself when x*10 is whole); DuckDB's round_even(x, 1) rounds the decimal value instead."""
+    return f"CASE WHEN ({expr}) * 10 = trunc(({expr}) * 10) THEN ({expr}) ELSE round_even(({expr}) * 10, 0) / 10 END"
+
+
+def test_the_example_job_with_its_filter_and_derive_in_sql_publishes_identical_data(tmp_path: Path) -> None:
+    from etl.api import run_job
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "config" / "example.toml").read_text()
+    filter_step = 'op = "filter"\nexpr = "fare >= 0 and distance_mi > 0"'
+    derive_start = text.index('op = "derive"')
+    derive_step = text[derive_start : text.index("\n\n", derive_start)]
+    # minutes(a - b) is the difference in microseconds times 1e-6 / 60, as a float
+    minutes = f"(epoch_us(dropoff_at) - epoch_us(pickup_at))::DOUBLE * {1e-6 / 60!r}"
+    duration = _arrow_round(minutes)
+    query = f"""
+        SELECT *,
+          {duration} AS duration_min,
+          {_arrow_round("distance_mi / (duration_min / 60)")} AS mph,
+          CASE WHEN fare > 0 THEN {_arrow_round("tip / fare * 100")} ELSE 0.0 END AS tip_pct,
+          strftime(pickup_at, '%Y-%m') AS month,
+          store_and_fwd = 'Y' AS delayed_upload
+        FROM chunk"""
+    sql_text = text.replace(
+        filter_step, 'op = "sql"\nquery = "SELECT * FROM chunk WHERE fare >= 0 AND distance_mi > 0"'
+    )
+    sql_text = sql_text.replace(derive_step, f'op = "sql"\nquery = """{query}"""')
+    assert sql_text.count('op = "sql"') == 2 and 'op = "derive"' not in sql_text and 'op = "filter"' not in sql_text
+    tables = []
+    for name, job in (("expr", text), ("sql", sql_text)):
+        folder = tmp_path / name / "config"
+        folder.mkdir(parents=True)
+        for f in ("sample_udf.py",):
+            (folder / f).write_text((root / "config" / f).read_text())
+        job = job.replace("../sample_data/", f"{root}/sample_data/")
+        (folder / "job.toml").write_text(job)
+        result = run_job(folder / "job.toml", ["transform.executor=thread"])
+        assert result.exit_code == 3, result.error  # the sample's bad values are quarantined
+        tables.append(pq.ParquetDataset(tmp_path / name / "out" / "example").read().sort_by("trip_id"))
+    expr_table, sql_table = tables
+    assert sql_table.schema == expr_table.schema
+    assert sql_table.num_rows == expr_table.num_rows > 50_000
+    assert sql_table.equals(expr_table)
