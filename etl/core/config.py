@@ -288,6 +288,10 @@ class TransformConfig(Model):
     """Attempts per chunk when its worker crashes or times out."""
     chunk_timeout: float | None = Field(default=None, gt=0)
     """Seconds one chunk may run before its worker is killed and the chunk retried."""
+    stall_timeout: float = Field(default=60.0, gt=0)
+    """Seconds with chunks in flight, no worker on any of them and no attempt started or
+    ended, before the watchdog resubmits them (each a failed attempt: past ``max_attempts``
+    the run fails naming the chunk). Guards against a lost chunk: a run never waits forever."""
     dask: DaskConfig = DaskConfig()
     """With ``executor = "dask"``: where the cluster is."""
     base_dir: Path = Path(".")

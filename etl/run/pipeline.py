@@ -292,6 +292,7 @@ class Run:
             bar,
             ipc=executor.ipc_stats,
             read=self.cfg.read,
+            busy=executor.busy,
         )
         s = self.summary
         s.chunks, s.rows_in, s.rows_out, s.rows_rejected = (

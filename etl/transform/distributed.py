@@ -59,6 +59,8 @@ T = TypeVar("T")
 # Seconds to start a LocalCluster or reach a scheduler (and its first answer): long enough
 # for a cold start of worker processes, short enough that a wrong address fails the run soon.
 START_TIMEOUT = 60.0
+# Seconds busy() waits for the scheduler's answer: the watchdog asks only after a stall.
+BUSY_TIMEOUT = 10.0
 # Seconds close() waits for the client (and a LocalCluster) to shut down before giving up.
 CLOSE_TIMEOUT = 30.0
 # Deaths a LocalCluster's scheduler tolerates per task before KilledWorker: 0 hands every
@@ -130,6 +132,7 @@ class DaskExecutor(Executor):
         self._client: Client | None = None
         self._cluster: LocalCluster | None = None
         self._attempts: set[asyncio.Task[Any]] = set()
+        self._keys: set[object] = set()  # this job's tasks on the cluster now (for busy())
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dask-client", daemon=True)
         self._thread.start()
@@ -203,6 +206,22 @@ class DaskExecutor(Executor):
         assert self._client is not None
         return self._call(self._client.run(os.getpid), CLOSE_TIMEOUT)
 
+    def busy(self) -> int:
+        """This job's tasks the scheduler has on a worker now (blocking: one scheduler call)."""
+        try:
+            return self._call(self._processing(), BUSY_TIMEOUT)
+        except (concurrent.futures.TimeoutError, OSError) as e:  # no answer: say busy, never act on a guess
+            log.warning(
+                "dask: the scheduler did not say what it runs: %s", e, extra={"stage": "transform", "source": ""}
+            )
+            return len(self._keys)
+
+    async def _processing(self) -> int:
+        assert self._client is not None
+        ours = set(self._keys)
+        processing = await cast(Awaitable[dict[str, list[object]]], self._client.processing())  # type: ignore[no-untyped-call]  # Client.processing() has no annotations
+        return sum(key in ours for keys in processing.values() for key in keys)
+
     # ------------------------------------------------------------------ chunks
 
     async def run(self, chunk: Chunk) -> ChunkResult:
@@ -219,6 +238,7 @@ class DaskExecutor(Executor):
         try:
             data = await client.scatter(chunk, hash=False, direct=DIRECT_TO_WORKERS)  # type: ignore[no-untyped-call]  # Client.scatter() has no annotations
             task = client.submit(run_remote, self._token, data, pure=False)
+            self._keys.add(task.key)
             return await asyncio.wait_for(task, self._timeout)
         except KilledWorker as e:
             raise WorkerCrashed(
@@ -244,6 +264,8 @@ class DaskExecutor(Executor):
             ) from e
         finally:
             self._attempts.discard(me)
+            if task is not None:
+                self._keys.discard(task.key)
             for future in (task, data):
                 if future is not None:
                     future.release()

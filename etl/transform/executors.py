@@ -68,6 +68,8 @@ class TransformStats:
     """Chunks (or halves) retried as two halves after their worker was SIGKILLed."""
     pieces_set_aside: int = 0
     """Chunks (or halves) that crashed on every attempt and went to the dead-letter output."""
+    stalls: int = 0
+    """Times the stall watchdog found chunks in flight with no worker on them, and resubmitted them."""
     worker_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps_seconds: float = 0.0
@@ -126,6 +128,11 @@ class Executor(ABC):
         """In-process executors move no bytes between processes."""
         return IpcStats()
 
+    @abstractmethod
+    def busy(self) -> int:
+        """Chunks a worker is on now (the stall watchdog's "workers idle" is 0). May block
+        briefly (Dask asks its scheduler): call it off the event loop."""
+
 
 class ThreadExecutor(Executor):
     """``serial`` is this with one thread: the same code path, the reference output."""
@@ -134,9 +141,23 @@ class ThreadExecutor(Executor):
         self.workers = workers
         init_worker(spec)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="transform")
+        self._running = 0
+        self._lock = threading.Lock()
 
     async def run(self, chunk: Chunk) -> ChunkResult:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run_chunk, chunk)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_chunk, chunk)
+
+    def _run_chunk(self, chunk: Chunk) -> ChunkResult:
+        with self._lock:
+            self._running += 1
+        try:
+            return run_chunk(chunk)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def busy(self) -> int:
+        return self._running
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

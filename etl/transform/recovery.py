@@ -19,6 +19,13 @@ one attempt and reports a dead, killed or timed-out worker as ``WorkerCrashed`` 
   N attempts") and ``"skip"`` only counts its rows as rejected; the run goes on and
   exits 3 (rows out + rows rejected = rows in).
 
+A ``Watchdog`` (issue 21) guards every attempt: when attempts are in flight, the executor
+says no worker is on any chunk (``busy() == 0``) and no attempt has started or ended for
+``transform.stall_timeout`` seconds, the chunks are lost somewhere between the dispatcher
+and the workers: every such attempt is cancelled and fails as ``WorkerCrashed`` (signal
+"stalled"), so the runner resubmits it, and past ``max_attempts`` the run fails naming
+it. A worker that is busy for long is not a stall: that is ``chunk_timeout``'s business.
+
 Dead-letter rows are encoded by ``etl.core.parts.encode_rejects`` (one ``rejected-…``
 JSON Lines file per chunk), which workers use for rows a step rejects and the runner for
 a whole chunk set aside.
@@ -29,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -56,12 +65,21 @@ OOM_KILL = "killed by SIGKILL"  # how describe_exit() names the OOM killer's sig
 class ChunkRunner:
     """Runs one chunk to completion: retries, splits after SIGKILL, sets aside or fails."""
 
-    def __init__(self, executor: RunsChunks, cfg: TransformConfig, stats: TransformStats, read: ReadConfig) -> None:
+    def __init__(
+        self,
+        executor: RunsChunks,
+        cfg: TransformConfig,
+        stats: TransformStats,
+        read: ReadConfig,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.executor = executor
         self.cfg = cfg
         self.read = read
         """How to parse a raw CSV chunk in the parent, to set its rows aside."""
         self.stats = stats
+        self.watchdog = watchdog
+        """Resubmits attempts that stall (see the module docstring); None: not watched."""
 
     async def run(self, chunk: Chunk) -> ChunkResult:
         """The chunk's result; a split chunk's pieces merged back into one."""
@@ -73,7 +91,8 @@ class ChunkRunner:
         max_attempts = self.cfg.max_attempts
         for attempt in range(1, max_attempts + 1):
             try:
-                result = await self.executor.run(chunk)
+                running = self.executor.run(chunk)
+                result = await (running if self.watchdog is None else self.watchdog.watch(running, chunk))
             except WorkerCrashed as e:
                 e.attempts = attempt
                 if type(e) is WorkerCrashed and e.signal == OOM_KILL and chunk.rows >= 2 * MIN_SPLIT_ROWS:
@@ -136,6 +155,72 @@ class ChunkRunner:
         if self.cfg.on_error == "quarantine":
             result.rejects = rejects
         return result
+
+
+class Watchdog:
+    """Resubmits attempts that made no progress while no worker was on them (see above)."""
+
+    def __init__(self, timeout: float, busy: Callable[[], int]) -> None:
+        self.timeout = timeout
+        self.busy = busy
+        """The executor's ``busy()``: chunks a worker is on now (blocking: run in a thread)."""
+        self.stalls = 0
+        """Times the watchdog acted."""
+        self._attempts: dict[asyncio.Future[ChunkResult], Chunk] = {}
+        self._stalled: set[asyncio.Future[ChunkResult]] = set()
+        self._last = time.monotonic()
+
+    async def watch(self, attempt: Awaitable[ChunkResult], chunk: Chunk) -> ChunkResult:
+        """Await one attempt; ``WorkerCrashed`` (signal "stalled") if the watchdog gave up on it."""
+        future = asyncio.ensure_future(attempt)
+        self._attempts[future] = chunk
+        self._last = time.monotonic()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if future in self._stalled and not (me is not None and me.cancelling()):
+                raise WorkerCrashed(
+                    f"no progress for {self.timeout:g}s (transform.stall_timeout) while the chunk was in "
+                    "flight and no worker was on it: the chunk was lost; resubmitted",
+                    item=chunk.label,
+                    signal="stalled",
+                ) from None
+            raise
+        finally:
+            del self._attempts[future]
+            self._stalled.discard(future)
+            self._last = time.monotonic()
+
+    async def run(self) -> None:
+        """Check once ``timeout`` seconds have passed without progress; until cancelled."""
+        while True:
+            left = self._last + self.timeout - time.monotonic()
+            if left > 0:
+                await asyncio.sleep(left)
+                continue
+            if (
+                self._attempts
+                and await asyncio.to_thread(self.busy) == 0
+                and time.monotonic() - self._last >= self.timeout
+            ):
+                self._act()
+            self._last = time.monotonic()  # idle, busy or acted: the next look is a full period away
+
+    def _act(self) -> None:
+        self.stalls += 1
+        stalled = [f for f in self._attempts if not f.done()]
+        log.warning(
+            "transform: %d chunk(s) in flight made no progress for %gs with no worker on them "
+            "(transform.stall_timeout); resubmitting: %s",
+            len(stalled),
+            self.timeout,
+            ", ".join(self._attempts[f].label for f in stalled),
+            extra={"stage": "transform"},
+        )
+        for future in stalled:
+            self._stalled.add(future)
+            future.cancel()
 
 
 def whole_chunk_rejects(chunk: Chunk, reason: str, read: ReadConfig) -> tuple[int, Part]:

@@ -45,6 +45,7 @@ the dead-letter output), ``etl.transform.steps`` (the steps themselves).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ from etl.transform.executors import (
     ThreadExecutor,
     TransformStats,
 )
-from etl.transform.recovery import ChunkRunner
+from etl.transform.recovery import ChunkRunner, Watchdog
 from etl.transform.worker import WorkerSpec
 
 log = logging.getLogger("etl.transform")
@@ -92,11 +93,16 @@ async def transform_stage(
     *,
     ipc: Callable[[], IpcStats] | None = None,
     read: ReadConfig | None = None,
+    busy: Callable[[], int] | None = None,
 ) -> TransformStats:
     """``ipc``: where to read the IPC cost when ``executor`` is a wrapper (default: its own);
-    ``read``: how CSV chunks are parsed, for setting a crashed chunk's rows aside."""
+    ``read``: how CSV chunks are parsed, for setting a crashed chunk's rows aside;
+    ``busy``: the executor's ``busy()`` for the stall watchdog when ``executor`` is a
+    wrapper (default: its own; with neither, chunks are not watched)."""
     stats = TransformStats()
-    runner = ChunkRunner(executor, cfg, stats, read or ReadConfig())
+    busy = busy or getattr(executor, "busy", None)
+    watchdog = Watchdog(cfg.stall_timeout, busy) if busy is not None else None
+    runner = ChunkRunner(executor, cfg, stats, read or ReadConfig(), watchdog)
     start = time.perf_counter()
 
     async def one(chunk: Chunk) -> None:
@@ -107,7 +113,14 @@ async def transform_stage(
             progress.update(items=result.rows_in)
         await results.put(result)
 
-    await drain(chunks, in_flight, one)  # at most in_flight chunks taken and not yet done
+    watching = asyncio.create_task(watchdog.run(), name="transform-watchdog") if watchdog else None
+    try:
+        await drain(chunks, in_flight, one)  # at most in_flight chunks taken and not yet done
+    finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+    stats.stalls = watchdog.stalls if watchdog else 0
     await results.close()
     _finish(
         stats,

@@ -24,7 +24,14 @@ from etl.core.errors import ChunkTimeout, WorkerCrashed
 from etl.core.parts import split_name
 from etl.core.records import Chunk, ChunkResult, Part
 from etl.transform.executors import ThreadExecutor, TransformStats
-from etl.transform.recovery import MIN_SPLIT_ROWS, OOM_KILL, ChunkRunner, merge_pieces, rename_for_split
+from etl.transform.recovery import (
+    MIN_SPLIT_ROWS,
+    OOM_KILL,
+    ChunkRunner,
+    Watchdog,
+    merge_pieces,
+    rename_for_split,
+)
 from etl.transform.worker import WorkerSpec
 
 JOB = """
@@ -347,3 +354,75 @@ def test_a_split_where_only_one_half_dies_keeps_the_other_halfs_rows(tmp_path: P
     )  # filtered rows are not rejected
     assert [d["row"] for d in dead_letters(result)] == list(range(MIN_SPLIT_ROWS, 2 * MIN_SPLIT_ROWS))
     assert stats.splits == 1 and stats.pieces_set_aside == 1
+
+
+# ------------------------------------------------------------ stall watchdog (issue 21)
+
+HANG_GUARD = 30.0  # seconds: only a run the watchdog failed to rescue gets near it
+
+
+class LosingExecutor(ThreadExecutor):
+    """Loses the first ``lose`` attempts: they are never answered and no worker is on them
+    (``busy() == 0``), as when a chunk vanished in a broken pool. ``hold`` makes every
+    attempt wait that long first with a worker on it (``busy() == 1``): slow, not lost."""
+
+    def __init__(self, cfg: JobConfig, lose: int, hold: float = 0.0) -> None:
+        super().__init__(WorkerSpec(cfg.transform, cfg.output, cfg.read), 1)
+        self.lose, self.hold, self.attempts, self.held = lose, hold, 0, 0
+
+    async def run(self, chunk: Chunk) -> ChunkResult:
+        self.attempts += 1
+        if self.attempts <= self.lose:
+            await asyncio.Event().wait()  # never answered
+        if self.hold:
+            self.held += 1
+            try:
+                await asyncio.sleep(self.hold)
+            finally:
+                self.held -= 1
+        return await super().run(chunk)
+
+    def busy(self) -> int:
+        return self.held + super().busy()
+
+
+def watched(cfg: JobConfig, executor: LosingExecutor, chunks: list[Chunk], stall: float) -> tuple[list, Watchdog]:
+    stats = TransformStats()
+    dog = Watchdog(stall, executor.busy)
+
+    async def go() -> list:
+        guard = asyncio.create_task(dog.run())
+        try:
+            runner = ChunkRunner(executor, cfg.transform, stats, cfg.read, dog)
+            return list(await asyncio.wait_for(asyncio.gather(*(runner.run(c) for c in chunks)), HANG_GUARD))
+        finally:
+            guard.cancel()
+            executor.close()
+
+    return asyncio.run(go()), dog
+
+
+def test_watchdog_resubmits_a_lost_chunk_and_the_run_goes_on(tmp_path: Path) -> None:
+    cfg = job(tmp_path)
+    chunks = [arrow_chunk(50, index=i, row_start=50 * i) for i in range(3)]
+    expected, _ = run(cfg, CrashingExecutor(cfg), chunks[0])
+    (first, *rest), dog = watched(cfg, LosingExecutor(cfg, lose=1), chunks, stall=0.3)
+    assert dog.stalls == 1
+    assert rows_of(first) == rows_of(expected) and first.attempts == 2
+    assert [r.index for r in rest] == [1, 2]
+
+
+def test_watchdog_fails_the_run_naming_the_chunk_when_it_stays_lost(tmp_path: Path) -> None:
+    cfg = job(tmp_path, attempts=2)
+    chunk = arrow_chunk(50)
+    with pytest.raises(WorkerCrashed, match="stall_timeout") as info:
+        watched(cfg, LosingExecutor(cfg, lose=99), [chunk], stall=0.2)
+    assert info.value.item == chunk.label and info.value.signal == "stalled"
+    assert "attempt 2 of transform.max_attempts = 2" in info.value.message
+
+
+def test_watchdog_leaves_a_slow_chunk_alone_while_a_worker_is_on_it(tmp_path: Path) -> None:
+    cfg = job(tmp_path)
+    executor = LosingExecutor(cfg, lose=0, hold=0.8)  # four stall periods, busy throughout
+    (result,), dog = watched(cfg, executor, [arrow_chunk(50)], stall=0.2)
+    assert dog.stalls == 0 and executor.attempts == 1 and result.attempts == 1
