@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from etl.core.config import ChecksConfig, JobConfig, arrow_type_name
-from etl.core.errors import ChecksFailed
+from etl.core.errors import ChecksFailed, ETLError
 from etl.core.records import MAX_CHECK_EXAMPLES, ChunkResult, Source
 from etl.run.state import read_json
 
@@ -89,8 +89,11 @@ class Gate:
                 self.schemas[c.schema] = (src, f"{c.source_name}[chunk {result.index}]")
         if c.keys:
             with self._spill_lock:
-                for col, blob in c.keys.items():
-                    self._spill(self.unique_cols.index(col), blob, src)
+                try:
+                    for col, blob in c.keys.items():
+                        self._spill(self.unique_cols.index(col), blob, src)
+                except OSError as e:  # a full disk: the run fails cleanly, naming the folder
+                    raise ETLError(f"cannot spill unique keys: {e}", stage="checks", item=str(self.folder)) from e
 
     def _spill(self, col: int, blob: bytes, src: int) -> None:
         n = len(blob) // 24

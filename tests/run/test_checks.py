@@ -271,7 +271,7 @@ def test_failed_checks_publish_nothing_under_every_executor_and_mode(
 def test_json_log_carries_each_check_and_the_cli_exits_4_without_a_traceback(tmp_path: Path, data: Path) -> None:
     write_csv(data / "b.csv", range(100, 200), payment="cash")
     path = job(tmp_path, "columns.payment = {accepted_values = ['card']}")
-    log_file = tmp_path / "run.log"
+    log_file, metrics = tmp_path / "run.log", tmp_path / "etl.prom"
     proc = subprocess.run(
         [
             sys.executable,
@@ -283,6 +283,8 @@ def test_json_log_carries_each_check_and_the_cli_exits_4_without_a_traceback(tmp
             "json",
             "--log-file",
             str(log_file),
+            "--metrics-file",
+            str(metrics),
         ],
         capture_output=True,
         text=True,
@@ -296,6 +298,10 @@ def test_json_log_carries_each_check_and_the_cli_exits_4_without_a_traceback(tmp
     assert failed[0]["level"] == "ERROR" and failed[0]["stage"] == "checks"
     assert failed[0]["check"]["examples"][0] == {"file": "b.csv", "line": 2, "values": {"payment": "cash"}}
     assert any("1 check(s) failed" in e["message"] for e in lines)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
+    assert families["etl_run_exit_code"].samples[0].value == 4
+    failures = {s.labels["check"]: s.value for s in families["etl_check_failures"].samples}
+    assert failures == {"accepted_values(payment)": 100, "not_empty": 0}
 
 
 def test_validate_prints_every_check_it_will_run(tmp_path: Path, data: Path) -> None:
@@ -370,3 +376,17 @@ def test_describe_lists_the_guard_even_without_checks(tmp_path: Path) -> None:
     assert describe_checks(load_job(tmp_path / "job.toml").checks) == [
         "not_empty: a run that reads rows publishes some over a non-empty output"
     ]
+
+
+def test_a_spill_that_cannot_be_written_fails_the_run_naming_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text(
+        '[job]\nname = "g"\nstate_dir = "state"\n[sources]\nurls = []\n[output]\npath = "out"\n'
+        "[checks]\ncolumns.id = {unique = true}\n"
+    )
+    gate = Gate(load_job(tmp_path / "job.toml"), "run1", [Source(0, "s.csv", "s.csv", "csv")])
+    gate.folder.parent.parent.mkdir(parents=True, exist_ok=True)
+    gate.folder.parent.write_text("in the way")  # stands in for a full or read-only disk
+    ids = pd.Series([1, 2, 3])
+    with pytest.raises(etl.ETLError, match="cannot spill unique keys") as info:
+        gate.add(ChunkResult(0, 0, 3, 3, checks=ChunkChecks("s.csv", "line", keys={"id": unique_keys(ids)})))
+    assert info.value.item == str(gate.folder) and info.value.stage == "checks"
