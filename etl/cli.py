@@ -39,7 +39,7 @@ EXIT_CODES_HELP = """exit codes:
   130  interrupted by SIGINT, 143 interrupted by SIGTERM
 """
 
-COMMANDS = ("run", "validate", "schema", "crontab", "generate", "serve", "bench")
+COMMANDS = ("run", "validate", "schema", "init", "crontab", "generate", "serve", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,6 +107,12 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     )
 
     sub.add_parser("schema", help="print the job file's JSON Schema (for editor completion and checking)")
+
+    i = sub.add_parser("init", help="write a commented job file from the head of a source (columns, suggested casts)")
+    i.add_argument("job", type=Path, help="the job file to write (TOML)")
+    i.add_argument("--source", required=True, help="a local file or an http(s) URL: its first MiB is read")
+    i.add_argument("--name", help="job name (default: from the source's file name)")
+    i.add_argument("--force", action="store_true", help="replace an existing job file")
 
     c = sub.add_parser("crontab", help="check a cron schedule and print a crontab line for the job")
     job_args(c)
@@ -186,6 +192,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from etl.core.config import json_schema
 
         print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+        return ExitCode.OK
+    if args.command == "init":
+        from etl.ops.init import init_job
+
+        init_job(args.job, args.source, name=args.name, force=args.force)
+        load_and_check(args.job, [])  # as written, it passes validate
+        print(f"wrote {args.job}; check the suggested steps, then: run.py validate --config {args.job}")
         return ExitCode.OK
     cfg = load_and_check(args.config, args.overrides)
     if args.command == "validate":
