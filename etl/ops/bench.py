@@ -103,6 +103,11 @@ class PointResult:
             if all(s in r["stages"] for r in self.runs)
         }
 
+    def stage_slots(self) -> dict[str, int]:
+        """Slots per stage (threads or workers), as the last run had them."""
+        stages = self.runs[-1]["stages"] if self.runs else {}
+        return {s: int(stages[s].get("slots", 1)) for s in STAGES if s in stages}
+
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = dict(self.point)
         row["runs"] = len(self.runs)
@@ -520,45 +525,73 @@ def plot(results: list[PointResult], varied: list[str], out: Path) -> list[Path]
 
     files = []
     for key in varied:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        others = [k for k in varied if k != key]
-        series: dict[str, list[PointResult]] = {}
-        for r in results:
-            if key in r.point:
-                series.setdefault(" ".join(f"{k}={r.point.get(k)}" for k in others), []).append(r)
-        for name, pts in series.items():
-            pts.sort(key=lambda r: _sort_key(r.point[key]))
-            y = [r.throughput for r in pts]
-            lo = [r.throughput - r.spread("rows_per_s")[0] for r in pts]
-            hi = [r.spread("rows_per_s")[1] - r.throughput for r in pts]
-            ax.errorbar([r.point[key] for r in pts], y, yerr=[lo, hi], marker="o", capsize=3, label=name or None)
-        ax.set_xlabel(key)
-        ax.set_ylabel("rows/s (median, min-max)")
-        ax.set_title(f"throughput vs {key}")
-        if others:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = throughput_figure(results, varied, key)
         path = out / f"throughput_{key.replace('.', '_')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (title, r) in zip(axes, (("best", results[0]), ("worst", results[-1]))):
-        secs = r.stage_seconds()
-        names = list(secs)
-        bottom = [0.0] * len(names)
-        for part, color in (("busy_s", "tab:red"), ("blocked_s", "tab:orange"), ("wait_s", "tab:gray")):
-            vals = [secs[n][part] for n in names]
-            ax.bar(names, vals, bottom=bottom, color=color, label=part[:-2])
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_title(f"{title}: {r.label()}", fontsize=8)
-        ax.set_ylabel("seconds per slot (mean of runs)")
-    axes[0].legend()
-    fig.tight_layout()
+    fig = stages_figure(results)
     path = out / "stages_best_worst.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return files + [path]
+
+
+def throughput_figure(results: list[PointResult], varied: list[str], key: str) -> Any:
+    """Rows/s against ``key``: the median of the repeats, with their min-max spread as error
+    bars; the axis starts at zero, so a 5% gain looks like 5%."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    others = [k for k in varied if k != key]
+    series: dict[str, list[PointResult]] = {}
+    for r in results:
+        if key in r.point:
+            series.setdefault(" ".join(f"{k}={r.point.get(k)}" for k in others), []).append(r)
+    top = 0.0
+    for name, pts in series.items():
+        pts.sort(key=lambda r: _sort_key(r.point[key]))
+        y = [r.throughput for r in pts]
+        lo = [r.throughput - r.spread("rows_per_s")[0] for r in pts]
+        hi = [r.spread("rows_per_s")[1] - r.throughput for r in pts]
+        top = max([top, *(r.spread("rows_per_s")[1] for r in pts)])
+        ax.errorbar([r.point[key] for r in pts], y, yerr=[lo, hi], marker="o", capsize=3, label=name or None)
+    ax.set_ylim(0, top * 1.1 or 1.0)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"rows/s (median of {max(len(r.runs) for r in results)} runs; bars: min-max)")
+    ax.set_title(f"throughput vs {key}")
+    if others:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def stages_figure(results: list[PointResult]) -> Any:
+    """Busy / blocked / waiting seconds per stage for the best and worst points: per slot
+    (top row: how loaded one thread or worker was) and for all of a stage's slots together
+    (bottom row: the worker time the stage cost, which per-slot bars hide when slots differ)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex="col")
+    for col, (title, r) in enumerate((("best", results[0]), ("worst", results[-1]))):
+        secs, slots = r.stage_seconds(), r.stage_slots()
+        names = list(secs)
+        for row, scale in ((0, dict.fromkeys(names, 1.0)), (1, {n: float(slots.get(n, 1)) for n in names})):
+            ax = axes[row][col]
+            bottom = [0.0] * len(names)
+            for part, color in (("busy_s", "tab:red"), ("blocked_s", "tab:orange"), ("wait_s", "tab:gray")):
+                vals = [secs[n][part] * scale[n] for n in names]
+                ax.bar(names, vals, bottom=bottom, color=color, label=part[:-2])
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            if row == 1:
+                for x, (n, total) in enumerate(zip(names, bottom)):
+                    ax.annotate(f"{slots.get(n, 1)}x", (x, total), ha="center", va="bottom", fontsize=7)
+        axes[0][col].set_title(f"{title}: {r.label()}", fontsize=8)
+        axes[0][col].set_ylabel("seconds per slot (mean of runs)")
+        axes[1][col].set_ylabel("worker seconds, all slots")
+    axes[0][0].legend()
+    fig.tight_layout()
+    return fig
 
 
 def _sort_key(v: str) -> tuple[int, float | str]:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
@@ -379,3 +380,54 @@ def test_auto_looks_two_rungs_ahead_when_one_rung_gains_too_little() -> None:
     assert best.point == _p("2", "200000", "8")
     assert _p("2", "100000", "8") in bench.measured  # the rung in between was measured, not taken
     assert bench.runs_done <= 24
+
+
+def _point(workers: int, speeds: list[float]) -> PointResult:
+    """A point as bench records it: one metrics dict per run (per-stage busy/wait/blocked, slots)."""
+    stages = {
+        "read": {"busy_s": 1.0, "wait_s": 0.5, "blocked_s": 0.25, "slots": 2},
+        "transform": {"busy_s": 4.0, "wait_s": 1.0, "blocked_s": 0.0, "slots": workers},
+    }
+    return PointResult({"transform.workers": str(workers)}, [{"rows_per_s": v, "stages": stages} for v in speeds])
+
+
+def test_throughput_plot_starts_at_zero_and_shows_the_spread_of_repeats() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from etl.ops.bench import throughput_figure
+
+    results = [_point(2, [950_000.0, 1_000_000.0, 1_020_000.0]), _point(1, [900_000.0, 930_000.0, 960_000.0])]
+    fig = throughput_figure(results, ["transform.workers"], "transform.workers")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1_020_000  # a 10% gain does not look like 10x
+    (bars,) = ax.containers  # one series: median with min-max error bars
+    line, _, (vertical,) = bars
+    assert list(line.get_ydata()) == [930_000.0, 1_000_000.0]
+    spans = [(float(seg[0][1]), float(seg[1][1])) for seg in vertical.get_segments()]
+    assert spans == [(900_000.0, 960_000.0), (950_000.0, 1_020_000.0)]
+    assert "min-max" in ax.get_ylabel()
+    plt.close(fig)
+
+
+def test_stage_plot_shows_per_slot_and_total_worker_time() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from etl.ops.bench import stages_figure
+
+    fig = stages_figure([_point(4, [1.0]), _point(1, [0.5])])
+    (per_slot_best, per_slot_worst), (total_best, total_worst) = [fig.axes[:2], fig.axes[2:]]
+
+    def busy(ax: Any) -> dict[str, float]:  # the first bars drawn are "busy", one per stage, in stage order
+        return dict(zip(("read", "transform"), [p.get_height() for p in ax.patches[:2]]))
+
+    assert busy(per_slot_best) == {"read": 1.0, "transform": 4.0} == busy(per_slot_worst)
+    assert busy(total_best) == {"read": 2.0, "transform": 16.0}  # 4 workers x 4 s
+    assert busy(total_worst) == {"read": 2.0, "transform": 4.0}
+    assert "all slots" in total_best.get_ylabel() and "4x" in [t.get_text() for t in total_best.texts]
+    plt.close(fig)
