@@ -548,14 +548,20 @@ _RUNNERS: dict[type, Callable[[pd.DataFrame, Any, Path], tuple[pd.DataFrame, Bad
 def validate_steps(steps: Sequence[Step], base_dir: Path, *, file: str = "") -> None:
     """Compile every expression, import python functions, read lookup tables.
 
-    Raises ``ConfigError`` with the key of the offending setting (``transform.steps[2].expr``).
+    Raises one ``ConfigError`` listing every offending setting (``transform.steps[2].expr``).
     """
+    problems: list[tuple[str, str]] = []
     for i, step in enumerate(steps):
         for field, check in _checks(step, Path(base_dir)):
             try:
                 check()
             except (ValueError, OSError, _Problem) as e:
-                raise ConfigError(f"{step.op} step: {e}", key=f"transform.steps[{i}].{field}", file=file) from None
+                problems.append((f"transform.steps[{i}].{field}", f"{step.op} step: {e}"))
+                if not isinstance(step, DeriveStep):
+                    break  # a lookup's later checks need what the first one could not read
+    if problems:  # every step's problem in one message
+        key, message = problems[0]
+        raise ConfigError(message, key=key, file=file, problems=problems)
 
 
 def _checks(step: Step, base_dir: Path) -> list[tuple[str, Callable[[], Any]]]:

@@ -871,3 +871,23 @@ def test_the_example_job_with_its_filter_and_derive_in_sql_publishes_identical_d
     assert sql_table.schema == expr_table.schema
     assert sql_table.num_rows == expr_table.num_rows > 50_000
     assert sql_table.equals(expr_table)
+
+
+def test_validate_steps_reports_every_bad_step_at_once(job_dir: Path) -> None:
+    bad = steps(
+        {"op": "filter", "expr": "fare >"},
+        {"op": "derive", "columns": {"a": "fare +", "b": "fare * 2", "c": "nope("}},
+        {"op": "lookup", "path": "missing.csv", "on": "zone", "columns": ["x"]},
+        {"op": "sql", "query": "SELECT sum(fare) AS s FROM chunk"},
+    )
+    with pytest.raises(ConfigError) as exc:
+        validate_steps(bad, job_dir)
+    keys = [k for k, _ in exc.value.problems]
+    assert keys == [
+        "transform.steps[0].expr",
+        "transform.steps[1].columns.a",
+        "transform.steps[1].columns.c",
+        "transform.steps[2].path",
+        "transform.steps[3].query",
+    ]
+    assert exc.value.item == "transform.steps[0].expr" and str(exc.value).count("\n  key ") == 5
