@@ -390,3 +390,18 @@ def test_a_spill_that_cannot_be_written_fails_the_run_naming_the_folder(tmp_path
     with pytest.raises(etl.ETLError, match="cannot spill unique keys") as info:
         gate.add(ChunkResult(0, 0, 3, 3, checks=ChunkChecks("s.csv", "line", keys={"id": unique_keys(ids)})))
     assert info.value.item == str(gate.folder) and info.value.stage == "checks"
+
+
+def test_max_drop_in_append_mode_compares_with_the_last_successful_append(tmp_path: Path, data: Path) -> None:
+    path = job(tmp_path, "max_drop = '50%'", mode="append")
+    assert run(path).exit_code == ExitCode.OK  # appends 200 rows
+    before = tree(tmp_path / "out")
+    write_csv(data / "c.csv", range(300, 340))  # 40 rows: a fall of 80 % against 200
+    result = run(path)
+    assert result.exit_code == ExitCode.CHECKS_FAILED
+    assert tree(tmp_path / "out") == before
+    found = by_name(report(result)["checks"])["max_drop"]
+    assert found["value"] == 40 and found["limit"] == 200 and "-80.00%" in found["detail"]
+    write_csv(data / "c.csv", range(300, 420))  # 120 rows: a fall of 40 %
+    assert run(path).exit_code == ExitCode.OK
+    assert sum(1 for _ in (tmp_path / "out").rglob("part-*-00002-*.parquet")) == 3  # c.csv appended
