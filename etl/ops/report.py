@@ -43,6 +43,7 @@ def summary_fields(s: Any) -> dict[str, Any]:
     object's ``summary`` key); ``s`` is a ``pipeline.RunSummary``."""
     wall = max(s.wall_seconds, 1e-9)
     stats = getattr(s, "stats", None) or {}
+    results = (getattr(s, "checks", None) or {}).get("results", [])
     return {
         "run_id": s.run_id,
         "job": s.job,
@@ -65,6 +66,8 @@ def summary_fields(s: Any) -> dict[str, Any]:
         "peak_rss_bytes": stats.get("peak_rss_bytes"),
         "cpu_seconds": stats.get("cpu_seconds"),
         "bottleneck": (stats.get("bottleneck") or {}).get("stage"),
+        "checks": {k: [r["name"] for r in results if r["status"] == k] for k in ("warned", "failed")}
+        | {"passed": sum(r["status"] == "passed" for r in results)},
     }
 
 

@@ -256,6 +256,8 @@ def test_summary_and_report_list_warned_and_failed_checks() -> None:
     text = format_summary(summary(checks={"published_rows": 10, "results": [warned, passed]}))
     assert "checks   1 passed, 1 warned, 0 failed" in text
     assert "min(fare) WARNED: 3 row(s)" in text and "e.g. file a.csv line 7: fare=-1.5" in text
+    fields = summary_fields(summary(checks={"published_rows": 10, "results": [warned, passed]}))
+    assert fields["checks"] == {"warned": ["min(fare)"], "failed": [], "passed": 1}
     r = RunReport("20260101T000000-a", "trips", "h")
     r.finish("failed", 4, error=ChecksFailed("1 check(s) failed", checks=[warned | {"status": "failed"}]))
     assert r.as_dict()["checks"]["results"][0]["status"] == "failed"
