@@ -70,6 +70,8 @@ class TransformStats:
     """Chunks (or halves) that crashed on every attempt and went to the dead-letter output."""
     stalls: int = 0
     """Times the stall watchdog found chunks in flight with no worker on them, and resubmitted them."""
+    longest_quiet_seconds: float = 0.0
+    """Longest time chunks were in flight and no attempt started or ended (a stall's length)."""
     worker_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps_seconds: float = 0.0

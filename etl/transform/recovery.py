@@ -166,6 +166,9 @@ class Watchdog:
         """The executor's ``busy()``: chunks a worker is on now (blocking: run in a thread)."""
         self.stalls = 0
         """Times the watchdog acted."""
+        self.longest_quiet = 0.0
+        """Longest time (s) attempts were in flight and none started or ended: a stall's length."""
+        self._event = time.monotonic()
         self._attempts: dict[asyncio.Future[ChunkResult], Chunk] = {}
         self._stalled: set[asyncio.Future[ChunkResult]] = set()
         self._last = time.monotonic()
@@ -173,8 +176,8 @@ class Watchdog:
     async def watch(self, attempt: Awaitable[ChunkResult], chunk: Chunk) -> ChunkResult:
         """Await one attempt; ``WorkerCrashed`` (signal "stalled") if the watchdog gave up on it."""
         future = asyncio.ensure_future(attempt)
+        self._progress()
         self._attempts[future] = chunk
-        self._last = time.monotonic()
         try:
             return await future
         except asyncio.CancelledError:
@@ -188,9 +191,15 @@ class Watchdog:
                 ) from None
             raise
         finally:
+            self._progress()
             del self._attempts[future]
             self._stalled.discard(future)
-            self._last = time.monotonic()
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if self._attempts:
+            self.longest_quiet = max(self.longest_quiet, now - self._event)
+        self._event = self._last = now
 
     async def run(self) -> None:
         """Check once ``timeout`` seconds have passed without progress; until cancelled."""

@@ -120,7 +120,8 @@ async def transform_stage(
         if watching is not None:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
-    stats.stalls = watchdog.stalls if watchdog else 0
+    if watchdog is not None:
+        stats.stalls, stats.longest_quiet_seconds = watchdog.stalls, watchdog.longest_quiet
     await results.close()
     _finish(
         stats,

@@ -407,7 +407,7 @@ def test_watchdog_resubmits_a_lost_chunk_and_the_run_goes_on(tmp_path: Path) -> 
     chunks = [arrow_chunk(50, index=i, row_start=50 * i) for i in range(3)]
     expected, _ = run(cfg, CrashingExecutor(cfg), chunks[0])
     (first, *rest), dog = watched(cfg, LosingExecutor(cfg, lose=1), chunks, stall=0.3)
-    assert dog.stalls == 1
+    assert dog.stalls == 1 and dog.longest_quiet >= 0.3  # the stall's length is measured
     assert rows_of(first) == rows_of(expected) and first.attempts == 2
     assert [r.index for r in rest] == [1, 2]
 
@@ -426,3 +426,4 @@ def test_watchdog_leaves_a_slow_chunk_alone_while_a_worker_is_on_it(tmp_path: Pa
     executor = LosingExecutor(cfg, lose=0, hold=0.8)  # four stall periods, busy throughout
     (result,), dog = watched(cfg, executor, [arrow_chunk(50)], stall=0.2)
     assert dog.stalls == 0 and executor.attempts == 1 and result.attempts == 1
+    assert dog.longest_quiet >= 0.8  # quiet, but a worker was on it all along
