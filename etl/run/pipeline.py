@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from etl.core.chunks import decode_chunk, head
 from etl.core.config import JobConfig
 from etl.core.errors import ETLError
 from etl.core.queues import BoundedQueue, QueueAborted
@@ -59,10 +60,10 @@ from etl.run.resources import (
     plan_resources,
 )
 from etl.transform.checks import validate_checks
-from etl.transform.probe import measure_in_worker
+from etl.transform.probe import WARM_ROWS, measure_in_worker
 from etl.transform.stage import make_executor, transform_stage
 from etl.transform.steps import validate_steps
-from etl.transform.worker import WorkerSpec
+from etl.transform.worker import WorkerSpec, init_worker, run_chunk
 from etl.write.folder import OutputWriter
 from etl.write.stage import clean_leftovers, open_writer, write_stage
 
@@ -353,7 +354,11 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
                 reader_bytes = int(grown * READER_SLACK)
             except (ETLError, OSError) as e:  # the run itself reports bad input, with context
                 log.info("could not measure %s (%s); using estimates", local.name, e, extra={"stage": "plan"})
-    found = measure_in_worker(WorkerSpec(cfg.transform, cfg.output, cfg.read), chunk)
+    spec = WorkerSpec(cfg.transform, cfg.output, cfg.read)
+    # Threads transform in this process, so they are measured here: a throw-away worker
+    # process (~200 MiB) beside the parent would pass a small budget before the run starts.
+    threads = cfg.transform.executor in ("thread", "serial")
+    found = _measure_in_parent(spec, chunk) if threads else measure_in_worker(spec, chunk)
     servers = sum(_rss(p) for p in psutil.Process().children(recursive=True))  # fork server, tracker
     if chunk is None or "work" not in found:
         rows = PROBE_ROWS
@@ -379,6 +384,41 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
         servers,
         chunk.source_name,
     )
+
+
+def _measure_in_parent(spec: WorkerSpec, chunk: Chunk | None) -> dict[str, int]:
+    """``measure_in_worker``'s figures for the thread executors, taken in this process: the
+    peak RSS (VmHWM, reset first through /proc/self/clear_refs) over one chunk, above the
+    RSS after a warm-up chunk. Where the peak cannot be reset, the RSS after the chunk."""
+    if chunk is None:
+        return {"base": 0}
+    init_worker(spec)
+    try:
+        run_chunk(head(chunk, WARM_ROWS))
+        base = psutil.Process().memory_info().rss
+        reset = _reset_peak_rss()
+        result = run_chunk(chunk)
+        peak = _peak_rss() if reset else psutil.Process().memory_info().rss
+        frame = int(decode_chunk(chunk, spec.read, "skip")[0].memory_usage(deep=True).sum())
+    except ETLError as e:  # the run itself reports bad input, with context
+        log.info("could not measure a chunk (%s); using estimates", e, extra={"stage": "plan"})
+        return {"base": 0}
+    return {"base": 0, "work": max(peak - base, 0), "frame": frame, "result": result.nbytes}
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return psutil.Process().memory_info().rss
 
 
 def _staged_copy(cfg: JobConfig, src: Source) -> Source | None:

@@ -207,3 +207,41 @@ def test_no_progress_control_characters_without_a_terminal(trips_dir: Path, writ
     )
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
+
+
+# ------------------------------------------------------------ the probe at small budgets (issue 18)
+
+MEASURE_IN_PARENT = """
+import json, sys, psutil
+from etl.core.config import load_job
+from etl.download.sources import expand_sources
+from etl.run.pipeline import measure
+cfg = load_job(sys.argv[1])
+probe = measure(cfg, expand_sources(cfg))
+print(json.dumps({"base": probe.worker_base, "work": probe.worker_work, "rows": probe.rows,
+                  "children": len(psutil.Process().children(recursive=True))}))
+"""
+
+
+def test_thread_executors_are_measured_in_the_parent_starting_no_process(tmp_path: Path) -> None:
+    """A small budget runs the transform in threads; its probe must not start a ~200 MiB
+    worker process beside the parent (it would pass the budget before the run starts)."""
+    import json
+
+    from etl.ops.datagen import generate
+
+    generate(tmp_path / "data", rows=30_000, files=1, seed=3)
+    (src,) = (tmp_path / "data").glob("*.csv.gz")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\nname = "p"\nstate_dir = "{tmp_path / "state"}"\n[sources]\nurls = ["{src}"]\n'
+        '[transform]\nexecutor = "thread"\nsteps = [{op = "cast", columns = {fare_amount = "float64"}}]\n'
+        f'[output]\npath = "{tmp_path / "out"}"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE_IN_PARENT, str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["children"] == 0  # no probe worker, no fork server, no resource tracker
+    assert got["base"] == 0 and got["work"] > 0 and got["rows"] > 1_000
