@@ -135,3 +135,54 @@ def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, wri
     finally:
         executor.close()
     assert limits == [2**30, 2**30]  # the 2 GiB budget split between two workers
+
+
+HOLDER = '''
+def step(df, ready, release):
+    """In a Dask worker: tell the test it holds a chunk, then wait until the test lets go."""
+    from distributed import get_worker
+    try:
+        get_worker()
+    except ValueError:  # not a Dask worker
+        return df
+    with open(ready, "w") as f:  # opens once the test reads
+        f.write("1")
+    with open(release) as f:  # returns once the test has written and closed
+        f.read()
+    return df
+'''
+
+
+def test_busy_counts_the_jobs_chunks_a_dask_worker_is_on(trips_dir: Path, write_job: JobWriter) -> None:
+    """What the stall watchdog asks (issue 21): 1 while a worker runs the chunk, 0 after."""
+    from etl.core.records import Source, StagedFile
+    from etl.read.formats import read_chunks
+    from etl.transform.distributed import DaskExecutor
+    from etl.transform.worker import WorkerSpec
+
+    root = trips_dir.parent
+    (root / "holder.py").write_text(HOLDER)
+    ready, release_ = root / "ready.fifo", root / "release.fifo"
+    os.mkfifo(ready)
+    os.mkfifo(release_)
+    step = f'{{op = "python", function = "holder:step", params = {{ready = "{ready}", release = "{release_}"}}}},'
+    text = job_text('["data/trips-*.csv"]', "dask").replace("steps = [\n", "steps = [\n  " + step + "\n")
+    cfg = load_job(write_job(text))
+    path = sorted((root / "data").glob("trips-*.csv"))[0]
+    source = Source(0, str(path), path.name, "csv")
+    chunk = next(iter(read_chunks(StagedFile(source, path, path.stat().st_size), cfg.read)))
+
+    async def go() -> tuple[int, int, int]:
+        ex = DaskExecutor(WorkerSpec(cfg.transform, cfg.output, cfg.read), 1, cfg.transform)
+        try:
+            before = await asyncio.to_thread(ex.busy)
+            attempt = asyncio.create_task(ex.run(chunk))
+            await asyncio.wait_for(asyncio.to_thread(ready.read_text), 60)  # the worker is on it
+            during = await asyncio.to_thread(ex.busy)
+            await asyncio.to_thread(release_.write_text, "go")
+            await asyncio.wait_for(attempt, 60)
+            return before, during, await asyncio.to_thread(ex.busy)
+        finally:
+            ex.close()
+
+    assert asyncio.run(go()) == (0, 1, 0)

@@ -329,7 +329,7 @@ def test_hung_chunk_is_killed_at_the_timeout_and_fails_the_run(trips_dir: Path) 
 
 
 def test_failed_run_stops_every_worker_it_started(trips_dir: Path) -> None:
-    """In this process (the CLI's exit would hide a leak: pebble stops workers at exit)."""
+    """In this process (the CLI's exit would hide a leak: daemonic workers are stopped at exit)."""
     folder = trips_dir.parent
     fifo = folder / "busy.fifo"
     os.mkfifo(fifo)
@@ -359,7 +359,7 @@ def load_job_for(folder: Path, chunk_rows: int, step: str = "") -> JobConfig:
     return load_job(job)
 
 
-def test_pool_broken_by_an_idle_worker_death_is_rebuilt(trips_dir: Path) -> None:
+def test_an_idle_workers_death_is_replaced_without_touching_a_chunk(trips_dir: Path) -> None:
     folder = trips_dir.parent
     cfg = load_job_for(folder, 100)
     spec = WorkerSpec(cfg.transform, cfg.output, cfg.read)
@@ -370,7 +370,7 @@ def test_pool_broken_by_an_idle_worker_death_is_rebuilt(trips_dir: Path) -> None
         try:
             first = [await pooled.run(chunks[0])]
             (pid,) = worker_pids(folder)
-            os.kill(pid, signal.SIGKILL)  # the only worker, while it runs nothing: pebble's pool breaks
+            os.kill(pid, signal.SIGKILL)  # the only worker, while it runs nothing (pebble's pool broke here)
             psutil.Process(pid).wait(10)
             rest = [await pooled.run(c) for c in chunks[1:]]
         finally:
