@@ -17,7 +17,7 @@ Queues and flow::
 * **End of stream**: when the chunks queue is drained and every in-flight chunk has
   returned, the dispatcher closes the results queue.
 * **Crossing the process boundary**: only plain data. The ``WorkerSpec`` (validated
-  transform and output config) goes once per worker through the pool's initializer; then
+  transform and output config) goes once per worker when it starts (``worker.serve``); then
   a ``Chunk`` goes in and a ``ChunkResult`` comes out. CSV parsing (``read.parse =
   "worker"``), the steps and the output encoding (Parquet compression included) all run
   in the worker, off the parent's cores.
@@ -27,12 +27,14 @@ reader threads only decompress and cut; the worker parses, ``etl.read.csv_cut``)
 and Parquet chunks as uncompressed Arrow IPC stream bytes (decoded zero-copy), and parts
 come back already Parquet-encoded and compressed, so each direction pickles one large
 ``bytes`` object: a memcpy plus a pipe write, no per-row work in the parent. It is
-measured in every run: ``TransformStats.ipc_seconds`` is the CPU time of the pool's three
-threads in the parent (they pickle and send tasks, receive and unpickle results: read
-from ``/proc/self/task/<tid>/schedstat``), ``ipc_share`` that time over the stage's wall
-time. Measured on this shared 2-core machine (the benchmark job, 2M rows in 8 gzip CSV
-files, 2 workers, 24 chunks of 100k lines): 0.19 s of 3.45 s = 5.4%, 195 MB sent (raw
-CSV; Arrow IPC was 262 MB), 76 MB received; the target is < 10%. Pickle protocol 5
+measured in every run: ``TransformStats.ipc_seconds`` is the CPU time of the pool's slot
+threads in the parent (one per worker: they pickle and send chunks, receive and unpickle
+results: read from ``/proc/self/task/<tid>/schedstat``), ``ipc_share`` that time over the
+stage's wall time. Measured on this shared 2-core machine (the benchmark job, 2M rows in 8
+gzip CSV files, 2 workers, 24 chunks of 100k lines, on pebble's pool): 0.19 s of 3.45 s =
+5.4%, 195 MB sent (raw CSV; Arrow IPC was 262 MB), 76 MB received; the target is < 10%.
+With the pool of issue 21 (one pipe per worker), 500k rows in 4 files, under load 7: 0.04 s
+of 7.67 s = 0.6%, 53.3 MB sent, 19.9 MB received. Pickle protocol 5
 out-of-band buffers or shared memory would save one memcpy of bytes that cost a few
 percent, so they were not worth their lifetime bookkeeping.
 
