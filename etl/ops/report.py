@@ -158,7 +158,7 @@ class RunReport:
 def write_report(report: RunReport, state_dir: Path, keep: int) -> Path:
     folder = state_dir / "reports"
     path = folder / f"run-{report.run_id}.json"
-    durable.write_json(path, report.as_dict())
+    durable.write_json(path, report.as_dict(), mode=durable.PRIVATE_MODE)  # it names sources: owner only
     for old in sorted(folder.glob("run-*.json"))[:-keep]:  # run ids start with a UTC timestamp
         old.unlink(missing_ok=True)
     return path

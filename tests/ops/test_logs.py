@@ -43,6 +43,7 @@ def test_json_log_file_has_one_valid_object_per_line(tmp_path: Path) -> None:
     logging.getLogger("etl.run").debug("below the level")
     got = [json.loads(line) for line in lines(log_file)]
     assert len(got) == 3
+    assert log_file.stat().st_mode & 0o777 == 0o600  # a new log file: readable by the owner only
     for entry in got:
         assert set(entry) == JSON_KEYS and entry["run_id"] == "20260101T000000-abc123"
     assert got[0] | {"time": None} == {

@@ -98,6 +98,7 @@ def test_report_is_json_with_the_documented_keys(tmp_path: Path) -> None:
     assert path == tmp_path / "reports" / "run-20260101T000000-aaaaaa.json"
     d = json.loads(path.read_text())
     assert set(d) >= REPORT_KEYS
+    assert path.stat().st_mode & 0o777 == 0o600  # it names sources: readable by the owner only
     assert (d["run_id"], d["job"], d["config_hash"], d["status"], d["exit_code"], d["error"]) == (
         "20260101T000000-aaaaaa",
         "trips",
