@@ -254,10 +254,8 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     from etl.core.redact import redact_url
     from etl.download.sources import expand_sources
     from etl.run.commits import Commits
-    from etl.run.pipeline import plan_job
 
     sources = expand_sources(cfg)
-    cfg, _ = plan_job(cfg, sources)  # the planned chunk size is in the fingerprint that decides skips
     plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
     print(
         f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "

@@ -137,6 +137,7 @@ class Run:
         start = time.perf_counter()
         sources = expand_sources(cfg)
         summary.sources = len(sources)
+        configured = cfg
         cfg, plan = await asyncio.to_thread(plan_job, cfg, sources)  # seconds: off the loop
         self.cfg = cfg
         workers, in_flight = plan.workers, plan.in_flight
@@ -146,7 +147,9 @@ class Run:
         self.stats = RunStats(slots)
         self.stats.sampler.listeners.append(self.guard.observe)
         self.stats.start()
-        self.commits = Commits(cfg, self.opts.run_id, self.opts.full_refresh)
+        # Skips follow the job as configured, not as planned: the planner's chunk size moves
+        # with the memory it measures, and rows do not depend on it (only part sizes do).
+        self.commits = Commits(configured, self.opts.run_id, self.opts.full_refresh)
         adopt = self.commits.recover(sources)  # before clean_leftovers: it may keep a temp folder
         clean_leftovers(cfg.output, keep=adopt)
         writer = open_writer(cfg.output, self.opts.run_id, adopt=adopt)
@@ -319,8 +322,7 @@ class Run:
 
 def plan_job(cfg: JobConfig, sources: list[Source]) -> tuple[JobConfig, ResourcePlan]:
     """The resource plan and the job as it will run under it (planned chunk rows, reader
-    threads, executor). ``--dry-run`` uses it too: the planned settings are part of the
-    fingerprint that decides which sources a run skips."""
+    threads, executor)."""
     plan = plan_resources(cfg, lambda c: measure(c, sources))
     read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
     transform = cfg.transform.model_copy(update={"executor": plan.executor})
