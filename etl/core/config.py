@@ -140,6 +140,14 @@ class ReadConfig(Model):
     boundaries; parsing runs in the transform workers, off the parent's cores) or
     ``reader`` (parsed in the parent's reader threads; use it for files with quote
     characters inside unquoted fields, which can hide where a record ends)."""
+    max_record_bytes: int = Field(default=64 << 20, ge=1 << 10)
+    """Longest record (CSV record or JSON line, in bytes, as text) read; a longer one fails
+    the run naming its file and line. Bytes (``67108864``) or a size (``"64MiB"``)."""
+
+    @field_validator("max_record_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v) if isinstance(v, str) else v
 
 
 # ----------------------------------------------------------------------- transform
@@ -369,14 +377,6 @@ class ResourcesConfig(Model):
         return v
 
 
-# ----------------------------------------------------------------------------- job
-
-
-class JobConfig(Model):
-    job: JobSection
-    """The job's name and its state folder (lock, manifest, reports)."""
-    sources: SourcesSection
-    """What to fetch: URLs, local paths, globs, object-store URLs."""
 # -------------------------------------------------------------------------- checks
 
 ColumnCheckName = Literal["not_null", "unique", "accepted_values", "min", "max"]
@@ -479,6 +479,14 @@ class ChecksConfig(Model):
         return bool(self.columns or self.expect or self.schema_)
 
 
+# ----------------------------------------------------------------------------- job
+
+
+class JobConfig(Model):
+    job: JobSection
+    """The job's name and its state folder (lock, manifest, reports)."""
+    sources: SourcesSection
+    """What to fetch: URLs, local paths, globs, object-store URLs."""
     download: DownloadConfig = DownloadConfig()
     """Download concurrency, timeouts, retries and headers."""
     read: ReadConfig = ReadConfig()
@@ -489,6 +497,8 @@ class ChecksConfig(Model):
     """Where and how the result is published."""
     resources: ResourcesConfig = ResourcesConfig()
     """The memory budget the run sizes itself to."""
+    checks: ChecksConfig = ChecksConfig()
+    """Checks on the run's output rows before it is published."""
     base_dir: Path = Path(".")
     """Folder of the job file; relative paths resolve against it (set by the loader)."""
     file: Path = Path("job.toml")
@@ -497,8 +507,6 @@ class ChecksConfig(Model):
     @property
     def job_state_dir(self) -> Path:
         return self.job.state_dir / self.job.name
-    checks: ChecksConfig = ChecksConfig()
-    """Checks on the run's output rows before it is published."""
 
     @property
     def staging_dir(self) -> Path:
@@ -831,11 +839,3 @@ def _resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
             ),
         }
     )
-    max_record_bytes: int = Field(default=64 << 20, ge=1 << 10)
-    """Longest record (CSV record or JSON line, in bytes, as text) read; a longer one fails
-    the run naming its file and line. Bytes (``67108864``) or a size (``"64MiB"``)."""
-
-    @field_validator("max_record_bytes", mode="before")
-    @classmethod
-    def _size(cls, v: Any) -> Any:
-        return parse_size(v) if isinstance(v, str) else v
