@@ -502,7 +502,8 @@ def _sql(df: pd.DataFrame, step: SqlStep, _: Path) -> tuple[pd.DataFrame, None]:
         result = con.sql(plan.text).to_arrow_table()
     except (duckdb.BinderException, duckdb.ConversionException) as e:
         columns = ", ".join(map(str, df.columns))
-        raise _BadQuery(f"{str(e).strip()} (the chunk's columns: {columns})") from None
+        said = str(e).split("\nLINE ")[0].strip()  # the LINE excerpt would show our rewritten query
+        raise _BadQuery(f"{said} (the chunk's columns: {columns})") from None
     except duckdb.Error as e:
         raise _Problem(f"{type(e).__name__}: {str(e).strip()}") from None
     finally:
