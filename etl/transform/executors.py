@@ -196,6 +196,7 @@ class _Slot(threading.Thread):
 
     def run(self) -> None:
         owner = self.owner
+        self._warm_up()
         while True:
             task = owner._tasks.get()
             if task is None:  # close(): one None per slot
@@ -261,7 +262,15 @@ class _Slot(threading.Thread):
             conn = self._start_worker(chunk)
         return conn
 
-    def _start_worker(self, chunk: Chunk) -> Connection | None:
+    def _warm_up(self) -> None:
+        """Start the worker as the pool starts, so the first chunk does not wait for it; a
+        failure here is only logged (the first chunk starts one again, and counts)."""
+        try:
+            self._start_worker(None)
+        except (ETLError, RuntimeError) as e:
+            log.info("transform worker %d did not start: %s", self.number, e, extra={"stage": "transform"})
+
+    def _start_worker(self, chunk: Chunk | None) -> Connection | None:
         owner = self.owner
         ours, theirs = owner._ctx.Pipe()
         with self.lock:
@@ -289,7 +298,7 @@ class _Slot(threading.Thread):
         self._start_failed(chunk, describe_exit(self.stop_worker()))
         return None
 
-    def _start_failed(self, chunk: Chunk, how: str) -> None:
+    def _start_failed(self, chunk: Chunk | None, how: str) -> None:
         """Count a failed start; fail the chunk past ``MAX_START_FAILURES``, else back off.
 
         The back-off gives a fork server that was just killed time to be gone: until the
@@ -301,7 +310,7 @@ class _Slot(threading.Thread):
                 f"{owner._start_failures} transform workers in a row died while starting (last: {how}), "
                 f"more than {MAX_START_FAILURES}",
                 stage="transform",
-                item=chunk.label,
+                item=chunk.label if chunk is not None else "",
             )
         log.warning("a transform worker died while starting (%s); starting another", how, extra={"stage": "transform"})
         owner._closed.wait(min(START_BACKOFF * 2 ** (owner._start_failures - 1), START_BACKOFF_MAX))

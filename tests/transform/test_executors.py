@@ -433,7 +433,7 @@ async def test_worker_killed_while_idle_costs_no_attempt(tmp_path: Path, trips: 
         ex = ProcessExecutor(spec_of(cfg), 2, None)
 
         async def kill_an_idle_worker(ex: ProcessExecutor = ex) -> None:
-            (pid,) = ex.worker_pids()  # one chunk ran: one worker started
+            pid = ex.worker_pids()[0]  # both idle: one chunk ran and returned
             os.kill(pid, signal.SIGKILL)
             await asyncio.to_thread(psutil.Process(pid).wait, 10)
 

@@ -374,13 +374,14 @@ class LosingExecutor(ThreadExecutor):
         self.attempts += 1
         if self.attempts <= self.lose:
             await asyncio.Event().wait()  # never answered
-        if self.hold:
-            self.held += 1
-            try:
-                await asyncio.sleep(self.hold)
-            finally:
-                self.held -= 1
-        return await super().run(chunk)
+        if not self.hold:
+            return await super().run(chunk)
+        self.held += 1  # a worker is on it from here to the result
+        try:
+            await asyncio.sleep(self.hold)
+            return await super().run(chunk)
+        finally:
+            self.held -= 1
 
     def busy(self) -> int:
         return self.held + super().busy()
