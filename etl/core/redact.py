@@ -16,7 +16,7 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -74,14 +74,16 @@ SECRET_FILE = "url.key"  # in the state folder: the key of url_key's hashes
 _KEY_HEX = 16  # hex digits of the keyed hash kept in state files: 64 bits tell a job's URLs apart
 
 
-def url_key(url: str, key: bytes) -> str:
+def url_key(url: str, key: bytes | Callable[[], bytes]) -> str:
     """How a state file names ``url``: the URL itself when it holds no secret; otherwise
     its redacted form plus ``#hmac=`` and a keyed hash of the whole URL (identity without
-    the secret, and without a hash that could be brute-forced offline: the key is needed)."""
+    the secret, and without a hash that could be brute-forced offline: the key is needed).
+    ``key`` may be a function that gives it, called only for a URL that holds a secret."""
     safe = redact_url(url)
     if safe == url:
         return url
-    digest = hmac.new(key, url.encode(), hashlib.sha256).hexdigest()[:_KEY_HEX]
+    secret = key if isinstance(key, bytes) else key()
+    digest = hmac.new(secret, url.encode(), hashlib.sha256).hexdigest()[:_KEY_HEX]
     return f"{safe}#hmac={digest}"
 
 

@@ -129,19 +129,27 @@ def fingerprint(cfg: JobConfig) -> str:
 class Manifest:
     """``<state>/manifest.json``: ``sources`` (what the output holds) and ``pending``."""
 
-    def __init__(self, path: Path, data: dict[str, Any], key: bytes = b"") -> None:
+    def __init__(self, path: Path, data: dict[str, Any], key: bytes | None = None) -> None:
         self.path = path
         self.data = data
-        self.key = key
+        self._key = key
         for sources in (data.get("sources"), (data.get("pending") or {}).get("sources")):
             if isinstance(sources, dict):  # older manifests named URLs with secrets in clear
                 renamed = {self.ident(url): e for url, e in sources.items()}
                 sources.clear()
                 sources.update(renamed)
 
+    @property
+    def key(self) -> bytes:
+        """The state folder's ``url.key``, read (or made) the first time a URL holding a
+        secret is named: a dry run of a job without such URLs writes nothing."""
+        if self._key is None:
+            self._key = state_secret(self.path.parent)
+        return self._key
+
     def ident(self, url: str) -> str:
         """The name this manifest gives ``url`` (``redact.url_key``)."""
-        return url_key(url, self.key)
+        return url_key(url, lambda: self.key)
 
     @classmethod
     def load(cls, state_dir: Path) -> Manifest:
@@ -160,7 +168,7 @@ class Manifest:
         data.setdefault("fingerprint", None)
         data.setdefault("sources", {})
         data.setdefault("pending", None)
-        return cls(path, data, state_secret(state_dir))
+        return cls(path, data)
 
     @property
     def published(self) -> dict[str, dict[str, Any]]:

@@ -34,12 +34,14 @@ pytestmark = pytest.mark.timeout(600)
 # of the chunk's rows, slept in the run's own process only: the planner's probe (a child
 # process) runs a chunk too, and its one-off cost, which also depends on the chunk size,
 # would blur the model. Sleeping threads overlap fully, so more workers is strictly better.
+# Sleeps only on the transform stage's threads: the planner measures a chunk before the run
+# (for the thread executor, in the parent), and a sleep there would cost every point alike.
 COST_UDF = """
-import multiprocessing
+import threading
 import time
 
 def cost(df, *, fixed, per_row_sq):
-    if multiprocessing.parent_process() is None:
+    if threading.current_thread().name.startswith("transform"):
         time.sleep(fixed + per_row_sq * len(df) ** 2)
     return df
 """
