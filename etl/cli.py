@@ -164,6 +164,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ETLError as e:
         log.error("%s", e, exc_info=log.isEnabledFor(logging.DEBUG) and e.__cause__ is not None)
         return e.exit_code
+    except Exception as e:  # a bug, not an input: one line for the operator, the traceback at DEBUG
+        log.error(
+            "internal error: %s: %s (rerun with --log-level DEBUG for the traceback, and report it)",
+            type(e).__name__,
+            e,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        return ExitCode.FAILED
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -422,3 +422,21 @@ def test_report_and_metrics_file_parse(tmp_path: Path, data: Path) -> None:
     rows = {s.labels["kind"]: s.value for s in families["etl_rows"].samples}
     assert rows == {k: report["rows"][k] for k in ("in", "out", "rejected")}
     assert [p.name for p in metrics.parent.iterdir()] == ["etl_cron.prom"]  # no temp file left
+
+
+def test_an_unexpected_error_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug (not an input) still ends as the documented exit 1 with one line, no traceback;
+    the traceback is there with --log-level DEBUG. Reaching a bug needs one to be planted."""
+    from etl import cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    assert cli.main(["validate", "--config", "job.toml"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: planted" in err and "Traceback" not in err
+    assert cli.main(["validate", "--config", "job.toml", "--log-level", "DEBUG"]) == 1
+    assert "Traceback" in capsys.readouterr().err

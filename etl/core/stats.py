@@ -263,10 +263,14 @@ class TreeSampler:
 class RunStats:
     """The meters of one run, its process-tree sampler, and the final ``stats`` dict."""
 
-    def __init__(self, slots: dict[str, int]) -> None:
-        self.meters = {name: StageMeter(name, max(1, slots.get(name, 1))) for name in STAGES}
+    def __init__(self, slots: dict[str, int] | None = None) -> None:
+        self.set_slots(slots or {})
         self.sampler = TreeSampler()
         self._wall_start = time.perf_counter()
+
+    def set_slots(self, slots: dict[str, int]) -> None:
+        """Each stage's capacity, known once the run is planned (the sampler may already run)."""
+        self.meters = {name: StageMeter(name, max(1, slots.get(name, 1))) for name in STAGES}
 
     def start(self) -> None:
         self._wall_start = time.perf_counter()

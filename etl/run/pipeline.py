@@ -138,15 +138,21 @@ class Run:
         sources = expand_sources(cfg)
         summary.sources = len(sources)
         configured = cfg
-        cfg, plan = await asyncio.to_thread(plan_job, cfg, sources)  # seconds: off the loop
+        # The sampler starts before planning: the probe's worker counts in the run's peak RSS.
+        self.stats = RunStats()
+        self.stats.start()
+        try:
+            cfg, plan = await asyncio.to_thread(plan_job, cfg, sources)  # seconds: off the loop
+        except BaseException:
+            self.stats.stop()
+            raise
         self.cfg = cfg
         workers, in_flight = plan.workers, plan.in_flight
         summary.workers, summary.plan = workers, plan.as_dict()
         self.guard = MemoryGuard(plan.budget)
         slots = {"download": 1, "read": cfg.read.threads, "transform": workers, "write": cfg.output.writer_threads}
-        self.stats = RunStats(slots)
+        self.stats.set_slots(slots)
         self.stats.sampler.listeners.append(self.guard.observe)
-        self.stats.start()
         # Skips follow the job as configured, not as planned: the planner's chunk size moves
         # with the memory it measures, and rows do not depend on it (only part sizes do).
         self.commits = Commits(configured, self.opts.run_id, self.opts.full_refresh)

@@ -245,3 +245,52 @@ def test_thread_executors_are_measured_in_the_parent_starting_no_process(tmp_pat
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["children"] == 0  # no probe worker, no fork server, no resource tracker
     assert got["base"] == 0 and got["work"] > 0 and got["rows"] > 1_000
+
+
+PLANNING_HOG = """
+import os
+import time
+
+def hog_once(df, *, marker, mib):
+    # The first process to call this (the planner's probe worker) holds mib MiB for a
+    # second; the run's own workers find the marker and do nothing.
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return df
+    block = bytearray(mib << 20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not just reserved
+    time.sleep(1.0)
+    return df
+"""
+
+
+def test_the_runs_peak_rss_covers_planning(tmp_path: Path) -> None:
+    """The process tree is sampled from before the planner's probe worker starts: memory
+    that only the probe uses still shows in the run's peak (the budget counts it)."""
+    import asyncio
+
+    from etl.core.config import load_job
+    from etl.run.pipeline import RunOptions, run_job
+    from tests.conftest import write_trips_csv
+
+    (tmp_path / "data").mkdir()
+    write_trips_csv(tmp_path / "data" / "t.csv", rows=200, seed=1)
+    (tmp_path / "hog.py").write_text(PLANNING_HOG)
+    hog_mib = 400
+    (tmp_path / "job.toml").write_text(f"""
+[job]
+name = "hog"
+state_dir = "state"
+[sources]
+urls = ["data/t.csv"]
+[transform]
+executor = "process"
+workers = 1
+steps = [{{op = "python", function = "hog:hog_once", params = {{marker = "{tmp_path / "marker"}", mib = {hog_mib}}}}}]
+[output]
+path = "out"
+""")
+    summary = asyncio.run(run_job(load_job(tmp_path / "job.toml"), RunOptions(run_id="hog")))
+    assert (tmp_path / "marker").exists() and summary.rows_out == 200
+    assert summary.stats["peak_rss_bytes"] > hog_mib << 20
