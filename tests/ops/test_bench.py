@@ -195,7 +195,15 @@ def test_ctrl_c_stops_cleanly_and_keeps_measured_points(tmp_path: Path) -> None:
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as at a terminal, even when this suite was started with it ignored (a background job)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

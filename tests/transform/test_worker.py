@@ -293,6 +293,8 @@ def test_init_worker_ignore_sigint_in_a_fresh_process(tmp_path: Path) -> None:
         "from etl.transform.worker import WorkerSpec, init_worker\n"
         f"cfg = load_job({str(tmp_path / 'job.toml')!r})\n"
         "spec = WorkerSpec(cfg.transform, cfg.output, cfg.read)\n"
+        # a shell may start us with SIGINT ignored (a background job): begin from Python's default
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "init_worker(spec)\n"
         "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n"
         "init_worker(spec, ignore_sigint=True)\n"
