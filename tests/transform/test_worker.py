@@ -286,6 +286,7 @@ def test_run_chunk_before_init_worker_raises_in_a_fresh_process() -> None:
 
 
 def test_init_worker_ignore_sigint_in_a_fresh_process(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGINT)
     cfg = make_job(tmp_path, "")
     code = (
         "import signal, sys\n"
@@ -304,4 +305,4 @@ def test_init_worker_ignore_sigint_in_a_fresh_process(tmp_path: Path) -> None:
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True", str(cfg.transform.base_dir)]
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process untouched
+    assert signal.getsignal(signal.SIGINT) is before  # this process untouched
