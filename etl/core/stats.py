@@ -19,7 +19,10 @@ the stage's wall time and a busy share never passes 100%.
 Bottleneck rule: the stage with the highest busy share of the run's wall time; when two
 stages are within ``TIE_SHARE`` of each other, the one whose upstream stage was blocked
 longer on the queue feeding it wins (a full queue in front of a stage is direct evidence
-that the stage cannot keep up).
+that the stage cannot keep up). The memory budget outranks every stage: when the memory
+guard (etl/run/memguard.py) held chunks back for at least ``MEMORY_LIMIT_SHARE`` of the
+run, the bottleneck is ``memory``, with the seconds held back and the budget (the busiest
+stage is kept beside it): the stages were waiting on the budget, not on each other.
 
 Process tree: ``TreeSampler`` samples the run's process and all its descendants (reader and
 writer threads, the forkserver, transform workers) every ``SAMPLE_INTERVAL_S`` for peak RSS
@@ -48,6 +51,8 @@ SAMPLE_INTERVAL_S = (
     0.2  # RSS/CPU sampling (and the memory guard's): shorter catches briefer peaks, costs a /proc scan each
 )
 TIE_SHARE = 0.05  # busy shares this close count as a tie, broken by the upstream blocked share
+MEMORY_LIMIT_SHARE = 0.10  # chunks held back this share of the run make the budget the bottleneck:
+# lower names brief pauses that cost little, higher hides a budget that throttles a run
 
 
 # ----------------------------------------------------------------------- stage meter
@@ -279,7 +284,10 @@ class RunStats:
     def stop(self) -> None:
         self.sampler.stop()
 
-    def finish(self, run_wall: float, queues: list[dict[str, Any]]) -> dict[str, Any]:
+    def finish(
+        self, run_wall: float, queues: list[dict[str, Any]], memory: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The ``stats`` dict; ``memory`` is the memory guard's ``as_dict()`` (chunks held back, budget)."""
         self.sampler.stop()
         cores = usable_cpus()
         cpu = self.sampler.cpu_seconds
@@ -307,12 +315,36 @@ class RunStats:
                 }
                 for q in queues
             ],
-            "bottleneck": bottleneck(stages),
+            "bottleneck": bottleneck(stages, memory, run_wall),
         }
 
 
-def bottleneck(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The stage with the highest busy share; near-ties go to the one with a fuller queue in front."""
+def bottleneck(
+    stages: dict[str, dict[str, Any]], memory: dict[str, Any] | None = None, run_wall: float = 0.0
+) -> dict[str, Any]:
+    """The stage with the highest busy share; near-ties go to the one with a fuller queue in front.
+
+    ``memory`` (the memory guard's figures) makes it ``memory`` when chunks were held back for
+    ``MEMORY_LIMIT_SHARE`` of ``run_wall`` or more; the busiest stage is kept as ``busiest``."""
+    stage = _busiest(stages)
+    held = float((memory or {}).get("paused_seconds", 0.0))
+    if stage and held >= MEMORY_LIMIT_SHARE * run_wall > 0:
+        return {
+            "stage": "memory",
+            "busy_share": stage["busy_share"],
+            "upstream_blocked_share": stage["upstream_blocked_share"],
+            "held_back_s": round(held, 3),
+            "held_back_share": round(held / run_wall, 4),
+            "budget_bytes": int((memory or {}).get("budget", 0)),
+            "peak_rss_bytes": int((memory or {}).get("peak_rss_bytes", 0)),
+            "busiest": stage["stage"],
+            "rule": f"the memory guard held chunks back for {MEMORY_LIMIT_SHARE:.0%} of the run or more: "
+            "the budget limits the run; else the highest busy share of the run",
+        }
+    return stage
+
+
+def _busiest(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     names = [n for n in STAGES if n in stages]
     if not names:
         return {}
@@ -336,6 +368,13 @@ def bottleneck(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def bottleneck_line(b: dict[str, Any]) -> str:
     if not b:
         return "bottleneck: unknown"
+    if b["stage"] == "memory":
+        return (
+            f"bottleneck: memory budget (chunks held back {b['held_back_s']:.1f}s = {b['held_back_share']:.0%} "
+            f"of the run; budget {b['budget_bytes'] / 2**20:,.0f} MiB, peak {b['peak_rss_bytes'] / 2**20:,.0f} MiB; "
+            f"busiest stage {b['busiest']} at {b['busy_share']:.0%}): raise resources.memory_limit, "
+            "or lower transform.workers or read.chunk_rows"
+        )
     up = f", upstream blocked {b['upstream_blocked_share']:.0%} of the run" if b["stage"] != "download" else ""
     return f"bottleneck: {b['stage']} (busy {b['busy_share']:.0%}{up})"
 

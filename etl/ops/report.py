@@ -66,6 +66,7 @@ def summary_fields(s: Any) -> dict[str, Any]:
         "peak_rss_bytes": stats.get("peak_rss_bytes"),
         "cpu_seconds": stats.get("cpu_seconds"),
         "bottleneck": (stats.get("bottleneck") or {}).get("stage"),
+        "memory_held_back_seconds": (getattr(s, "memory", None) or {}).get("paused_seconds"),
         "checks": {k: [r["name"] for r in results if r["status"] == k] for k in ("warned", "failed")}
         | {"passed": sum(r["status"] == "passed" for r in results)},
     }

@@ -32,6 +32,7 @@ class MemoryGuard:
     """Follows the process tree's sampled RSS; tells the dispatcher when it may take a chunk."""
 
     def __init__(self, budget: int) -> None:
+        self.budget = budget
         self.high = int(budget * HIGH_WATERMARK)
         self.low = int(budget * LOW_WATERMARK)
         self.rss = 0
@@ -82,12 +83,13 @@ class MemoryGuard:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "budget": self.budget,
             "peak_rss_bytes": self.peak,
             "samples": self.samples,
             "high_watermark": self.high,
             "low_watermark": self.low,
             "pauses": self.pauses,
-            "paused_seconds": round(self.paused_s, 3),
+            "paused_seconds": round(self.paused_s, 3),  # chunks held back: the dispatcher waited this long
             "forced_admits": self.forced,
         }
 

@@ -211,7 +211,7 @@ class Run:
         summary.wall_seconds = time.perf_counter() - start
         summary.stage_seconds = {k: round(v.seconds, 3) for k, v in self.times.items()}
         summary.queues = [q.stats.as_dict() for q in queues]
-        summary.stats = self.stats.finish(summary.wall_seconds, summary.queues)
+        summary.stats = self.stats.finish(summary.wall_seconds, summary.queues, summary.memory)
         return summary
 
     def _written(self, result: ChunkResult, parts: list[tuple[str, int, int]]) -> None:

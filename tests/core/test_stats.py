@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from etl.core.config import load_job
-from etl.core.stats import STAGES, TreeSampler, bottleneck
+from etl.core.stats import MEMORY_LIMIT_SHARE, STAGES, TreeSampler, bottleneck, bottleneck_line
 from etl.ops.report import format_summary
 from etl.run.pipeline import RunOptions, run_job
 
@@ -136,6 +136,26 @@ def test_bottleneck_rule_breaks_near_ties_by_the_blocked_queue_in_front() -> Non
     stages["transform"] = st(0.99, 0.0)
     stages["read"] = st(0.5, 0.5)
     assert bottleneck(stages)["stage"] == "transform"  # a clear lead wins whatever the queues
+
+
+def test_chunks_held_back_by_the_memory_guard_make_the_budget_the_bottleneck() -> None:
+    stages = {
+        "download": {"busy_share": 0.1, "blocked_share": 0.0},
+        "read": {"busy_share": 0.3, "blocked_share": 0.6},
+        "transform": {"busy_share": 0.5, "blocked_share": 0.0},
+        "write": {"busy_share": 0.1, "blocked_share": 0.0},
+    }
+    guard = {"budget": 1 << 30, "peak_rss_bytes": 1100 << 20, "paused_seconds": 4.5}
+    b = bottleneck(stages, guard, run_wall=10.0)
+    assert b["stage"] == "memory" and b["busiest"] == "transform"
+    assert (b["held_back_s"], b["held_back_share"], b["budget_bytes"]) == (4.5, 0.45, 1 << 30)
+    line = bottleneck_line(b)
+    assert "memory budget" in line and "held back 4.5s = 45% of the run" in line and "budget 1,024 MiB" in line
+    assert "resources.memory_limit" in line
+    # held back for less than MEMORY_LIMIT_SHARE of the run: the busiest stage, as before
+    short = {**guard, "paused_seconds": MEMORY_LIMIT_SHARE * 10.0 * 0.9}
+    assert bottleneck(stages, short, run_wall=10.0)["stage"] == "transform"
+    assert bottleneck(stages)["stage"] == "transform"
 
 
 def test_tree_sampler_counts_child_processes(tmp_path: Path) -> None:

@@ -239,6 +239,8 @@ def test_summary_fields_are_plain_json() -> None:
     assert json.loads(json.dumps(fields)) == fields
     assert fields["rows_in"] == 1234 and fields["rows_rejected"] == 34 and fields["sources_skipped"] == 1
     assert fields["stage_seconds"]["transform"] == 2.0 and fields["rows_per_second"] == 493.6
+    held = summary_fields(summary(memory={"budget": 1 << 30, "paused_seconds": 1.25}))
+    assert held["memory_held_back_seconds"] == 1.25  # the memory guard held chunks back this long
 
 
 def test_summary_and_report_list_warned_and_failed_checks() -> None:

@@ -123,6 +123,7 @@ async def test_as_dict_reports_every_documented_field() -> None:
     guard = MemoryGuard(budget=1000)
     await guard.observe(500)
     assert guard.as_dict() == {
+        "budget": 1000,
         "peak_rss_bytes": 500,
         "samples": 1,
         "high_watermark": 900,
