@@ -15,6 +15,9 @@ running it, sending the result, idle) fails only the chunk it held, as ``WorkerC
 naming the signal; a chunk past ``chunk_timeout`` gets its worker killed and fails as
 ``ChunkTimeout``. The slot starts a new worker for its next chunk. Nothing is shared
 between workers, so no death can stall or wedge the others (see ``ProcessExecutor``).
+A pool that cannot start workers at all (``MAX_START_FAILURES`` in a row: the fork server
+killed again and again) fails every chunk queued or in flight with one error (exit 1)
+naming them all, the first ``MAX_NAMED_CHUNKS`` and a count, so none waits for a worker.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ START_BACKOFF_MAX = 2.0
 # Seconds to wait for a stopped worker to exit before SIGKILL (and for a dead one's exit
 # status): short, as nothing of value is lost; long enough for the fork server to report.
 WORKER_EXIT_GRACE = 3.0
+# Chunks a broken pool's error names one by one; beyond, a count: enough to find them in
+# the log, short enough that the error stays one readable line.
+MAX_NAMED_CHUNKS = 10
 
 
 @dataclass
@@ -202,17 +208,18 @@ class _Slot(threading.Thread):
             if task is None:  # close(): one None per slot
                 break
             chunk, future = task
-            if not future.set_running_or_notify_cancel():
-                continue  # abandoned before it started (the run is stopping)
+            with owner._pending_lock:  # against _break() failing it meanwhile
+                if future.done():  # failed already: the pool broke
+                    continue
+                if not future.set_running_or_notify_cancel():
+                    continue  # abandoned before it started (the run is stopping)
             self.holding = chunk
             try:
                 result = self._attempt(chunk)
             except BaseException as e:  # every outcome reaches the awaiting chunk: none is lost
-                if not future.done():
-                    future.set_exception(e)
+                _settle(future, error=e)
             else:
-                if not future.done():
-                    future.set_result(result)
+                _settle(future, result=result)
             finally:
                 self.holding = None
         self.stop_worker()
@@ -306,11 +313,14 @@ class _Slot(threading.Thread):
         owner = self.owner
         owner._start_failures += 1
         if owner._start_failures > MAX_START_FAILURES:
-            raise ETLError(  # not a WorkerCrashed: retrying the chunk cannot help
+            if chunk is None:  # warming up: no chunk to fail yet (the first one starts again, and fails)
+                raise ETLError(
+                    f"{owner._start_failures} transform workers in a row died while starting (last: {how})",
+                    stage="transform",
+                )
+            raise owner._break(
                 f"{owner._start_failures} transform workers in a row died while starting (last: {how}), "
-                f"more than {MAX_START_FAILURES}",
-                stage="transform",
-                item=chunk.label if chunk is not None else "",
+                f"more than {MAX_START_FAILURES}: the pool cannot start workers"
             )
         log.warning("a transform worker died while starting (%s); starting another", how, extra={"stage": "transform"})
         owner._closed.wait(min(START_BACKOFF * 2 ** (owner._start_failures - 1), START_BACKOFF_MAX))
@@ -386,6 +396,12 @@ class ProcessExecutor(Executor):
         self._closed = threading.Event()
         self._ipc = IpcStats()
         self._start_failures = 0
+        # Every chunk submitted and not answered (queued or held by a slot), in submission
+        # order: what a broken pool's error names. Bounded like _tasks, by in_flight.
+        self._pending: dict[concurrent.futures.Future[ChunkResult], Chunk] = {}
+        self._pending_lock = threading.RLock()  # re-entrant: settling a future calls _answered()
+        self._broken: ETLError | None = None
+        """Set once the pool cannot start workers: every chunk fails with it from then on."""
         self._slots = [_Slot(self, n) for n in range(workers)]
         for slot in self._slots:
             slot.start()
@@ -393,9 +409,39 @@ class ProcessExecutor(Executor):
     async def run(self, chunk: Chunk) -> ChunkResult:
         if self._closed.is_set():
             raise RuntimeError("the process executor is closed")
+        if self._broken is not None:
+            raise self._broken
         future: concurrent.futures.Future[ChunkResult] = concurrent.futures.Future()
+        with self._pending_lock:
+            self._pending[future] = chunk
+        future.add_done_callback(self._answered)
         self._tasks.put((chunk, future))
         return await asyncio.wrap_future(future)
+
+    def _answered(self, future: concurrent.futures.Future[ChunkResult]) -> None:
+        with self._pending_lock:
+            self._pending.pop(future, None)
+
+    def _break(self, why: str) -> ETLError:
+        """The pool cannot go on (issue 21, item 3): fail every chunk queued or in flight with
+        one error naming them all, so none waits for a worker that will never come, and
+        every later chunk fails with it at once. Returns the error (raised by the caller)."""
+        with self._pending_lock:
+            lost = list(self._pending.items())
+            labels = [chunk.label for _, chunk in lost]
+            named = "; ".join(labels[:MAX_NAMED_CHUNKS])
+            if len(labels) > MAX_NAMED_CHUNKS:
+                named += f"; and {len(labels) - MAX_NAMED_CHUNKS} more"
+            error = ETLError(  # not a WorkerCrashed: retrying the chunks cannot help
+                f"{why}; {len(labels)} chunk{'s' if len(labels) != 1 else ''} queued or in flight "
+                f"could not be resubmitted: {named}",
+                stage="transform",
+                item=labels[0] if len(labels) == 1 else f"{len(labels)} chunks",
+            )
+            self._broken = error
+            for future, _ in lost:
+                _settle(future, error=error)
+        return error
 
     def busy(self) -> int:
         """Chunks a worker holds now (sent, or being sent, and not answered)."""
@@ -427,6 +473,22 @@ class ProcessExecutor(Executor):
         for slot in self._slots:
             slot.join(2 * WORKER_EXIT_GRACE + 1)
             slot.stop_worker()
+
+
+def _settle(
+    future: concurrent.futures.Future[ChunkResult],
+    *,
+    result: ChunkResult | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Give ``future`` its outcome unless it has one (a broken pool failed it already)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(ChunkResult, result))
+    except concurrent.futures.InvalidStateError:
+        pass  # answered already: the first outcome stands
 
 
 def _pidfd(pid: int | None) -> int | None:

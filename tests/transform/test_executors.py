@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.core.config import JobConfig, load_job
-from etl.core.errors import ChunkTimeout, StepError, WorkerCrashed
+from etl.core.errors import ChunkTimeout, ETLError, ExitCode, StepError, WorkerCrashed
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
 from etl.read.formats import read_chunks
 from etl.transform.executors import (
+    MAX_NAMED_CHUNKS,
     Executor,
     IpcStats,
     ProcessExecutor,
@@ -492,3 +493,74 @@ async def test_two_workers_killed_at_once_at_random_moments(tmp_path: Path, big_
 
         results, _ = await run_through_recovery(ex, cfg, chunks, kill_both)
         assert rows_of(results).equals(expected)
+
+
+# ------------------------------------- a pool that cannot start workers (issue 21, item 3)
+
+POISON_MODULE = "forkserver_poison_for_executor_tests"  # preloaded by the fork server
+
+
+def poison_source(marker: Path) -> str:
+    return f'''
+"""Preloaded by every new fork server: while the marker exists, it SIGKILLs itself on start."""
+import os, signal
+if os.path.exists({str(marker)!r}):
+    os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+async def test_a_pool_that_cannot_start_workers_fails_every_chunk_naming_them_all(
+    tmp_path: Path, trips: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fork server is SIGKILLed, and so is every one started after it: no worker can
+    start. Every chunk queued or in flight fails with one error naming them all (the first
+    MAX_NAMED_CHUNKS, then a count), exit 1; none waits, and the next chunk fails at once."""
+    cfg = make_job(tmp_path, read="chunk_rows = 20")
+    chunks = chunks_of(trips, cfg)
+    assert len(chunks) > MAX_NAMED_CHUNKS
+    marker = tmp_path / "poisoned"
+    (tmp_path / f"{POISON_MODULE}.py").write_text(poison_source(marker))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the fork server's own sys.path
+    try:
+        for _ in range(ROUNDS):
+            ex = ProcessExecutor(spec_of(cfg), 2, None)
+            try:
+                await asyncio.wait_for(run_all(ex, chunks[:1]), HANG_GUARD)  # both workers up
+                marker.touch()
+                ex._ctx.set_forkserver_preload(["etl.transform.worker", POISON_MODULE])
+                server = fork_server_pid()
+                assert server is not None
+                os.kill(server, signal.SIGKILL)  # and each new one kills itself as it starts
+                for pid in ex.worker_pids():  # so the next chunks need new workers
+                    os.kill(pid, signal.SIGKILL)
+                    await asyncio.to_thread(psutil.Process(pid).wait, 10)
+                stats = TransformStats()
+                runner = ChunkRunner(ex, cfg.transform, stats, cfg.read)
+                outcomes = await asyncio.wait_for(
+                    asyncio.gather(*(runner.run(c) for c in chunks), return_exceptions=True), HANG_GUARD
+                )
+                with pytest.raises(ETLError) as later:
+                    await ex.run(chunks[0])  # a broken pool fails a new chunk at once
+            finally:
+                ex.close()
+                marker.unlink(missing_ok=True)
+            errors = {id(e): e for e in outcomes if isinstance(e, BaseException)}
+            assert len(errors) == 1 and len(outcomes) == len(chunks)  # every chunk, one error
+            (error,) = errors.values()
+            assert later.value is error
+            assert isinstance(error, ETLError) and not isinstance(error, WorkerCrashed)  # no retry can help
+            assert error.exit_code == ExitCode.FAILED and error.stage == "transform"
+            text = str(error)
+            assert "died while starting" in text and "the pool cannot start workers" in text
+            assert f"{len(chunks)} chunks queued or in flight could not be resubmitted" in text
+            assert all(c.label in text for c in chunks[:MAX_NAMED_CHUNKS])
+            assert chunks[MAX_NAMED_CHUNKS].label not in text
+            assert text.endswith(f"and {len(chunks) - MAX_NAMED_CHUNKS} more")
+            assert stats.retries == stats.splits == 0
+    finally:
+        multiprocessing.forkserver.set_forkserver_preload(["etl.transform.worker"])
+    fresh = ProcessExecutor(spec_of(cfg), 1, None)  # the next pool starts a healthy fork server
+    try:
+        assert (await asyncio.wait_for(fresh.run(chunks[0]), HANG_GUARD)).rows_out > 0
+    finally:
+        fresh.close()
