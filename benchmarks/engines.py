@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +36,43 @@ class Engine:
         return all(importlib.util.find_spec(m) is not None for m in self.needs)
 
 
-def engines(workers: int) -> list[Engine]:
+@dataclass(frozen=True)
+class Job:
+    """One benchmark job: its job file, its data's file names and how its output is checked."""
+
+    name: str
+    toml: Path
+    prefix: str  # data files are <prefix>-000.csv.gz, <prefix>-001.csv.gz, ...
+    lookup: str  # the lookup table's file name in the data folder (read locally by every engine)
+    lookup_flag: str  # the baselines' option naming it
+    check: Callable[[Path], dict[str, float | int]]
+
+
+def _check_wide(out: Path) -> dict[str, float | int]:
+    from benchmarks.wide import check_output as wide_check
+
+    return wide_check(out)
+
+
+def jobs() -> dict[str, Job]:
+    """``taxi``: the README's benchmark (issue #4); ``wide``: the second job (issue #15, ``wide.py``)."""
+    return {
+        "taxi": Job("taxi", JOB, "trips", "zones.csv", "--zones", check_output),
+        "wide": Job("wide", HERE / "jobs" / "wide.toml", "orders", "stores.csv", "--lookup", _check_wide),
+    }
+
+
+def engines(workers: int, job: str = "taxi") -> list[Engine]:
     """Every engine, in the order of the table; ``workers`` is the pool size for all."""
     w = f"transform.workers={workers}"
+    if job == "wide":  # default settings only: the job file sets no executor, workers or tuning
+        return [
+            Engine("etl process (defaults)", "etl"),
+            Engine("plain pandas", "wide_pandas.py"),
+            Engine(f"dask ({workers} workers)", "wide_dask.py", needs=("dask", "distributed")),
+            Engine("duckdb", "wide_duckdb.py", needs=("duckdb",)),
+            Engine("polars (lazy)", "wide_polars.py", needs=("polars",)),
+        ]
     return [
         Engine(f"etl process ({workers} workers)", "etl", ('transform.executor="process"', w)),
         Engine("etl process (1 worker)", "etl", ('transform.executor="process"', "transform.workers=1")),
@@ -58,9 +93,14 @@ class Paths:
     out: Path
     state: Path
     extra_overrides: list[str] = field(default_factory=list)
+    job: Job | None = None  # None: the taxi job
+
+    @property
+    def the_job(self) -> Job:
+        return self.job or jobs()["taxi"]
 
     def urls(self) -> list[str]:
-        return [f"{self.base_url}/trips-{i:03d}.csv.gz" for i in range(self.files)]
+        return [f"{self.base_url}/{self.the_job.prefix}-{i:03d}.csv.gz" for i in range(self.files)]
 
 
 def command(engine: Engine, paths: Paths, workers: int) -> tuple[list[str], dict[str, str]]:
@@ -70,10 +110,10 @@ def command(engine: Engine, paths: Paths, workers: int) -> tuple[list[str], dict
             "BENCH_STATE": str(paths.state),
             "BENCH_OUT": str(paths.out),
             "BENCH_DATA": str(paths.data),
-            "BENCH_URLS": f"{paths.base_url}/trips-{{000..{paths.files - 1:03d}}}.csv.gz",
+            "BENCH_URLS": f"{paths.base_url}/{paths.the_job.prefix}-{{000..{paths.files - 1:03d}}}.csv.gz",
         }
         run_py = (engine.root or HERE.parent) / "run.py"
-        argv = [sys.executable, str(run_py), "--config", str(JOB), "--full-refresh", "--quiet"]
+        argv = [sys.executable, str(run_py), "--config", str(paths.the_job.toml), "--full-refresh", "--quiet"]
         for o in (*engine.overrides, *paths.extra_overrides):
             argv += ["--set", o]
         return argv, env
@@ -82,10 +122,10 @@ def command(engine: Engine, paths: Paths, workers: int) -> tuple[list[str], dict
         str(HERE / "baselines" / engine.kind),
         "--out",
         str(paths.out),
-        "--zones",
-        str(paths.data / "zones.csv"),
+        paths.the_job.lookup_flag,
+        str(paths.data / paths.the_job.lookup),
     ]
-    if engine.kind == "dask_df.py":
+    if engine.kind in ("dask_df.py", "wide_dask.py"):
         argv += ["--workers", str(workers)]
     return argv + paths.urls(), {}
 

@@ -1,6 +1,12 @@
 """Transform benchmark: this tool against plain pandas, a by-hand Pool, Dask and DuckDB.
 
     python benchmarks/run_transform.py --rows 8000000 --files 8 --repeat 3
+    python benchmarks/run_transform.py --job wide --rows 16000000 --files 8 --repeat 3
+
+``--job taxi`` (default) is the README's trips job (``jobs/transform.toml``); ``--job wide``
+is the second job of issue #15 (``jobs/wide.toml``, data from ``benchmarks/wide.py``: 12
+columns, free text, two timestamp formats, a 265-row lookup), run at default settings
+against plain pandas, Dask, DuckDB and lazy Polars.
 
 1. Generates the synthetic trips (``etl.ops.datagen``, gzipped CSV) once into
    ``--data-dir/rows<R>-files<F>/`` and reuses it on later runs.
@@ -48,11 +54,11 @@ from benchmarks.common import (
 from benchmarks.engines import (
     Engine,
     Paths,
-    check_output,
     command,
     differences,
     engines,
     etl_report,
+    jobs,
 )
 from benchmarks.report import render, targets
 
@@ -62,6 +68,7 @@ from benchmarks.report import REFERENCE
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--job", choices=("taxi", "wide"), default="taxi", help="the benchmark job (see above)")
     p.add_argument("--rows", type=int, default=8_000_000)
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
@@ -84,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results", type=Path, default=HERE / "results")
-    p.add_argument("--name", default="transform", help="results file stem")
+    p.add_argument("--name", default="", help="results file stem (default: transform, or wide for --job wide)")
     p.add_argument("--alt-root", type=Path, help="also run 'etl process' from this working copy (A/B)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run")
     return p.parse_args(argv)
@@ -130,7 +137,7 @@ def run_once(engine: Engine, paths: Paths, workers: int, exclude: set[int], time
     if m.returncode != 0:
         run["error"] = m.output[-3000:]
     else:
-        run["check"] = check_output(paths.out)
+        run["check"] = paths.the_job.check(paths.out)
         if engine.kind == "etl":
             run["etl"] = etl_report(paths.state)
     for folder in (paths.out, paths.state):
@@ -151,6 +158,7 @@ def summarize(name: str, runs: list[dict], input_rows: int) -> dict:
         "walls": [round(r["wall"], 2) for r in ok],
         "rows_per_s": input_rows / wall,
         "cpu": statistics.median(r["cpu"] for r in ok),
+        "cpu_per_mrows": statistics.median(r["cpu"] for r in ok) / (input_rows / 1e6),  # CPU-s per M input rows
         "peak_rss": statistics.median(r["peak_rss"] for r in ok),
         "check": ok[-1]["check"],
         "etl": ok[-1].get("etl"),
@@ -159,18 +167,25 @@ def summarize(name: str, runs: list[dict], input_rows: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.name = args.name or ("wide" if args.job == "wide" else "transform")
+    job = jobs()[args.job]
     become_subreaper()
-    all_engines = engines(args.workers)
+    all_engines = engines(args.workers, args.job)
     if args.alt_root:
         first = all_engines[0]
         alt = Engine(f"{first.name} @ {args.alt_root.name}", "etl", first.overrides, root=args.alt_root.resolve())
         all_engines.insert(1, alt)
     chosen = selected(all_engines, args.engines)
-    data = dataset(args.data_dir, args.rows, args.files)
+    if args.job == "wide":
+        from benchmarks.wide import dataset as wide_dataset
+
+        data = wide_dataset(args.data_dir, args.rows, args.files)
+    else:
+        data = dataset(args.data_dir, args.rows, args.files)
     work = args.data_dir / "work"
     server = serve(data, args.server)
     print(f"serving {data} at {server.url} ({args.server})", flush=True)
-    paths = Paths(data, server.url, args.files, work / "out", work / "state", args.overrides)
+    paths = Paths(data, server.url, args.files, work / "out", work / "state", args.overrides, job)
     ceiling = parallel_ceiling(args.workers)
     print(f"this machine runs {args.workers} CPU-bound processes {ceiling:.2f}x as fast as one", flush=True)
     runs: dict[str, list[dict]] = {e.name: [] for e in chosen}

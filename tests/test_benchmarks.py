@@ -131,6 +131,81 @@ def test_cpu_of_orphaned_grandchildren_is_counted(tmp_path: Path) -> None:
     assert figures["cpu"] >= 0.45  # the orphan's CPU, which a plain wait() would lose
 
 
+def test_cpu_of_forkserver_grandchildren_is_counted() -> None:
+    """The tool's pool: workers forked by a forkserver (a child of the run) are not the
+    run's children, so its getrusage misses them; the runner, as subreaper, counts them."""
+    pool = textwrap.dedent("""
+        import multiprocessing as mp, os, sys, time
+        def burn(_):
+            t = time.process_time()
+            while time.process_time() - t < 0.4:
+                pass
+            return os.getpid(), time.process_time()
+        if __name__ == "__main__":
+            with mp.get_context("forkserver").Pool(2) as pool:
+                done = dict(pool.map(burn, range(2), chunksize=1))
+            print(sum(done.values()), len(done))
+    """)
+    probe = textwrap.dedent(f"""
+        import json, sys, pathlib, tempfile
+        sys.path.insert(0, {str(REPO)!r})
+        from benchmarks.common import become_subreaper, measure
+        become_subreaper()
+        script = pathlib.Path(tempfile.mkdtemp()) / "pool.py"
+        script.write_text({pool!r})
+        m = measure([sys.executable, str(script)])
+        print(json.dumps({{"cpu": m.cpu, "rc": m.returncode, "out": m.output}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["rc"] == 0, figures["out"]
+    workers_cpu, workers = figures["out"].split()[-2:]
+    assert float(workers_cpu) >= 0.8  # what the workers say they burned ...
+    assert figures["cpu"] >= float(workers_cpu)  # ... is all in the measured tree's CPU
+
+
+def test_the_wide_job_runs_on_every_engine_and_they_agree(tmp_path: Path) -> None:
+    """Issue #15's second job at 20k rows: every engine installed runs it, all agree with
+    an independent pyarrow count of the job's filter."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run_transform.py", "--job", "wide", "--rows", str(ROWS), "--files", "2"]
+        + ["--repeat", "1", "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path / "results")],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "results" / "wide.json").read_text())
+    names = [r["engine"] for r in result["results"]]
+    assert names[:2] == ["etl process (defaults)", "plain pandas"]
+    assert ("polars (lazy)" in names) == (importlib.util.find_spec("polars") is not None)
+    assert result["problems"] == []
+    kept = 0
+    for path in sorted((tmp_path / "data" / f"wide-rows{ROWS}-files2").glob("orders-*.csv.gz")):
+        t = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),  # comments hold quoted newlines
+            convert_options=pacsv.ConvertOptions(
+                include_columns=["created_at", "shipped_at", "unit_price"],
+                column_types={"unit_price": "string", "shipped_at": "string"},
+            ),
+        )
+        shipped = pc.strptime(t["shipped_at"], format="%d/%m/%Y %H:%M", unit="s", error_is_null=True)
+        price = pc.cast(pc.utf8_trim_whitespace(t["unit_price"]), "float64")
+        ok = pc.and_kleene(pc.greater(price, 0), pc.greater_equal(shipped, t["created_at"].cast("timestamp[s]")))
+        kept += pc.sum(pc.fill_null(ok, False)).as_py()
+    assert 0 < kept < ROWS
+    for r in result["results"]:
+        assert not r["failed"], r
+        assert r["check"]["rows"] == kept, r["engine"]
+        assert r["check"]["months"] == 6 and r["cpu_per_mrows"] > 0, r["engine"]
+    md = (tmp_path / "results" / "wide.md").read_text()
+    assert "CPU s / M rows" in md and "etl CPU-s per M rows / duckdb's" in md
+
+
 def test_a_wrong_engine_output_is_a_mismatch(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
