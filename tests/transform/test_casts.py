@@ -7,9 +7,12 @@ import datetime as dt
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from etl.transform.casts import _Problem, cast_column
+from etl.transform.casts import _differs_from_print, _Problem, cast_column
 
 ARROW = pd.ArrowDtype
 DTYPES = {
@@ -215,3 +218,39 @@ def test_a_column_of_an_impossible_type_is_a_problem_not_bad_values() -> None:
         cast_column(lists, "int64")
     with pytest.raises(_Problem, match="must hold text"):
         cast_column(pd.Series([1, 2]), "timestamp")
+
+
+FORMATS = ("%Y-%m-%d %H:%M:%S", "%d/%m/%Y %H:%M", "%Y%m%d", "%Y-%m-%d %H:%M:%S%%")
+_field = st.integers(0, 99).map(lambda n: f"{n:02d}")
+_stamp = st.one_of(
+    st.none(),
+    st.just(""),
+    st.builds(
+        lambda y, m, d, h, mi, s, sep: f"{y}-{m}-{d}{sep}{h}:{mi}:{s}",
+        st.sampled_from(["2024", "1999", "202"]),
+        _field,
+        _field,
+        _field,
+        _field,
+        _field,
+        st.sampled_from([" ", "  ", "\t", "T"]),
+    ),
+    st.builds(
+        lambda d, m, y, h, mi: f"{d}/{m}/{y} {h}:{mi}", _field, _field, st.sampled_from(["2024", "24"]), _field, _field
+    ),
+    st.builds(lambda y, m, d: f"{y}{m}{d}", st.sampled_from(["2024", "2023"]), _field, _field),
+    st.text(alphabet="0123456789-/: ٢", max_size=20),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(_stamp, max_size=12), fmt=st.sampled_from(FORMATS), start=st.integers(0, 3))
+def test_the_print_check_finds_what_strftime_finds(values: list[str | None], fmt: str, start: int) -> None:
+    """The fixed-width print check (numpy on the text's bytes) flags exactly the values that
+    Arrow's strftime would not print back as the same text (impossible dates, unpadded
+    fields, other whitespace), on sliced arrays too."""
+    text_arr = pa.array(values, pa.string()).slice(min(start, len(values)))
+    parsed = pc.strptime(text_arr, format=fmt, unit="us", error_is_null=True)
+    printed = pc.strftime(parsed.cast(pa.timestamp("s"), safe=False), format=fmt)
+    want = pc.fill_null(pc.not_equal(printed, text_arr), False)
+    assert _differs_from_print(text_arr, parsed, fmt).to_pylist() == want.to_pylist()
