@@ -328,14 +328,35 @@ def _head_csv(chunk: Chunk, lines: int) -> Chunk:
 # ------------------------------------------------------------------- either kind
 
 
-def decode_chunk(chunk: Chunk, read: ReadConfig, on_error: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def decode_chunk(
+    chunk: Chunk, read: ReadConfig, on_error: str, types: Mapping[str, pa.DataType] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The chunk as a DataFrame indexed by row (or file line) number, and the rows that
-    could not be parsed (raw CSV only, ``on_error`` other than ``fail``)."""
+    could not be parsed (raw CSV only, ``on_error`` other than ``fail``); ``types``: CSV
+    columns to parse straight to a type (``parse_csv_chunk``)."""
+    if chunk.set_aside:
+        return _set_aside(chunk, on_error)
     if chunk.kind == "csv":
-        return parse_csv_chunk(chunk, read, on_error)
+        return parse_csv_chunk(chunk, read, on_error, types)
     df = decode_ipc(chunk.data).to_pandas(types_mapper=pd.ArrowDtype)
     df.index = pd.RangeIndex(chunk.row_start, chunk.row_start + len(df))
     return df, None
+
+
+def _set_aside(chunk: Chunk, on_error: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A chunk of records the reader set aside for their length (``Chunk.set_aside``): no
+    rows, every record rejected (step ``read``, its first bytes as the raw text); under
+    ``fail`` (the reader fails first; this is the worker's guard) the first one fails."""
+    line, reason, _ = chunk.set_aside[0]
+    if on_error == "fail":
+        raise DataError(
+            f"the record starting at line {line}: {reason}; raise read.max_record_bytes if records this long are real",
+            item=f"{chunk.source_name}[line {line}]",
+        )
+    string = pd.ArrowDtype(pa.string())
+    df = pd.DataFrame({c: pd.array([], dtype=string) for c in chunk.columns})
+    starts = np.array([n for n, _, _ in chunk.set_aside], dtype=np.int64)
+    return df, _malformed(starts, [(i + 1, why, text) for i, (_, why, text) in enumerate(chunk.set_aside)])
 
 
 def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk] | None:

@@ -142,7 +142,9 @@ class ReadConfig(Model):
     characters inside unquoted fields, which can hide where a record ends)."""
     max_record_bytes: int = Field(default=64 << 20, ge=1 << 10)
     """Longest record (CSV record or JSON line, in bytes, as text) read; a longer one fails
-    the run naming its file and line. Bytes (``67108864``) or a size (``"64MiB"``)."""
+    the run naming its file and line (CSV parsed in the workers, ``transform.on_error`` other
+    than ``fail``: it is rejected instead, its first 1024 bytes kept). Bytes (``67108864``) or
+    a size (``"64MiB"``)."""
 
     @field_validator("max_record_bytes", mode="before")
     @classmethod

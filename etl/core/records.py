@@ -78,6 +78,14 @@ class Chunk:
     kind: ChunkKind = "arrow"
     columns: tuple[str, ...] = ()
     """``csv`` chunks: the column names from the file's header."""
+    source_bytes: int = 0
+    """Bytes of the file as stored (compressed ones: compressed bytes) that the reader
+    consumed for this chunk; a file's chunks sum to its size. The read and transform
+    progress bars count them. Halves of a split chunk carry 0: the chunk is counted once."""
+    set_aside: tuple[tuple[int, str, str], ...] = ()
+    """Records the reader set aside instead of carrying them (longer than
+    ``read.max_record_bytes``, ``transform.on_error`` other than ``fail``): (file line, reason,
+    the record's first ``SET_ASIDE_PREFIX_BYTES`` as text). Such a chunk holds no other rows."""
 
     @property
     def unit(self) -> str:
@@ -92,6 +100,10 @@ class Chunk:
     @property
     def nbytes(self) -> int:
         return len(self.data)
+
+
+SET_ASIDE_PREFIX_BYTES = 1024
+"""Raw text kept of a record set aside for its length: enough to recognise it, small in a dead letter."""
 
 
 @dataclass(frozen=True, slots=True)

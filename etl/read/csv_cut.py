@@ -26,7 +26,12 @@ Long records. A record of any length up to ``read.max_record_bytes`` is cut whol
 wherever it sits (the first row too): the buffer grows by doubling while no record end is
 in it, and decompression is only asked for what the buffer needs, so a gzip bomb is read
 no further than ``max_record_bytes`` past the last record end. A longer record (or a
-quoted field that never closes) fails the file naming the line where it starts.
+quoted field that never closes) fails the file naming the line where it starts; with
+``set_aside`` (``transform.on_error = "skip" | "quarantine"``) it is read past in
+``SKIP_READ_BYTES`` reads, keeping only its first ``SET_ASIDE_PREFIX_BYTES``, and handed on
+as a chunk of its own with no text (``Chunk.set_aside``: its line, the reason, that
+prefix), which the worker rejects like a row with the wrong field count; the rest of the
+file is read on.
 
 Parsing (``parse_csv_chunk``, in the worker): pyarrow's CSV reader with the options the
 reader-side path uses (``csv_options``: every column a string, ``read.null_values`` null
@@ -41,16 +46,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from etl.core.chunks import count_byte, csv_options, record_end, text_encoding, undecodable
+from etl.core.chunks import QUOTE, count_byte, csv_options, record_end, text_encoding, undecodable
 from etl.core.config import ReadConfig
 from etl.core.errors import DataError
-from etl.core.records import Chunk, StagedFile
+from etl.core.records import SET_ASIDE_PREFIX_BYTES, Chunk, StagedFile
 
 SAMPLE_BYTES = 1 << 20  # text whose mean line length sizes the chunks: more is steadier, slower to start
 MIN_READ_BYTES = 1 << 16  # smallest read from the decompressor: smaller means more Python calls per chunk
+SKIP_READ_BYTES = 1 << 20  # read size while skipping a record set aside: bigger is fewer calls, more held at once
 MAX_CHUNK_BYTES = 32 << 20  # text per chunk at most: a worker holds several times its chunk while parsing;
 # bigger chunks only save per-chunk overhead, which is negligible past a few MiB
 
@@ -61,10 +68,12 @@ def splittable(cfg: ReadConfig) -> bool:
     return cfg.parse == "worker" and '\n"'.encode(text_encoding(cfg.encoding)) == b'\n"'
 
 
-def split_csv(stream: BinaryIO, staged: StagedFile, cfg: ReadConfig) -> Iterator[Chunk]:
-    """Cut the stream into ``Chunk(kind="csv")`` records (see the module docstring)."""
+def split_csv(stream: BinaryIO, staged: StagedFile, cfg: ReadConfig, *, set_aside: bool = False) -> Iterator[Chunk]:
+    """Cut the stream into ``Chunk(kind="csv")`` records (see the module docstring);
+    ``set_aside``: a record longer than ``read.max_record_bytes`` becomes a chunk of its own
+    holding only its line and first bytes (``Chunk.set_aside``), instead of failing the file."""
     src = staged.source
-    reader = _Cutter(stream, staged, cfg.max_record_bytes)
+    reader = _Cutter(stream, staged, cfg.max_record_bytes, set_aside)
     header = reader.header(cfg)
     if header is None:
         return  # empty, blank, or a header and nothing else
@@ -73,18 +82,34 @@ def split_csv(stream: BinaryIO, staged: StagedFile, cfg: ReadConfig) -> Iterator
     index = 0
     while True:
         line = reader.line  # where the next chunk starts
-        if (data := reader.next_chunk(target)) is None:
+        try:
+            data = reader.next_chunk(target)
+        except _TooLong as long:
+            yield Chunk(
+                src.index, src.name, index, line, long.lines, b"", kind="csv", columns=columns, set_aside=(long.record,)
+            )
+            index += 1
+            continue
+        if data is None:
             return
         lines = reader.line - line + (not data.endswith(b"\n"))
         yield Chunk(src.index, src.name, index, line, lines, data, kind="csv", columns=columns)
         index += 1
 
 
+class _TooLong(Exception):
+    """A record longer than ``read.max_record_bytes`` was skipped (``set_aside``)."""
+
+    def __init__(self, record: tuple[int, str, str], lines: int) -> None:
+        self.record, self.lines = record, lines
+
+
 class _Cutter:
     """Buffered text of one stream, handed out in whole records."""
 
-    def __init__(self, stream: BinaryIO, staged: StagedFile, max_record: int) -> None:
-        self.stream, self.staged, self.max_record = stream, staged, max_record
+    def __init__(self, stream: BinaryIO, staged: StagedFile, max_record: int, set_aside: bool = False) -> None:
+        self.stream, self.staged, self.max_record, self.set_aside = stream, staged, max_record, set_aside
+        self.encoding = "utf-8"  # the file's, once ``header`` has read the config
         self.pending = b""
         self.eof = False
         self.line = 1  # file line where ``pending`` starts
@@ -116,7 +141,12 @@ class _Cutter:
                 'be read with read.parse = "reader"',
                 item=self.staged.source.name,
             )
-        text = self.next_chunk(1)
+        self.encoding = text_encoding(cfg.encoding)
+        keep, self.set_aside = self.set_aside, False  # a header too long fails the file, whatever on_error says
+        try:
+            text = self.next_chunk(1)
+        finally:
+            self.set_aside = keep
         assert text is not None
         read, parse, convert = csv_options(cfg)
         try:
@@ -137,19 +167,56 @@ class _Cutter:
         return max(min(int(rows * per_line), MAX_CHUNK_BYTES), 1)
 
     def next_chunk(self, target: int) -> bytes | None:
-        """The next whole records, about ``target`` bytes; None at the end of the stream."""
+        """The next whole records, about ``target`` bytes; None at the end of the stream.
+        With ``set_aside`` no chunk holds a record longer than ``max_record``: the target is
+        capped at it, so only a chunk's first record can be longer, and that one is skipped."""
+        if self.set_aside:
+            target = min(target, self.max_record)
         while True:
             self._fill(target)
             if self.eof and len(self.pending) <= target:
                 data = self._take(len(self.pending))
                 return data if data.strip() else None
             end = record_end(self.pending, target)
+            if end and self.set_aside and end > self.max_record:
+                raise self._skip_record()  # the first record end is past the limit
             if end:
                 return self._take(end)
             # No record end in the buffer: its first record is longer than the buffer.
             if len(self.pending) > self.max_record:
+                if self.set_aside:
+                    raise self._skip_record()
                 raise self._too_long()
             target = min(max(2 * len(self.pending), len(self.pending) + MIN_READ_BYTES), self.max_record + 1)
+
+    def _skip_record(self) -> _TooLong:
+        """Read past the record at the head of ``pending`` (longer than ``max_record``),
+        keeping only its first ``SET_ASIDE_PREFIX_BYTES``: memory stays at one read."""
+        start, prefix = self.line, self.pending[:SET_ASIDE_PREFIX_BYTES]
+        skipped = newlines = odd = 0
+        block, self.pending = self.pending, b""
+        while True:
+            if not block:
+                self.eof, end = True, None
+                break
+            end = _first_record_end(block, odd)
+            if end is not None:
+                newlines += count_byte(block, b"\n", 0, end)
+                skipped += end
+                self.pending = block[end:]
+                break
+            odd ^= count_byte(block, QUOTE) % 2
+            newlines += count_byte(block, b"\n")
+            skipped += len(block)
+            block = self.stream.read(SKIP_READ_BYTES)
+        self.line += newlines
+        tail = "" if end is not None else "; no record end before the end of the file (a quoted field never closes?)"
+        reason = (
+            f"record longer than read.max_record_bytes ({_size(self.max_record)}): {_size(skipped)}, "
+            f"lines {start}-{start + max(newlines - (end is not None), 0)}{tail}"
+        )
+        text = prefix.decode(self.encoding, errors="replace")
+        return _TooLong((start, reason, text), max(newlines, 1))
 
     def _too_long(self) -> DataError:
         src = self.staged.source
@@ -160,6 +227,19 @@ class _Cutter:
             'closes, or quote characters appear inside unquoted fields (then set read.parse = "reader")',
             item=f"{src.name}[line {self.line}]",
         )
+
+
+def _first_record_end(block: bytes, odd: int) -> int | None:
+    """Index just past the first newline of ``block`` outside a quoted field, given the
+    parity of the quotes before the block; None when there is none."""
+    buf = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == ord("\n"))
+    if not len(newlines):
+        return None
+    quotes = np.flatnonzero(buf == QUOTE[0])
+    even = ((np.searchsorted(quotes, newlines) + odd) & 1) == 0
+    found = np.flatnonzero(even)
+    return int(newlines[found[0]]) + 1 if len(found) else None
 
 
 def _size(n: int) -> str:

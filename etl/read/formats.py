@@ -25,6 +25,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -60,7 +61,7 @@ STREAM_ERRORS: tuple[type[Exception], ...] = (
 
 COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 
-BatchSource = Callable[[StagedFile, ReadConfig, int | None], Iterator[pa.RecordBatch]]
+BatchSource = Callable[[StagedFile, ReadConfig, int | None, "Consumed"], Iterator[pa.RecordBatch]]
 Found = tuple[int, str]  # (1-based data row, what is wrong with it)
 Locator = Callable[[StagedFile, ReadConfig, int | None, int, Exception], Found | None]
 
@@ -68,7 +69,49 @@ Locator = Callable[[StagedFile, ReadConfig, int | None, int, Exception], Found |
 # ------------------------------------------------------------------------------ IPC
 
 
-def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None = None) -> Generator[Chunk, None, None]:
+class Consumed:
+    """How far into the file as stored a reader has got: each chunk's ``source_bytes``.
+
+    Compressed files count compressed bytes: the position of the raw file under the
+    decompressor. That is known at once, never goes back, and sums exactly to the size on
+    disk, the total the progress bars get from staged sizes and Content-Length. The other
+    choice, the decompressed share scaled, needs the decompressed size, which gzip records
+    only at the end of the file and modulo 4 GiB (zstd and bz2 not at all). The position
+    runs ahead of a chunk by the decompressor's read-ahead (a few hundred KiB), so a chunk
+    may be counted a little early, never twice; the last chunk of a file is read when the
+    raw file is at its end, so a file's chunks add up to its size. Parquet counts the share
+    of its rows read (its footer is read first, so the position says nothing)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.counted = 0
+        self._raw: BinaryIO | None = None
+        self._at: int | None = None
+
+    def watch(self, raw: BinaryIO) -> None:
+        """The raw file the decompressor reads (a second pass's replaces the first's)."""
+        self._raw, self._at = raw, None
+
+    def reach(self, position: int) -> None:
+        """Set the position directly (Parquet: the share of rows read)."""
+        self._at = position
+
+    def take(self) -> int:
+        """Bytes consumed since the last call."""
+        if self._at is not None:
+            position = self._at
+        elif self._raw is None or self._raw.closed:
+            position = self.size  # the stream is done with (or was never opened): all of it
+        else:
+            position = self._raw.tell()
+        n = max(min(position, self.size) - self.counted, 0)
+        self.counted += n
+        return n
+
+
+def read_chunks(
+    staged: StagedFile, cfg: ReadConfig, *, block_size: int | None = None, set_aside: bool = False
+) -> Generator[Chunk, None, None]:
     """Yield the file's rows as ``Chunk`` records of ``cfg.chunk_rows`` rows.
 
     CSV columns are all read as strings, so a chunk's types never depend on which rows
@@ -85,6 +128,12 @@ def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None =
     Parquet keeps its own types. Empty files (0 bytes, or nothing after decompression)
     and files with a header and no rows yield no chunks. ``block_size`` overrides the
     CSV/JSON block size (tests use it to show chunking does not depend on it).
+
+    Every chunk carries the bytes of the file as stored that it consumed (``Consumed``).
+    ``set_aside`` (``transform.on_error`` other than ``fail``): a CSV record longer than
+    ``read.max_record_bytes`` (parsed in the workers) is skipped without being held whole
+    and handed on as a chunk of its own that holds only its line and first bytes
+    (``Chunk.set_aside``), for the worker to reject; otherwise it fails the file.
     """
     read_batches = _BATCH_SOURCES.get(staged.source.format)
     if read_batches is None:
@@ -92,12 +141,15 @@ def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None =
             f"unknown input format {staged.source.format!r}; expected one of {', '.join(sorted(_BATCH_SOURCES))}",
             item=staged.source.name,
         )
-    if _file_size(staged) == 0:
+    size = _file_size(staged)
+    if size == 0:
         return
+    consumed = Consumed(size)
     if staged.source.format == "csv" and splittable(cfg):
-        yield from _text_chunks(staged, cfg)
+        for chunk in _text_chunks(staged, cfg, consumed, set_aside):
+            yield replace(chunk, source_bytes=consumed.take())
         return
-    batches = _guarded(staged, cfg, block_size, _long_records(staged, cfg, block_size, read_batches))
+    batches = _guarded(staged, cfg, block_size, _long_records(staged, cfg, block_size, read_batches, consumed))
     row_start = 0
     for index, table in enumerate(_rebatch(batches, cfg.chunk_rows)):
         yield Chunk(
@@ -107,14 +159,15 @@ def read_chunks(staged: StagedFile, cfg: ReadConfig, *, block_size: int | None =
             row_start=row_start,
             rows=table.num_rows,
             data=encode_ipc(table),
+            source_bytes=consumed.take(),
         )
         row_start += table.num_rows
 
 
-def _text_chunks(staged: StagedFile, cfg: ReadConfig) -> Iterator[Chunk]:
+def _text_chunks(staged: StagedFile, cfg: ReadConfig, consumed: Consumed, set_aside: bool) -> Iterator[Chunk]:
     try:
-        with _open_stream(staged) as stream:
-            yield from split_csv(stream, staged, cfg)
+        with _open_stream(staged, consumed) as stream:
+            yield from split_csv(stream, staged, cfg, set_aside=set_aside)
     except STREAM_ERRORS as e:
         raise DataError(f"cannot read csv file {_where(staged)}: {e}", item=staged.source.name) from e
 
@@ -142,7 +195,7 @@ def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
 
 
 def _long_records(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, read_batches: BatchSource
+    staged: StagedFile, cfg: ReadConfig, block_size: int | None, read_batches: BatchSource, consumed: Consumed
 ) -> Iterator[pa.RecordBatch]:
     """The reader's batches; when a record is longer than its block (pyarrow: "straddling
     object"), the file is read again with blocks of ``read.max_record_bytes``, past the rows
@@ -150,7 +203,7 @@ def _long_records(
     delivered = 0
     check = staged.source.format != "parquet"  # Parquet has no records of text
     try:
-        for batch in read_batches(staged, cfg, block_size):
+        for batch in read_batches(staged, cfg, block_size, consumed):
             if check:
                 _check_record_sizes(staged, cfg, batch, delivered)
             delivered += batch.num_rows
@@ -160,7 +213,7 @@ def _long_records(
         if not _straddles(e) or (block_size or 0) > cfg.max_record_bytes:
             raise
     skip = delivered
-    for batch in read_batches(staged, cfg, cfg.max_record_bytes + 1):
+    for batch in read_batches(staged, cfg, cfg.max_record_bytes + 1, consumed):
         if skip >= batch.num_rows:
             skip -= batch.num_rows
             continue
@@ -255,14 +308,22 @@ def _compression(staged: StagedFile) -> str | None:
     return None
 
 
-def _open_stream(staged: StagedFile) -> BinaryIO:
-    """The file's decompressed bytes; gzip through ISA-L (pyarrow's zlib is ~3.5x slower)."""
+def _open_stream(staged: StagedFile, consumed: Consumed | None = None) -> BinaryIO:
+    """The file's decompressed bytes; gzip through ISA-L (pyarrow's zlib is ~3.5x slower).
+    ``consumed`` watches the raw file under the decompressor."""
     codec = _compression(staged)
     if codec is None:
-        return open(staged.path, "rb")
-    if codec == "gzip":
-        return cast(BinaryIO, igzip.open(staged.path, "rb"))  # type: ignore[no-untyped-call]  # isal's igzip.open has no annotations
-    return io.BufferedReader(pa.input_stream(str(staged.path), compression=codec))
+        stream: BinaryIO = open(staged.path, "rb")
+        raw = stream
+    elif codec == "gzip":
+        stream = cast(BinaryIO, igzip.open(staged.path, "rb"))  # type: ignore[no-untyped-call]  # isal's igzip.open has no annotations
+        raw = cast(BinaryIO, stream.fileobj)  # type: ignore[attr-defined]  # GzipFile's raw file; not in the BinaryIO protocol
+    else:
+        raw = open(staged.path, "rb")
+        stream = io.BufferedReader(pa.input_stream(raw, compression=codec))  # closes ``raw`` when closed
+    if consumed is not None:
+        consumed.watch(raw)
+    return stream
 
 
 def _is_blank(staged: StagedFile) -> bool:
@@ -280,10 +341,12 @@ def _is_blank(staged: StagedFile) -> bool:
 # ---------------------------------------------------------------------------- CSV
 
 
-def _csv_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
+) -> Iterator[pa.RecordBatch]:
     read, parse, convert = csv_options(cfg, block_size=block_size or CSV_BLOCK_BYTES)
     with (
-        _open_stream(staged) as stream,
+        _open_stream(staged, consumed) as stream,
         pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert) as reader,
     ):
         reader.schema.names  # noqa: B018 - raises UnicodeError here for a header that is not valid text
@@ -344,12 +407,14 @@ def _locate_bad_text(staged: StagedFile, encoding: str) -> Found | None:
 # ---------------------------------------------------------------------- JSON Lines
 
 
-def _jsonl_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) -> Iterator[pa.RecordBatch]:
+def _jsonl_batches(
+    staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
+) -> Iterator[pa.RecordBatch]:
     read = pajson.ReadOptions(block_size=block_size or JSON_BLOCK_BYTES)
     schema = _jsonl_schema(staged, read)
     parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
     with (
-        _open_stream(staged) as stream,
+        _open_stream(staged, consumed) as stream,
         pajson.open_json(stream, read_options=read, parse_options=parse) as reader,
     ):
         yield from reader
@@ -446,7 +511,9 @@ def _fits(value: Any, t: pa.DataType) -> bool:
 # -------------------------------------------------------------------------- Parquet
 
 
-def _parquet_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None) -> Iterator[pa.RecordBatch]:
+def _parquet_batches(
+    staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
+) -> Iterator[pa.RecordBatch]:
     if _compression(staged):
         raise DataError(
             f"{staged.path.name}: Parquet compresses inside the file; an outer "
@@ -454,7 +521,12 @@ def _parquet_batches(staged: StagedFile, cfg: ReadConfig, block_size: int | None
             item=staged.source.name,
         )
     with pq.ParquetFile(staged.path) as f:
-        yield from f.iter_batches(batch_size=cfg.chunk_rows)
+        total, read = max(f.metadata.num_rows, 1), 0
+        consumed.reach(0)
+        for batch in f.iter_batches(batch_size=cfg.chunk_rows):
+            read += batch.num_rows
+            consumed.reach(consumed.size * read // total)
+            yield batch
 
 
 _BATCH_SOURCES: dict[str, BatchSource] = {

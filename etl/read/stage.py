@@ -60,24 +60,35 @@ async def read_stage(
     progress: ProgressSink,
     admit: Callable[[StagedFile], bool] = lambda staged: True,
     done: Callable[[Source, int], None] = lambda source, chunks: None,
+    unread: Callable[[int], None] = lambda nbytes: None,
+    set_aside: bool = False,
 ) -> ReadStats:
     """Read every staged file into chunks (see the module docstring); ``pool`` has
-    ``cfg.threads`` threads and is owned by the caller (shut down off the loop)."""
+    ``cfg.threads`` threads and is owned by the caller (shut down off the loop).
+
+    ``progress`` counts each chunk and the file bytes it consumed (``Chunk.source_bytes``);
+    bytes of a file no chunk carried (a header-only file, trailing blank lines) are counted
+    once the file is read, and passed to ``unread`` (the transform bar counts them too), so
+    a read file always adds its whole size. ``set_aside``: see ``read_chunks``."""
     stats = ReadStats()
 
     def read_file(staged: StagedFile) -> None:
         if not admit(staged):
             return  # unchanged or already committed: its parts are in place
         meter.count_in(1, staged.size)
-        count = 0
+        count = carried = 0
         with meter.working():
-            for chunk in read_chunks(staged, cfg):
+            for chunk in read_chunks(staged, cfg, set_aside=set_aside):
                 with meter.blocked():
                     chunks.put_threadsafe(chunk)
                 count += 1
+                carried += chunk.source_bytes
                 rows = chunk.rows if chunk.kind == "arrow" else 0  # raw CSV: rows are known once parsed
                 meter.count_out(1, chunk.nbytes, rows)
-                progress.update(items=1, nbytes=chunk.nbytes)
+                progress.update(items=1, nbytes=chunk.source_bytes)
+        if (rest := max(staged.size - carried, 0)) > 0:
+            progress.update(nbytes=rest)
+            unread(rest)
         done(staged.source, count)
         stats.add(staged.size)
 

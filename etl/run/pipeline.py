@@ -40,7 +40,7 @@ from etl.core.stats import MeteredExecutor, MeteredPut, RunStats
 from etl.download.http import fetch_head
 from etl.download.sources import expand_sources
 from etl.download.stage import download_stage
-from etl.ops.progress import Mode, Progress
+from etl.ops.progress import Mode, Progress, StageProgress
 from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
 from etl.run.checks import Gate, previous_output_rows
@@ -260,8 +260,12 @@ class Run:
     async def _download(self, sources: list[Source]) -> None:
         cfg = self.cfg
         bar = self.progress.stage("download", "files", total=len(sources))
+        # The read and transform bars count source bytes against the staged sizes, known as files are staged.
+        self.read_bar = self.progress.stage("read", "chunks", by_bytes=True)
+        self.transform_bar = self.progress.stage("transform", "rows", by_bytes=True)
         meter = self.stats.meters["download"]
-        files_out = MeteredPut(self.files_q, meter, from_work=True, size=lambda f: f.size)
+        sized = _Sized(self.files_q, self.read_bar, self.transform_bar)
+        files_out = MeteredPut(sized, meter, from_work=True, size=lambda f: f.size)
         with meter.working():
             stats = await download_stage(
                 sources,
@@ -272,6 +276,8 @@ class Run:
                 full_refresh=self.opts.full_refresh,
                 progress=bar,
             )
+        self.read_bar.settle()
+        self.transform_bar.settle()
         self.summary.download = stats.as_dict()
         self.summary.bytes_downloaded = stats.bytes
         meter.count_in(len(sources), stats.bytes)
@@ -283,14 +289,24 @@ class Run:
             self.cfg.read,
             self.read_pool,
             meter=self.stats.meters["read"],
-            progress=self.progress.stage("read", "chunks"),
-            admit=self.commits.check,
+            progress=self.read_bar,
+            admit=self._admit,
             done=self.commits.read_done,
+            unread=lambda n: self.transform_bar.update(nbytes=n),
+            set_aside=self.cfg.transform.on_error != "fail",
         )
         self.summary.files_read, self.summary.bytes_read = stats.files, stats.bytes
 
+    def _admit(self, staged: StagedFile) -> bool:
+        """Whether the read stage reads this file (``Commits.check``); a file it skips leaves the bars' totals."""
+        if self.commits.check(staged):
+            return True
+        self.read_bar.expect(-staged.size)
+        self.transform_bar.expect(-staged.size)
+        return False
+
     async def _transform(self, executor: Any, in_flight: int) -> None:
-        bar = self.progress.stage("transform", "rows")
+        bar = self.transform_bar
         meter = self.stats.meters["transform"]
         results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
         stats = await transform_stage(
@@ -324,6 +340,22 @@ class Run:
             written=self._written,
         )
         self.summary.parts_written = stats.parts
+
+
+class _Sized:
+    """The files queue, seen by the download stage: each staged file's size joins the read
+    and transform bars' totals as it is put."""
+
+    def __init__(self, queue: BoundedQueue[StagedFile], *bars: StageProgress) -> None:
+        self._queue, self._bars = queue, bars
+
+    async def put(self, staged: StagedFile) -> None:
+        for bar in self._bars:
+            bar.expect(staged.size)
+        await self._queue.put(staged)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)  # close, abort, stats: the queue's own
 
 
 def plan_job(cfg: JobConfig, sources: list[Source]) -> tuple[JobConfig, ResourcePlan]:

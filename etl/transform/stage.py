@@ -112,7 +112,7 @@ async def transform_stage(
         stats.add(result)
         stats.chunks += 1
         if progress is not None:
-            progress.update(items=result.rows_in)
+            progress.update(items=result.rows_in, nbytes=chunk.source_bytes)  # the chunk once, split or not
         await results.put(result)
 
     watching = asyncio.create_task(watchdog.run(), name="transform-watchdog") if watchdog else None

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import json
 import logging
 import sys
 import threading
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
 import etl.ops.progress as progress_mod
+from etl.core.config import load_job
 from etl.ops.progress import Progress, StageProgress, choose_mode
+from etl.run.pipeline import Run, RunOptions
+from tests.conftest import write_trips_csv
+from tests.http_server import serve_folder_in_thread
 
 THREADS, UPDATES = 8, 2000
 
@@ -143,3 +153,134 @@ def test_bar_mode_leaves_a_log_file_alone(tmp_path: Path) -> None:
     finally:
         to_file.close()
         root.handlers[:] = before
+
+
+# ------------------------------------------------------- byte bars (read, transform)
+
+
+def test_byte_bar_total_grows_then_settles_and_the_line_shows_share_and_eta() -> None:
+    sp = StageProgress("read", "chunks", None, "off", 0, by_bytes=True)
+    sp.expect(3 << 20)
+    sp.update(items=1, nbytes=1 << 20)
+    assert sp.line().startswith("read: 1.0 MiB of 3.0 MiB so far (downloads running) (33%, ETA ")
+    sp.expect(1 << 20)  # another file staged
+    sp.settle()
+    sp.update(items=1, nbytes=1 << 20)
+    line = sp.line()
+    assert line.startswith("read: 2.0 MiB of 4.0 MiB (50%, ETA ") and ", 2 chunks, at " in line
+    sp.expect(-(1 << 20))  # a file the run skips leaves the total
+    sp.update(items=1, nbytes=1 << 20)
+    assert (sp.nbytes, sp.total) == (3 << 20, 3 << 20) and "(100%, ETA 0:00)" in sp.line()
+
+
+def test_byte_bar_log_lines_carry_the_figures_as_fields(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(progress_mod, "LOG_INTERVAL_S", 0.0)
+    sp = Progress("log").stage("transform", "rows", by_bytes=True)
+    sp.expect(1000)
+    with caplog.at_level(logging.INFO, logger="etl.progress"):
+        sp.update(items=40, nbytes=250)
+    (record,) = [r for r in caplog.records if r.name == "etl.progress"]
+    assert record.getMessage().startswith("transform: 250.0 B of 1000.0 B so far (downloads running) (25%")
+    fields = {k: getattr(record, k) for k in ("stage", "done_bytes", "total_bytes", "total_final", "items")}
+    assert fields == {"stage": "transform", "done_bytes": 250, "total_bytes": 1000, "total_final": False, "items": 40}
+
+
+def test_byte_bar_draws_a_percentage(capsys: pytest.CaptureFixture[str]) -> None:
+    p = Progress("bar")
+    sp = p.stage("read", "chunks", by_bytes=True)
+    sp.expect(4 << 20)
+    sp.settle()
+    for _ in range(4):
+        sp.update(items=1, nbytes=1 << 20)
+    p.close()
+    err = capsys.readouterr().err
+    assert "100%" in err and "4.00M/4.00M" in err and "4 chunks" in err
+
+
+FORMATS = ("csv", "csv.gz", "jsonl", "parquet")
+
+
+def _sources(folder: Path, fmt: str) -> list[Path]:
+    """Three files of one format (a header-only CSV among the CSV ones: no chunk carries its bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(3):
+        csv_path = folder / f"trips-{k}.csv"
+        write_trips_csv(csv_path, rows=0 if (k == 2 and fmt.startswith("csv")) else 300 + 50 * k, seed=k)
+        if fmt == "csv":
+            paths.append(csv_path)
+            continue
+        path = folder / f"trips-{k}.{fmt}"
+        if fmt == "csv.gz":
+            path.write_bytes(gzip.compress(csv_path.read_bytes()))
+        else:
+            table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(column_types={"note": pa.string()}))
+            if fmt == "parquet":
+                pq.write_table(table, path, row_group_size=100)
+            else:
+                path.write_text("".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()))
+        csv_path.unlink()
+        paths.append(path)
+    return paths
+
+
+def _run(tmp_path: Path, urls: list[str], fmt: str) -> tuple[Run, int]:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""
+[job]
+name = "bars"
+state_dir = "state"
+
+[sources]
+urls = {json.dumps(urls)}
+format = "{fmt.split(".")[0]}"
+
+[read]
+chunk_rows = 60
+
+[transform]
+executor = "serial"
+steps = []
+
+[output]
+path = "out"
+"""
+    )
+    run = Run(load_job(job), RunOptions(progress="off"))
+    summary = asyncio.run(run.execute())
+    return run, summary.rows_in
+
+
+@pytest.mark.parametrize("where", ["local", "http"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_read_and_transform_bars_end_at_the_total_bytes(tmp_path: Path, fmt: str, where: str) -> None:
+    paths = _sources(tmp_path / "data", fmt)
+    size = sum(p.stat().st_size for p in paths)
+    stop = None
+    if where == "http":
+        base, stop = serve_folder_in_thread(tmp_path / "data")
+        urls = [f"{base}/{p.name}" for p in paths]
+    else:
+        urls = [str(p) for p in paths]
+    try:
+        run, rows_in = _run(tmp_path, urls, fmt)
+    finally:
+        if stop is not None:
+            stop()
+    for bar in (run.read_bar, run.transform_bar):
+        assert (bar.nbytes, bar.total, bar.final) == (size, size, True), bar.stage
+        assert "(100%" in bar.line()
+    assert run.transform_bar.items == rows_in == (300 + 350 + (0 if fmt.startswith("csv") else 400))
+    assert run.read_bar.items >= 2  # chunks
+
+
+def test_bars_leave_out_the_files_a_rerun_skips(tmp_path: Path) -> None:
+    paths = _sources(tmp_path / "data", "csv.gz")
+    first, _ = _run(tmp_path, [str(p) for p in paths], "csv.gz")
+    assert first.read_bar.total == sum(p.stat().st_size for p in paths)
+    again, _ = _run(tmp_path, [str(p) for p in paths], "csv.gz")  # every source unchanged: skipped
+    for bar in (again.read_bar, again.transform_bar):
+        assert (bar.nbytes, bar.total) == (0, 0)

@@ -216,3 +216,138 @@ def test_chunk_targets_are_bytes_capped_whatever_the_first_lines_look_like(tmp_p
     chunks = list(read_chunks(staged(path), ReadConfig()))  # 200,000 rows would be 4 GB
     assert len(chunks) >= 2 and max(len(c.data) for c in chunks) <= MAX_CHUNK_BYTES
     assert sum(c.rows for c in chunks) == 3000
+
+
+# ------------------------------------------- records past max_record_bytes, set aside
+
+
+def set_aside_run(path: Path, cfg: ReadConfig) -> tuple[list[tuple[int, str, str]], list[dict]]:
+    """(start line, id, note) of the rows kept, and the dead-letter rows, as the workers make them."""
+    from etl.core.chunks import decode_chunk
+    from etl.core.parts import encode_rejects
+
+    kept, dead = [], []
+    chunks = list(read_chunks(staged(path), cfg, set_aside=True))
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    for chunk in chunks:
+        df, bad = decode_chunk(chunk, cfg, "quarantine")
+        kept += [(int(line), str(i), str(note)) for line, i, note in zip(df.index, df["id"], df["note"])]
+        if bad is not None:
+            dead += [json.loads(x) for x in encode_rejects(bad, chunk).data.splitlines()]
+    return kept, dead
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("quoted", [False, True])
+def test_a_record_longer_than_max_record_bytes_is_set_aside_and_the_rest_read_on(
+    tmp_path: Path, suffix: str, where: str, quoted: bool
+) -> None:
+    long = ("ab\ncd" if quoted else "x") * (600_000 if quoted else 3 << 20)  # 3 MiB, 2 MiB allowed
+    rows = [[str(i), "short", "1"] for i in range(40)]
+    at = {"first": 0, "middle": 20, "last": 40}[where]
+    rows.insert(at, ["L", long, "1"])
+    path = write_csv(tmp_path / f"long{suffix}", rows)
+    for chunk_rows in (1, 7, 1000):
+        cfg = ReadConfig(chunk_rows=chunk_rows, max_record_bytes="2MiB")  # type: ignore[arg-type]
+        kept, dead = set_aside_run(path, cfg)
+        extra = long.count("\n")  # lines the long record adds after its first
+        want = [(2 + j + (extra if j > at else 0), r[0], r[1]) for j, r in enumerate(rows) if r[0] != "L"]
+        assert kept == want  # every other row, by its line
+        (letter,) = dead
+        assert letter["source"] == path.name and letter["line"] == 2 + at
+        assert letter["step"] == "read"
+        assert letter["reason"].startswith("record longer than read.max_record_bytes (2.0 MiB): ")
+        assert len(letter["raw"]) <= 1024 and letter["raw"].startswith('L,"ab' if quoted else "L,xxx")
+
+
+def test_a_quoted_field_that_never_closes_is_set_aside_to_the_end_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "open.csv"
+    path.write_bytes(b'id,note,n\n1,a,1\n2,"never closed' + b"z\n" * (2 << 20))
+    cfg = ReadConfig(max_record_bytes="1MiB")  # type: ignore[arg-type]
+    kept, dead = set_aside_run(path, cfg)
+    assert kept == [(2, "1", "a")]
+    assert dead[0]["line"] == 3 and "no record end before the end of the file" in dead[0]["reason"]
+
+
+def test_skipping_a_record_holds_one_read_not_the_record(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "bomb.csv.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(b"id,note\n1,a\n2,")
+        for _ in range(16):  # a 256 MiB record in about 256 KiB of gzip
+            f.write(bytes(16 << 20))
+        f.write(b"\n3,b\n")
+    cfg = ReadConfig(max_record_bytes="4MiB")  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        chunks = [
+            (c.row_start, c.data, c.set_aside[0][0] if c.set_aside else None)
+            for c in read_chunks(staged(path), cfg, set_aside=True)
+        ]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert chunks[1][2] == 3  # the record on line 3 set aside
+    assert chunks[0][1] == b"1,a\n" and chunks[-1][1] == b"3,b\n"
+    assert peak < 24 << 20  # max_record_bytes and a few reads, not the 256 MiB record
+
+
+def test_a_header_longer_than_max_record_bytes_still_fails(tmp_path: Path) -> None:
+    path = tmp_path / "head.csv"
+    path.write_bytes(b"id," + b"h" * (2 << 20) + b"\n1,a\n")
+    with pytest.raises(DataError, match="record starting at line 1 is longer than read.max_record_bytes"):
+        list(read_chunks(staged(path), ReadConfig(max_record_bytes="1MiB"), set_aside=True))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("on_error", ["quarantine", "fail"])
+def test_a_run_quarantines_or_fails_on_a_record_past_max_record_bytes(tmp_path: Path, on_error: str) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    rows = [[str(i), "short", "1"] for i in range(30)]
+    rows.insert(12, ["L", "y" * (3 << 20), "1"])
+    write_csv(tmp_path / "big.csv.gz", rows)
+    (tmp_path / "job.toml").write_text(
+        f"""
+[job]
+name = "long"
+state_dir = "state"
+[sources]
+urls = ["big.csv.gz"]
+[read]
+max_record_bytes = "2MiB"
+chunk_rows = 5
+[transform]
+workers = 2
+on_error = "{on_error}"
+steps = [{{op = "cast", columns = {{n = "int64"}}}}]
+[output]
+path = "out"
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, str(root / "run.py"), "--config", str(tmp_path / "job.toml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert "Traceback" not in proc.stderr
+    if on_error == "fail":
+        assert proc.returncode == 1, proc.stderr
+        assert "big.csv.gz" in proc.stderr and "line 14" in proc.stderr and "max_record_bytes" in proc.stderr
+        assert not (tmp_path / "out").exists()
+        return
+    assert proc.returncode == 3, proc.stderr  # rows rejected
+    letters = [
+        json.loads(x) for f in (tmp_path / "out" / "_rejected").glob("*.jsonl") for x in f.read_text().splitlines()
+    ]
+    assert [(d["source"], d["line"], d["step"]) for d in letters] == [("big.csv.gz", 14, "read")]
+    assert len(letters[0]["raw"]) == 1024
+    import pyarrow.dataset as ds
+
+    ids = sorted(int(i) for i in ds.dataset(tmp_path / "out", format="parquet").to_table()["id"].to_pylist())
+    assert ids == list(range(30))

@@ -123,7 +123,10 @@ async def test_every_chunk_of_every_file_reaches_the_queue(tmp_path: Path, parse
     assert meter.items_out == len(got)
     assert meter.bytes_out == sum(c.nbytes for c in got)
     assert meter.rows_out == (sum(c.rows for c in got) if parse == "reader" else 0)
-    assert (progress.items, progress.nbytes) == (len(got), sum(c.nbytes for c in got))
+    # The bar counts file bytes as stored: each file's chunks carry its whole size.
+    assert (progress.items, progress.nbytes) == (len(got), sum(f.size for f in files))
+    for staged in files:
+        assert sum(c.source_bytes for c in by_source[staged.source.index]) == staged.size
     assert progress.threads and all(t.startswith("test-reader") for t in progress.threads)
 
 
