@@ -16,6 +16,7 @@ stage sends ``TransformConfig`` to worker processes.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from etl.core.errors import ConfigError
@@ -325,7 +326,28 @@ class OutputConfig(Model):
         return Path(v) if isinstance(v, str) else v
 
     format: Literal["parquet", "csv"] = "parquet"
-    """File format of the parts."""
+    """File format of the parts. ``"delta"`` in the job file means Parquet parts committed
+    as a Delta Lake table (sets ``table_format``)."""
+    table_format: Literal["delta"] | None = None
+    """``"delta"``: the output is a Delta Lake table (``etl.write.delta``); set it by
+    writing ``format = "delta"``. None: a plain folder of parts."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _delta_format(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("format") == "delta":
+            return {**v, "format": "parquet", "table_format": "delta"}
+        return v
+
+    @model_validator(mode="after")
+    def _delta_needs(self) -> OutputConfig:
+        if self.table_format == "delta":
+            if self.format != "parquet":
+                raise ValueError("a Delta table holds Parquet files: drop output.format or set it to 'delta'")
+            if importlib.util.find_spec("deltalake") is None:
+                raise ValueError("output.format = 'delta' needs the deltalake package: pip install 'cronetl[delta]'")
+        return self
+
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     """Parquet compression codec."""
     partition_by: list[str] = []

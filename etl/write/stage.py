@@ -42,7 +42,12 @@ Written = list[tuple[str, int, int]]
 
 
 def open_writer(out: OutputConfig, run_id: str, adopt: Path | None = None) -> OutputWriter:
-    """The writer for ``out.path``: a local folder, or an object-store prefix (a URL)."""
+    """The writer for ``out.path``: a local folder, or an object-store prefix (a URL); a
+    Delta table with ``output.format = "delta"`` (``etl.write.delta``)."""
+    if out.table_format == "delta":
+        from etl.write.delta import open_delta_writer  # deltalake only when a job needs it
+
+        return open_delta_writer(out, run_id, adopt)
     if isinstance(out.path, str):  # URLs stay str in the config; local paths are Path
         from etl.write.objects import (
             ObjectOutputWriter,  # fsspec only when an output needs it
@@ -55,6 +60,10 @@ def open_writer(out: OutputConfig, run_id: str, adopt: Path | None = None) -> Ou
 def clean_leftovers(out: OutputConfig, keep: Path | None = None) -> list[Any]:
     """Repair what dead runs left at ``out.path`` (see each writer's ``clean_leftovers``).
     Call it only under the job's lock: a live run's leftovers look like a dead one's."""
+    if out.table_format == "delta":
+        from etl.write.delta import clean_delta_leftovers
+
+        return clean_delta_leftovers(out, keep)
     if isinstance(out.path, str):
         from etl.write.objects import ObjectOutputWriter
 
