@@ -14,10 +14,20 @@ slow spell on a shared machine is spread over all points. Per point: median and 
 bottleneck. Writes ``bench.csv``, ``bench.json`` and PNG plots to the
 output folder, also after Ctrl-C (with the points measured so far).
 
-``--auto`` is a coordinate search driven by the measured bottleneck (see ``auto_search``):
-keys whose stage is not the bottleneck are skipped, the others are stepped along their
-ladders while a step gains at least ``AUTO_MIN_GAIN``, each step judged by runs of the
-candidate and the incumbent side by side, so drift between minutes cancels out.
+``--auto`` is a coordinate search driven by the measured bottleneck (see ``auto_search``),
+starting from what a plain run does (the planner's workers and chunk rows, read from the
+warm-up run's report): keys whose stage is not the bottleneck are skipped, the others are
+stepped along their ladders while a step gains at least ``AUTO_MIN_GAIN``, each step judged
+by runs of the candidate and the incumbent side by side, so drift between minutes cancels
+out; a step whose settings do not fit the memory budget is judged with the other keys
+re-planned to fit, and a small pattern of diagonal steps around the result catches a point
+that is fast only in combination.
+
+The memory budget: every run's report says whether its plan fits the budget and how long
+the memory guard held chunks back (the bottleneck is ``memory`` when that was 10% of the
+run or more, see etl/core/stats.py); the table flags points whose settings do not fit, and
+when more memory is what helps, the recommendation says so with a
+``--set resources.memory_limit=…`` line.
 """
 
 from __future__ import annotations
@@ -41,14 +51,18 @@ from typing import Any, cast
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ConfigError, ETLError, ExitCode
-from etl.core.machine import usable_cpus
+from etl.core.machine import machine, usable_cpus
 from etl.core.stats import STAGES
+from etl.run.resources import PLAN_SHARE, Probe, ResourcePlan, gib, memory_budget, plan_for
 
 ROOT = Path(__file__).resolve().parents[2]  # etl/ops/bench.py -> the clone (run.py)
 AUTO_MIN_GAIN = 0.05  # a step must gain this much throughput to be taken: less is noise here
 AUTO_DECISIVE = 0.10  # one side-by-side pair this far from the gain line decides a step alone: not noise
 AUTO_STEP_RUNGS = 2  # a step looks this many rungs ahead: more finds gains spread over rungs, costs runs
 AUTO_MAX_PASSES = 3  # passes over the keys; each pass starts from the newest bottleneck
+AUTO_RUN_SHARE = 1 / 3  # passes after the first, the diagonal pattern and the memory check stop at this
+# share of the grid's runs (the ladders' product x --repeat): more explores further, costs runs
+MEMORY_STEP = 256 << 20  # a suggested memory_limit is rounded up to this: finer is false precision
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long a run may take to stop before it is killed
 OK_CODES = (ExitCode.OK, ExitCode.REJECTED_ROWS)
 STAGE_OF_SECTION = {
@@ -59,8 +73,15 @@ STAGE_OF_SECTION = {
     "output": "write",
 }
 # Settings that speed up more than their own section's stage, main stage first: the chunk
-# size sets how many chunks every later stage handles (per-chunk overhead, part files).
-KEY_STAGES = {"read.chunk_rows": ("read", "transform", "write")}
+# size sets how many chunks every later stage handles (per-chunk overhead, part files); it,
+# the worker count and the chunks in flight set the memory a run needs ("memory": the
+# bottleneck when the memory guard held chunks back).
+KEY_STAGES = {
+    "read.chunk_rows": ("read", "transform", "write", "memory"),
+    "transform.workers": ("transform", "memory"),
+    "transform.in_flight": ("transform", "memory"),
+}
+PLANNED_KEYS = ("transform.workers", "read.chunk_rows")  # what the planner chooses when not set
 
 
 Point = dict[str, str]
@@ -92,6 +113,16 @@ class PointResult:
     def bottleneck(self) -> str:
         return cast(str, Counter(r["bottleneck"] for r in self.runs).most_common(1)[0][0])
 
+    @property
+    def fits(self) -> bool:
+        """The runs' plans fit the memory budget (the planner's worst case is under it)."""
+        return all(r.get("plan", {}).get("fits", True) for r in self.runs)
+
+    @property
+    def held_back(self) -> float:
+        """Median seconds the memory guard held chunks back."""
+        return statistics.median(float(r.get("held_back_s", 0.0)) for r in self.runs)
+
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.point.items()) or "(job as is)"
 
@@ -121,6 +152,8 @@ class PointResult:
         row["peak_rss_mib"] = round(self.median("peak_rss_mib"), 1)
         row["cpu_util"] = round(self.median("cpu_util"), 3)
         row["bottleneck"] = self.bottleneck
+        row["fits_budget"] = self.fits
+        row["held_back_s"] = round(self.held_back, 3)
         return row
 
 
@@ -166,6 +199,10 @@ class Bench:
         self.cfg = load_job(self.config, base)
         self.results: dict[PointKey, PointResult] = {}
         self.runs_done = 0
+        self.plain: dict[str, Any] = {}  # the plan of the warm-up run: what a plain run chooses
+        self._plans: dict[PointKey, ResourcePlan | None] = {}
+        self._last_plan: dict[str, Any] = {}
+        self.auto_hint: dict[str, Any] = {}  # after --auto: when more memory helps, the point and why
 
     def check(self, points: list[Point]) -> None:
         """Every point must be a valid job before anything runs (a typo fails in a second)."""
@@ -173,8 +210,34 @@ class Bench:
             load_job(self.config, self.base + overrides(p))
 
     def warm_up(self) -> None:
+        """One plain run (the job and the base overrides only): the cache, and the plan it chose."""
         print(f"warm-up run (not measured) in {self.out / 'cache'}", flush=True)
         self._run({}, self.out / "cache", keep_staging=True)
+        self.plain = self._last_plan
+
+    def budget_plan(self, point: Point) -> ResourcePlan | None:
+        """The planner's verdict on ``point`` (its keys as explicit settings), on the chunk the
+        warm-up run measured; None before a warm-up (or when it measured nothing)."""
+        if not self.plain.get("probe"):
+            return None
+        key = point_key(point)
+        if key not in self._plans:
+            try:
+                cfg = load_job(self.config, self.base + overrides(point))
+            except ETLError:
+                self._plans[key] = None
+                return None
+            executor = self.plain.get("executor", cfg.transform.executor)
+            cfg = cfg.model_copy(update={"transform": cfg.transform.model_copy(update={"executor": executor})})
+            box = machine()
+            budget = memory_budget(cfg.resources.memory_limit, box.memory, box.cpus)
+            self._plans[key] = plan_for(cfg, box, budget, Probe(**self.plain["probe"]))
+        return self._plans[key]
+
+    def fits(self, point: Point) -> bool:
+        """Whether ``point``'s settings fit the memory budget (True when it cannot be told)."""
+        plan = self.budget_plan(point)
+        return plan is None or plan.fits
 
     def measure_grid(self, points: list[Point]) -> None:
         """Every point ``repeat`` times, in rounds (each point once, then again): a slow spell
@@ -235,6 +298,7 @@ class Bench:
                 f"(log: {folder / 'run.log'}):\n{log}"
             )
         report = _report(job_state)
+        self._last_plan = report.get("summary", {}).get("plan") or {}
         shutil.rmtree(folder / "output", ignore_errors=True)  # bounded disk: the numbers are in the report
         if not keep_staging:
             shutil.rmtree(job_state / "staging", ignore_errors=True)
@@ -278,6 +342,7 @@ def _report(job_state: Path) -> dict[str, Any]:
 def metrics(report: dict[str, Any], process_wall: float) -> dict[str, Any]:
     s = report["summary"]
     st = s.get("stats", {})
+    plan = s.get("plan") or {}
     wall = max(float(s["wall_seconds"]), 1e-9)
     return {
         "wall_s": wall,
@@ -291,18 +356,26 @@ def metrics(report: dict[str, Any], process_wall: float) -> dict[str, Any]:
         "bottleneck": st.get("bottleneck", {}).get("stage", "?"),
         "stages": st.get("stages", {}),
         "exit_code": report.get("exit_code"),
+        "held_back_s": float((s.get("memory") or {}).get("paused_seconds", 0.0)),
+        "plan": {
+            k: plan[k] for k in ("executor", "workers", "chunk_rows", "budget", "estimated_peak", "fits") if k in plan
+        },
     }
 
 
 # --------------------------------------------------------------------------- auto
 
 
-def ladders(cfg: JobConfig, vary: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Candidate values per searched key: the ``--vary`` lists, else ladders around the job's value."""
+def ladders(cfg: JobConfig, vary: dict[str, list[str]], plain: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Candidate values per searched key: the ``--vary`` lists, else ladders around the job's
+    value; the default chunk ladder also holds the chunk size a plain run plans (``plain``)."""
     cores = usable_cpus()
+    chunk_rows = {25_000, 50_000, 100_000, 200_000, 400_000, 800_000}
+    if plain and plain.get("chunk_rows"):
+        chunk_rows.add(int(plain["chunk_rows"]))
     out = {
         "transform.workers": sorted({1, 2, 4, cores, 2 * cores}),
-        "read.chunk_rows": [25_000, 50_000, 100_000, 200_000, 400_000, 800_000],
+        "read.chunk_rows": sorted(chunk_rows),
         "download.concurrency": [1, 2, 4, 8, 16],
     }
     if cfg.transform.executor == "serial":
@@ -322,9 +395,31 @@ def current_value(cfg: JobConfig, key: str, ladder: list[str]) -> str:
     if str(node) in ladder:
         return str(node)
     try:
-        return min(ladder, key=lambda v: abs(float(v) - float(node)))
+        return nearest(ladder, float(node))
     except (TypeError, ValueError):
         return ladder[0]
+
+
+def nearest(ladder: list[str], value: float) -> str:
+    """The rung nearest ``value`` on a log scale (ladders double), the lower one on a tie."""
+    numeric = []
+    for rung in ladder:
+        try:
+            numeric.append((abs(math.log(float(rung) / value)), float(rung), rung))
+        except (ValueError, ZeroDivisionError):
+            continue
+    return min(numeric)[2] if numeric else ladder[0]
+
+
+def start_point(bench: Bench, ladder: dict[str, list[str]]) -> Point:
+    """What a plain run does: the planner's workers and chunk rows (the warm-up run's plan),
+    the job's own value for every other key; each on the nearest rung of its ladder."""
+    planned = {"transform.workers": bench.plain.get("workers"), "read.chunk_rows": bench.plain.get("chunk_rows")}
+    point: Point = {}
+    for key, rungs in ladder.items():
+        value = planned.get(key)
+        point[key] = nearest(rungs, float(value)) if value else current_value(bench.cfg, key, rungs)
+    return point
 
 
 def key_stages(key: str) -> tuple[str, ...]:
@@ -345,15 +440,31 @@ def key_order(keys: list[str], bottleneck: str) -> list[str]:
     return sorted(keys, key=rank)  # stable: equal ranks keep the ladder's order
 
 
-def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], None] = print) -> PointResult:
-    """Coordinate search from the job's own settings, led by the measured bottleneck.
+def limit_for(peak: int, budget: int = 0) -> str:
+    """A ``resources.memory_limit`` under which a plan with this worst case fits (and above ``budget``)."""
+    need = max(math.ceil(peak / PLAN_SHARE), budget + 1)
+    mib = math.ceil(need / MEMORY_STEP) * MEMORY_STEP >> 20
+    return f"{mib >> 10}GiB" if mib % 1024 == 0 else f"{mib}MiB"
 
-    Each pass orders the keys by the best point's bottleneck stage (``key_order``) and
-    climbs them one at a time. A key is skipped when none of its stages (``key_stages``) is
-    the bottleneck of the best point or of the last run: a faster download cannot help a
-    transform-bound run. Climbing steps the key along its ladder while a step of one or two
-    rungs (``AUTO_STEP_RUNGS``) gains at least ``AUTO_MIN_GAIN``; a key's first climb tries
-    up, then down, and once it has moved it only goes on in that direction.
+
+def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], None] = print) -> PointResult:
+    """Coordinate search from what a plain run does, led by the measured bottleneck.
+
+    It starts from the warm-up run's plan (``start_point``: the planner's workers and chunk
+    rows), not from the job file's defaults. Each pass orders the keys by the best point's
+    bottleneck stage (``key_order``) and climbs them one at a time. A key is skipped when
+    none of its stages (``key_stages``) is the bottleneck of the best point or of the last
+    run: a faster download cannot help a transform-bound run; ``memory`` (the guard held
+    chunks back) is a stage of the worker count and the chunk size. Climbing steps the key
+    along its ladder while a step of one or two rungs (``AUTO_STEP_RUNGS``) gains at least
+    ``AUTO_MIN_GAIN``; a key's first climb tries up, then down, and it goes on in the
+    direction it moved until another key moves (then both directions are open again).
+
+    Memory: a step whose settings do not fit the budget (``Bench.fits``: the planner's
+    verdict on the chunk the warm-up measured) is judged with the other planned keys
+    re-planned to fit (``_Search.replan``: the most workers, then the largest chunks, as the
+    planner prefers), so a step never looks bad, nor a step back good, only because the
+    memory guard throttled one side.
 
     A step is judged side by side (``_Search.gain``): runs alternate between the incumbent
     and the candidate (I C I C ...), and every three consecutive runs give one ratio, the
@@ -363,14 +474,27 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
     drift together, and a steady drift cancels exactly between the two outer runs. The
     chain opens with the incumbent's latest run when it was the last run made. One ratio
     far from the 5% line (``AUTO_DECISIVE``) decides alone; otherwise ratios stop once a
-    majority of ``repeat`` fall on one side of it. The search stops after a pass without a
-    move, or after ``AUTO_MAX_PASSES`` passes.
+    majority of ``repeat`` fall on one side of it.
+
+    When a pass moves nothing, a pattern around the incumbent is tried (``_Search.pattern``):
+    two keys stepped one rung each, the diagonals whose single steps measured best first, so
+    a point fast only in combination is found; a diagonal that gains starts new passes.
+    Passes after the first, the pattern and the memory check stop once the search has used
+    ``AUTO_RUN_SHARE`` of the grid's runs, and after ``AUTO_MAX_PASSES`` passes.
     """
-    search = _Search(bench, ladders(bench.cfg, vary), log)
-    best = {k: current_value(bench.cfg, k, v) for k, v in search.ladder.items()}
+    search = _Search(bench, ladders(bench.cfg, vary, bench.plain), log)
+    best = start_point(bench, search.ladder)
+    if not bench.fits(best):  # a rung above the planned chunk size: back under the budget
+        best = search.replan(best, keep="transform.workers")
+    planned = f"{bench.plain['workers']} workers, {bench.plain['chunk_rows']:,}-row chunks" if bench.plain else "?"
+    log(f"auto: starting where a plain run plans ({planned}): {PointResult(best).label()}")
     search.run(best)
     for n in range(1, AUTO_MAX_PASSES + 1):
-        start = best
+        search.capped = n > 1
+        if n > 1 and search.spent():
+            log(f"auto: pass {n}: not run, the search has used {bench.runs_done} of its {search.cap} runs")
+            break
+        start, climbed = best, []
         for key in key_order(list(search.ladder), search.result(best).bottleneck):
             hot = {search.result(best).bottleneck, search.last_bottleneck}
             stages = key_stages(key)
@@ -378,10 +502,18 @@ def auto_search(bench: Bench, vary: dict[str, list[str]], log: Callable[[str], N
                 where = " and ".join(sorted(hot)) + (" (best point and last run)" if len(hot) > 1 else "")
                 log(f"auto: pass {n}: skipped {key}: it speeds up {'/'.join(stages)}, the bottleneck is {where}")
                 continue
+            climbed.append(key)
             best = search.climb(best, key)
         if best == start:
-            break
+            search.capped = True
+            moved = search.pattern(best, climbed)
+            if moved is None:
+                break
+            best = moved
     chosen = search.result(best)
+    search.capped = True
+    search.memory_hint(best)
+    bench.auto_hint = search.hint
     log(
         f"auto: chose {chosen.label()} ({chosen.throughput:,.0f} rows/s, median of its {len(chosen.runs)} runs) "
         f"after {len(bench.results)} points, {bench.runs_done} runs"
@@ -402,6 +534,20 @@ class _Search:
     direction: dict[str, int] = field(default_factory=dict)  # key -> +1 / -1, the way it last moved
     last_point: PointKey = ()
     last_run: dict[str, Any] = field(default_factory=dict)
+    over_budget: dict[PointKey, list[Point]] = field(default_factory=dict)  # incumbent -> steps that did not fit
+    hint: dict[str, Any] = field(default_factory=dict)  # more memory helps: the point and why
+    capped: bool = False  # past the first pass: comparisons stop at ``cap`` runs
+
+    @property
+    def cap(self) -> int:
+        """Runs after which the optional work stops: ``AUTO_RUN_SHARE`` of the grid's runs."""
+        return max(math.floor(math.prod(len(v) for v in self.ladder.values()) * self.bench.repeat * AUTO_RUN_SHARE), 1)
+
+    def spent(self, best: Point | None = None) -> bool:
+        """One more comparison with ``best`` (its fewest runs) would pass the cap."""
+        width = 3 if self.bench.repeat > 1 else 2
+        need = width - 1 + (0 if best is not None and self.last_point == point_key(best) else 1)
+        return self.bench.runs_done + need > self.cap
 
     def run(self, point: Point) -> float:
         """One run of ``point``; its rows/s."""
@@ -415,13 +561,24 @@ class _Search:
     def last_bottleneck(self) -> str:
         return str(self.last_run.get("bottleneck", "?"))
 
+    def known(self, best: Point, candidate: Point) -> float | None:
+        """The ratio already measured for this pair, either way round."""
+        a, b = point_key(best), point_key(candidate)
+        if (a, b) in self.gains:
+            return self.gains[(a, b)]
+        return 1 / self.gains[(b, a)] if (b, a) in self.gains else None
+
     def gain(self, best: Point, candidate: Point) -> float:
         """The candidate's rows/s over the incumbent's, runs side by side (see auto_search)."""
-        pair = (point_key(best), point_key(candidate))
-        if pair in self.gains:
-            return self.gains[pair]
+        cached = self.known(best, candidate)
+        if cached is not None:
+            return cached
+        if self.capped and self.spent(best):
+            step = " ".join(k.split(".")[-1] + "=" + v for k, v in candidate.items() if best.get(k) != v)
+            self.log(f"auto: {step} not tried: the search has used {self.bench.runs_done} of its {self.cap} runs")
+            return 0.0
         ratios = self._side_by_side(best, candidate)
-        gain = self.gains[pair] = statistics.median(ratios)
+        gain = self.gains[(point_key(best), point_key(candidate))] = statistics.median(ratios)
         moved = [k.split(".")[-1] + "=" + v for k, v in candidate.items() if best.get(k) != v]
         verdict = "a step" if gain >= 1 + AUTO_MIN_GAIN else "under the line"
         self.log(
@@ -450,7 +607,41 @@ class _Search:
             above = sum(r >= line for r in ratios)
             if (len(ratios) == 1 and abs(ratios[0] - line) >= AUTO_DECISIVE) or need in (above, len(ratios) - above):
                 break
+            if self.capped and self.bench.runs_done >= self.cap:
+                break  # the run budget: decided on the ratios measured
         return ratios
+
+    def replan(self, point: Point, keep: str) -> Point:
+        """``point`` with the planned keys other than ``keep`` re-chosen as the planner would:
+        the first rung, most workers then largest chunks, whose settings fit the budget
+        (workers at most the usable CPUs, as the planner does); ``point`` if none fits."""
+        others = [k for k in PLANNED_KEYS if k != keep and k in self.ladder]
+        options: list[list[str]] = []
+        for key in others:
+            rungs = sorted(self.ladder[key], key=_sort_key, reverse=True)
+            if key == "transform.workers":
+                rungs = [r for r in rungs if _sort_key(r) <= (0, usable_cpus())] or rungs
+            options.append(rungs)
+        for values in itertools.product(*options):
+            candidate = {**point, **dict(zip(others, values))}
+            if self.bench.fits(candidate):
+                return candidate
+        return point
+
+    def candidate(self, best: Point, key: str, value: str) -> Point | None:
+        """The point a step of ``key`` to ``value`` is judged at: re-planned when it does not fit."""
+        step = {**best, key: value}
+        if self.bench.fits(step):
+            return step
+        self.over_budget.setdefault(point_key(best), []).append(step)
+        fitted = self.replan(step, keep=key)
+        if fitted == best or fitted == step:
+            why = "it is the current point" if fitted == best else "nothing fits"
+            self.log(f"auto: {key.split('.')[-1]}={value} does not fit the memory budget; re-planned: {why}")
+            return None if fitted == best else step
+        changed = " ".join(f"{k.split('.')[-1]}={v}" for k, v in fitted.items() if step[k] != v)
+        self.log(f"auto: {key.split('.')[-1]}={value} does not fit the memory budget: judged re-planned, {changed}")
+        return fitted
 
     def climb(self, best: Point, key: str) -> Point:
         """Step ``key`` while a step gains at least ``AUTO_MIN_GAIN``; the new best point.
@@ -465,17 +656,68 @@ class _Search:
             while True:
                 here = ladder.index(best[key])
                 rungs = [here + step * n for n in range(1, AUTO_STEP_RUNGS + 1) if 0 <= here + step * n < len(ladder)]
-                taken = next(
-                    (c for c in ({**best, key: ladder[i]} for i in rungs) if self.gain(best, c) >= 1 + AUTO_MIN_GAIN),
-                    None,
-                )
+                steps = [c for c in (self.candidate(best, key, ladder[i]) for i in rungs) if c is not None]
+                taken = next((c for c in steps if self.gain(best, c) >= 1 + AUTO_MIN_GAIN), None)
                 if taken is None:
                     break
                 best = taken
             if best != start:
-                self.direction[key] = step
+                self.direction = {key: step}  # the other keys are re-tested both ways from here
                 return best
         return best
+
+    def pattern(self, best: Point, keys: list[str]) -> Point | None:
+        """Diagonal steps around ``best``: two of ``keys`` one rung each, those whose single
+        steps measured best first (unmeasured counts as no change), while runs remain;
+        the first that gains, or None."""
+        diagonals: list[tuple[float, Point]] = []
+        for k1, k2 in itertools.combinations(keys, 2):
+            for d1, d2 in itertools.product((+1, -1), repeat=2):
+                i1, i2 = self.ladder[k1].index(best[k1]) + d1, self.ladder[k2].index(best[k2]) + d2
+                if not (0 <= i1 < len(self.ladder[k1]) and 0 <= i2 < len(self.ladder[k2])):
+                    continue
+                a, b = {**best, k1: self.ladder[k1][i1]}, {**best, k2: self.ladder[k2][i2]}
+                point = {**a, k2: b[k2]}
+                if not self.bench.fits(point) or self.known(best, point) is not None:
+                    continue  # over the budget: its re-planned form is a single step, judged already
+                promise = (self.known(best, a) or 1.0) * (self.known(best, b) or 1.0)
+                diagonals.append((promise, point))
+        for _, point in sorted(diagonals, key=lambda d: -d[0]):
+            if self.spent(best):
+                self.log(f"auto: pattern stopped: the search has used {self.bench.runs_done} of its {self.cap} runs")
+                return None
+            if self.gain(best, point) >= 1 + AUTO_MIN_GAIN:
+                self.direction = {}
+                return point
+        return None
+
+    def memory_hint(self, best: Point) -> None:
+        """When more memory is what helps ``best``, say so in ``hint``: its runs were held back
+        by the memory guard, or a step from it that did not fit the budget, run with the
+        memory it needs, gains ``AUTO_MIN_GAIN`` side by side (while runs remain)."""
+        chosen = self.result(best)
+        plan = self.bench.budget_plan(best)
+        if chosen.bottleneck == "memory" and plan is not None:
+            limit = limit_for(plan.estimated_peak, plan.budget)
+            self.hint = {
+                "point": {**best, "resources.memory_limit": limit},
+                "why": f"the memory guard held chunks back {chosen.held_back:.1f}s per run (median) "
+                f"at {gib(plan.budget)}",
+            }
+        usable = machine().memory
+        for step in self.over_budget.get(point_key(best), []):
+            need = self.bench.budget_plan(step)
+            if self.hint or need is None or self.spent(best):
+                break
+            limit = limit_for(need.estimated_peak, need.budget)
+            more = {**step, "resources.memory_limit": limit}
+            if not self.bench.fits(more) or need.estimated_peak / PLAN_SHARE > usable:
+                continue
+            gain = self.gain(best, more)
+            if gain >= 1 + AUTO_MIN_GAIN:
+                self.hint = {"point": more, "gain": gain, "why": f"{gain - 1:+.1%} side by side at {limit}"}
+        if self.hint:
+            self.log(f"auto: more memory helps: {set_line(self.hint['point'])} ({self.hint['why']})")
 
 
 # -------------------------------------------------------------------------- output
@@ -505,6 +747,7 @@ def write_outputs(bench: Bench, varied: list[str], extra: dict[str, Any]) -> lis
         "runs": bench.runs_done,
         "cores": usable_cpus(),
         "recommended": recommended(results, extra),
+        "recommended_with_more_memory": set_line(extra["memory_hint"]["point"]) if extra.get("memory_hint") else None,
         **extra,
         "points": [
             {**r.row(), "point": r.point, "stage_seconds": r.stage_seconds(), "run_metrics": r.runs} for r in results
@@ -602,10 +845,33 @@ def _sort_key(v: str) -> tuple[int, float | str]:
 
 
 def recommended(results: list[PointResult], extra: dict[str, Any]) -> str | None:
-    """The fastest point; after --auto, the search's choice (it ignores gains under 5%: noise)."""
+    """The fastest point; after --auto, the search's choice (it ignores gains under 5%: noise).
+
+    When that point was limited by the memory budget (its plan does not fit, or the guard
+    held chunks back), the line also raises ``resources.memory_limit`` to what it needs."""
     if "auto_best" in extra:
-        return set_line(extra["auto_best"])
-    return set_line(results[0].point) if results else None
+        point = extra["auto_best"]
+        result = next((r for r in results if r.point == point), None)
+    elif results:
+        point, result = results[0].point, results[0]
+    else:
+        return None
+    if (
+        result is not None
+        and (not result.fits or result.bottleneck == "memory")
+        and "resources.memory_limit" not in point
+    ):
+        plans = [r.get("plan", {}) for r in result.runs]
+        peak, budget = max(p.get("estimated_peak", 0) for p in plans), max(p.get("budget", 0) for p in plans)
+        if budget:
+            point = {**point, "resources.memory_limit": limit_for(peak, budget)}
+    return set_line(point)
+
+
+def memory_line(extra: dict[str, Any]) -> str | None:
+    """After --auto, when more memory is what helps: the settings with the memory they need."""
+    hint = extra.get("memory_hint") or {}
+    return f"faster with more memory ({hint['why']}): {set_line(hint['point'])}" if hint else None
 
 
 def format_table(bench: Bench, varied: list[str], extra: dict[str, Any]) -> str:
@@ -618,11 +884,24 @@ def format_table(bench: Bench, varied: list[str], extra: dict[str, Any]) -> str:
         wall = f"{r.median('wall_s'):.2f} ({lo:.2f}-{hi:.2f})"
         lines.append(
             f"{keys}{wall:>22}{r.throughput:>12,.0f}{r.median('mib_per_s'):>8.1f}"
-            f"{r.median('peak_rss_mib'):>9,.0f}{r.median('cpu_util'):>6.0%}  {r.bottleneck}"
+            f"{r.median('peak_rss_mib'):>9,.0f}{r.median('cpu_util'):>6.0%}  {budget_note(r)}"
         )
+    if any(not r.fits for r in results):
+        lines.append("OVER BUDGET: the settings do not fit the memory budget (the plan's worst case is over it)")
     if results:
         lines.append(f"recommended: {recommended(results, extra)}")
+        more = memory_line(extra)
+        if more:
+            lines.append(more)
     return "\n".join(lines)
+
+
+def budget_note(r: PointResult) -> str:
+    """The bottleneck column: the stage, with the memory guard's hold-backs and the budget flag."""
+    text = r.bottleneck
+    if r.held_back >= 0.05:  # under 50 ms held back is a sample's jitter, not a limit
+        text += f" (chunks held back {r.held_back:.1f}s)"
+    return text + ("" if r.fits else " OVER BUDGET")
 
 
 # ---------------------------------------------------------------------- command
@@ -645,6 +924,8 @@ def bench_command(args: Any) -> int:
         if args.auto:
             best = auto_search(bench, vary)
             extra["auto_best"] = best.point
+            if bench.auto_hint:
+                extra["memory_hint"] = bench.auto_hint
         else:
             bench.measure_grid(points)
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C between two runs lands outside _wait

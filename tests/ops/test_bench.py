@@ -23,7 +23,19 @@ import psutil
 import pytest
 
 from etl.core.errors import ConfigError
-from etl.ops.bench import Point, PointResult, auto_search, grid, key_stages, parse_vary
+from etl.ops.bench import (
+    Point,
+    PointResult,
+    auto_search,
+    format_table,
+    grid,
+    key_stages,
+    memory_line,
+    parse_vary,
+    point_key,
+    ranked,
+    recommended,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -269,6 +281,7 @@ class FakeBench:
         concurrency: int,
         repeat: int = 3,
         drift: Callable[[int], float] = lambda n: 1.0,
+        fits: Callable[[Point], bool] = lambda p: True,
     ) -> None:
         self.model, self.repeat, self.drift = model, repeat, drift
         self.cfg = SimpleNamespace(
@@ -279,6 +292,15 @@ class FakeBench:
         self.results: dict[tuple[tuple[str, str], ...], PointResult] = {}
         self.measured: list[Point] = []  # every run, in order
         self.runs_done = 0
+        self.plain = {"workers": workers, "chunk_rows": chunk_rows}  # a plain run's plan: the start
+        self.auto_hint: dict[str, object] = {}
+        self.fit = fits
+
+    def fits(self, point: Point) -> bool:
+        return self.fit(point)
+
+    def budget_plan(self, point: Point) -> None:
+        return None
 
     def run_once(self, point: Point) -> dict[str, object]:
         self.measured.append(dict(point))
@@ -314,7 +336,8 @@ def test_auto_skips_a_key_whose_stage_never_bottlenecks(capsys: pytest.CaptureFi
         _p("2", "50000", "8"),
         _p("2", "100000", "8"),
         _p("2", "200000", "8"),  # chunk rows up
-        _p("3", "100000", "8"),  # second pass: workers again from the new point, up only
+        _p("3", "100000", "8"),  # second pass: workers again from the new point, both ways:
+        _p("1", "100000", "8"),  # the chunk size moved since workers settled
     ]
     assert best.point == _p("2", "100000", "8")  # 200000 gains ~4% over 100000: under the 5% line
     assert bench.runs_done <= 24 * 3 // 3  # a third of the 24-point grid at 3 runs per point
@@ -371,10 +394,15 @@ def test_auto_stops_pairing_once_a_majority_agrees() -> None:
 
 
 def test_key_stages() -> None:
-    assert key_stages("transform.workers") == ("transform",)
+    assert key_stages("transform.workers") == ("transform", "memory")  # held back by the guard: fewer help
     assert key_stages("download.concurrency") == ("download",)
     assert key_stages("output.compression") == ("write",)
-    assert set(key_stages("read.chunk_rows")) == {"read", "transform", "write"}  # chunk count drives later stages
+    assert set(key_stages("read.chunk_rows")) == {
+        "read",
+        "transform",
+        "write",
+        "memory",
+    }  # chunk count drives later stages
     assert key_stages("resources.memory_limit") == ()  # unknown: never skipped
 
 
@@ -441,3 +469,119 @@ def test_stage_plot_shows_per_slot_and_total_worker_time() -> None:
     assert busy(total_worst) == {"read": 2.0, "transform": 4.0}
     assert "all slots" in total_best.get_ylabel() and "4x" in [t.get_text() for t in total_best.texts]
     plt.close(fig)
+
+
+# ------------------------------------------------------- traps: combinations and the budget
+
+
+def test_auto_starts_from_the_plan_of_a_plain_run_not_the_job_files_values() -> None:
+    bench = FakeBench(lambda p: (100_000.0, "transform"), workers=2, chunk_rows=200_000, concurrency=8)
+    bench.plain = {"workers": 2, "chunk_rows": 50_000}  # the planner halved the job file's 200,000
+    auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert bench.measured[0] == _p("2", "50000", "8")
+    bench = FakeBench(lambda p: (100_000.0, "transform"), workers=2, chunk_rows=200_000, concurrency=8)
+    bench.plain = {"workers": 2, "chunk_rows": 62_500}  # off the ladder: the nearest rung (log scale)
+    auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert bench.measured[0] == _p("2", "50000", "8")
+
+
+def test_auto_finds_a_point_fast_only_in_combination(capsys: pytest.CaptureFixture[str]) -> None:
+    # From the plan's 1 worker x 25,000 rows every single step loses a little (2 workers -2%,
+    # 50,000 rows -1%, the rest level), but 2 workers with 50,000-row chunks run 60% faster:
+    # a coordinate search stops at the start; the pattern of diagonal steps finds it.
+    def model(p: Point) -> tuple[float, str]:
+        w, c = p["transform.workers"], p["read.chunk_rows"]
+        speed = {("2", "50000"): 1.6, ("2", "25000"): 0.98, ("1", "50000"): 0.99}.get((w, c), 1.0)
+        return 100_000 * speed, "transform"
+
+    bench = FakeBench(model, workers=1, chunk_rows=25_000, concurrency=8)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert best.point == _p("2", "50000", "8")
+    assert bench.runs_done <= 24 * 3 // 3  # a third of the 24-point grid at 3 runs per point
+    out = capsys.readouterr().out
+    assert "workers=2 chunk_rows=50000 vs transform.workers=1 read.chunk_rows=25000" in out  # one diagonal step
+
+
+def _budget_model(p: Point) -> tuple[float, str]:
+    """The issue's job: 2 workers at 200,000 rows do not fit the budget and the guard throttles
+    them (as slow as 1 worker); 1 worker is slower everywhere; 100,000 rows is best."""
+    w, c = p["transform.workers"], int(p["read.chunk_rows"])
+    if "resources.memory_limit" in p:  # room for every chunk in flight: nothing held back
+        return 100_000 * {"1": 0.64, "2": 1.25, "3": 1.2}[w], "transform"
+    if not _fits(p):
+        return 60_000.0, "memory"
+    return 100_000 * ({"1": 0.62, "2": 1.0, "3": 0.97}[w] + (0.1 if c == 100_000 else 0.0)), "transform"
+
+
+def _fits(p: Point) -> bool:
+    w, c = int(p["transform.workers"]), int(p["read.chunk_rows"])
+    return "resources.memory_limit" in p or w * c < 400_000
+
+
+def test_a_step_over_the_budget_is_judged_with_the_other_keys_replanned(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = FakeBench(_budget_model, workers=2, chunk_rows=50_000, concurrency=8, fits=_fits)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert best.point == _p("2", "100000", "8")  # not 1 worker: the issue's pick was 64% of the best
+    assert all(_fits(p) for p in bench.measured)  # never a throttled point: a step there is re-planned
+    assert _p("1", "200000", "8") in bench.measured  # 200,000 rows judged with workers re-planned to fit
+    out = capsys.readouterr().out
+    assert "chunk_rows=200000 does not fit the memory budget: judged re-planned, workers=1" in out
+    assert bench.runs_done <= 24
+
+
+def test_when_more_memory_helps_the_recommendation_says_so_and_keeps_the_best_fitting_point(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = FakeBench(_budget_model, workers=2, chunk_rows=50_000, concurrency=8, fits=_fits)
+    gib = 1 << 30
+
+    def plan(p: Point) -> SimpleNamespace:  # the planner's worst case: 300 MiB + 2 KiB per row in flight
+        rows = int(p["transform.workers"]) * int(p["read.chunk_rows"])
+        return SimpleNamespace(estimated_peak=(300 << 20) + rows * 2048, budget=gib, fits=_fits(p))
+
+    bench.budget_plan = plan  # type: ignore[method-assign]
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert best.point == _p("2", "100000", "8")
+    # 2 x 200,000 rows need 300 MiB + 781 MiB = 1.06 GiB worst case, / 0.8 -> 1.33 GiB -> 1536 MiB
+    assert bench.auto_hint["point"] == {**_p("2", "200000", "8"), "resources.memory_limit": "1536MiB"}
+    extra = {"mode": "auto", "auto_best": best.point, "memory_hint": bench.auto_hint}
+    assert recommended(ranked(bench), extra) == (  # type: ignore[arg-type]
+        "--set transform.workers=2 --set read.chunk_rows=100000 --set download.concurrency=8"
+    )
+    line = memory_line(extra)
+    assert line is not None and line.startswith("faster with more memory (+13.6% side by side at 1536MiB): ")
+    assert line.endswith(
+        "--set read.chunk_rows=200000 --set download.concurrency=8 --set resources.memory_limit=1536MiB"
+    )
+    assert bench.runs_done <= 24
+    assert "more memory helps" in capsys.readouterr().out
+
+
+def _run(rows_per_s: float, *, fits: bool, held: float, bottleneck: str) -> dict[str, Any]:
+    plan = {"workers": 2, "chunk_rows": 200_000, "budget": 1 << 30, "estimated_peak": 1100 << 20, "fits": fits}
+    return {
+        "rows_per_s": rows_per_s,
+        "wall_s": 1.0,
+        "mib_per_s": 1.0,
+        "peak_rss_mib": 900.0,
+        "cpu_util": 0.5,
+        "bottleneck": bottleneck,
+        "held_back_s": held,
+        "plan": plan,
+    }
+
+
+def test_the_table_flags_points_over_the_budget_and_the_recommendation_raises_it() -> None:
+    over = PointResult(_p("2", "200000", "8"), [_run(120_000.0, fits=False, held=3.2, bottleneck="memory")] * 3)
+    fine = PointResult(_p("2", "100000", "8"), [_run(100_000.0, fits=True, held=0.0, bottleneck="transform")] * 3)
+    bench = SimpleNamespace(results={point_key(r.point): r for r in (over, fine)})
+    table = format_table(bench, list(VARY), {"mode": "grid"})  # type: ignore[arg-type]
+    lines = table.splitlines()
+    assert lines[1].endswith("memory (chunks held back 3.2s) OVER BUDGET") and lines[2].endswith("  transform")
+    assert "OVER BUDGET: the settings do not fit the memory budget" in table
+    # the fastest point needs more memory than the budget: the line says how much (1100 MiB / 0.8)
+    assert table.splitlines()[-1] == (
+        "recommended: --set transform.workers=2 --set read.chunk_rows=200000 --set download.concurrency=8 "
+        "--set resources.memory_limit=1536MiB"
+    )
+    assert over.row()["fits_budget"] is False and over.row()["held_back_s"] == 3.2
