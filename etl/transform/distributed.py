@@ -23,6 +23,13 @@ Contract (the same as every executor in ``etl.transform.stage``):
   dispatcher; a remote scheduler keeps its own setting.
 * **Timeouts**: past ``chunk_timeout`` the attempt is abandoned (``ChunkTimeout``) and
   retried; Dask cannot stop a running task, so that worker finishes it in the background.
+  A scatter that finds no worker (the cluster lost them all: Dask's
+  ``distributed.comm.timeouts.connect``, 30 s) is a ``WorkerCrashed`` ("no workers"), retried.
+* **Lost chunks** (issue 21): a chunk whose task no worker runs (every worker gone for
+  good, nanny included, so nothing restarts one) is the stall watchdog's: ``busy()`` asks
+  the scheduler which of this job's tasks a worker is processing; with none, after
+  ``transform.stall_timeout`` the attempt is cancelled and retried, and past ``max_attempts``
+  the run fails naming the chunk (``tests/transform/test_distributed.py`` runs it end to end).
 
 The client lives on its own event loop in a thread: scatter, gather and (de)serialising
 results stay off the pipeline's loop, and ``close()`` can stop everything synchronously.
@@ -203,8 +210,13 @@ class DaskExecutor(Executor):
 
     def worker_pids(self) -> dict[str, int]:
         """Worker address -> process id (for diagnostics and tests)."""
-        assert self._client is not None
-        return self._call(self._client.run(os.getpid), CLOSE_TIMEOUT)
+        client = self._client
+        assert client is not None
+
+        async def pids() -> dict[str, int]:  # an asynchronous client's run() is an awaitable, not a coroutine
+            return cast(dict[str, int], await client.run(os.getpid))
+
+        return self._call(pids(), CLOSE_TIMEOUT)
 
     def busy(self) -> int:
         """This job's tasks the scheduler has on a worker now (blocking: one scheduler call)."""
@@ -251,7 +263,17 @@ class DaskExecutor(Executor):
             raise WorkerCrashed(
                 f"the chunk was lost on the cluster ({e.reason})", item=chunk.label, signal="worker lost"
             ) from None
-        except TimeoutError:
+        except TimeoutError as e:
+            if task is None:  # scatter found no worker to take the chunk (distributed.comm.timeouts.connect)
+                raise WorkerCrashed(
+                    f"no Dask worker took the chunk ({e or 'timed out'}): the cluster has no workers now",
+                    item=chunk.label,
+                    signal="no workers",
+                ) from None
+            if self._timeout is None:  # not ours: a call to the cluster timed out
+                raise WorkerCrashed(
+                    f"a call to the Dask cluster timed out: {e or 'TimeoutError'}", item=chunk.label, signal="timeout"
+                ) from None
             raise ChunkTimeout(
                 f"chunk ran longer than transform.chunk_timeout = {self._timeout}s; attempt "
                 "abandoned (Dask cannot stop a running task: its worker finishes it unseen)",

@@ -185,7 +185,7 @@ class Watchdog:
             if future in self._stalled and not (me is not None and me.cancelling()):
                 raise WorkerCrashed(
                     f"no progress for {self.timeout:g}s (transform.stall_timeout) while the chunk was in "
-                    "flight and no worker was on it: the chunk was lost; resubmitted",
+                    "flight and no worker was on it: the chunk was lost",
                     item=chunk.label,
                     signal="stalled",
                 ) from None
