@@ -78,6 +78,12 @@ def kill_on(df, trip_id):
 def pid(df):
     df["pid"] = str(os.getpid())
     return df
+
+
+def slow_on(df, trip_id, seconds):
+    if (df["trip_id"] == trip_id).any():
+        threading.Event().wait(seconds)
+    return df
 '''
 
 STEPS = """
@@ -564,3 +570,38 @@ async def test_a_pool_that_cannot_start_workers_fails_every_chunk_naming_them_al
         assert (await asyncio.wait_for(fresh.run(chunks[0]), HANG_GUARD)).rows_out > 0
     finally:
         fresh.close()
+
+
+# ----------------------------------------------- the thread executor's watchdog, end to end
+
+
+def test_thread_executor_a_slow_chunk_is_no_stall_the_watchdog_leaves_it(tmp_path: Path, trips: Path) -> None:
+    """A whole run on threads with ``stall_timeout`` far below one chunk's time: the
+    watchdog sees the quiet stretch but a thread is on the chunk (``busy()``), so it never
+    resubmits it; the output equals the serial run's."""
+    from etl.run.pipeline import RunOptions, run_job
+
+    slow = hook_step("slow_on", 'trip_id = "5", seconds = 1.5')
+    base = make_job(tmp_path, slow + STEPS, executor="thread")
+    path = tmp_path / "job-thread.toml"
+    runs = {}
+    for executor, out in (("serial", "out-serial"), ("thread", "out-thread")):
+        cfg = load_job(
+            path,
+            [
+                f"transform.executor={executor}",
+                "transform.workers=1",
+                "transform.stall_timeout=0.3",
+                f"output.path={out}",
+            ],
+        )
+        runs[executor] = asyncio.run(asyncio.wait_for(run_job(cfg, RunOptions(full_refresh=True)), HANG_GUARD))
+    stats = runs["thread"].transform
+    assert base.transform.executor == "thread"
+    assert stats["longest_quiet_seconds"] >= 1.0  # three stall periods with the chunk in flight
+    assert stats["stalls"] == 0 and stats["retries"] == 0
+    assert published(tmp_path / "out-thread") == published(tmp_path / "out-serial")
+
+
+def published(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
