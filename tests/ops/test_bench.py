@@ -190,6 +190,38 @@ def test_auto_finds_the_known_best_point_with_fewer_runs_than_the_grid(
     assert doc["runs"] < 9  # the full 3x3 grid needs 9 runs
 
 
+def test_a_run_held_back_by_the_memory_guard_is_named_and_flagged(tmp_path: Path) -> None:
+    # A 100 MiB budget is under the parent's own RSS (pandas, pyarrow): the guard holds every
+    # chunk back while another runs, so chunks run one at a time though 2 workers could take
+    # two; each chunk sleeps 0.3 s, so most of the run is spent held back. The plan cannot fit.
+    data = _dataset(tmp_path / "data", files=2, rows=300)
+    job = _job(tmp_path, data, workers=2, chunk_rows=100, fixed=0.3, per_row_sq=0.0)
+    out = tmp_path / "bench"
+    proc = _bench(
+        "--config",
+        str(job),
+        "--set",
+        'resources.memory_limit="100MiB"',
+        "--vary",
+        "transform.workers=2",
+        "--repeat",
+        "1",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    (point,) = json.loads((out / "bench.json").read_text())["points"]
+    run = point["run_metrics"][0]
+    assert run["bottleneck"] == "memory" and run["held_back_s"] > 0 and run["plan"]["fits"] is False
+    assert point["fits_budget"] is False
+    assert "memory (chunks held back" in proc.stdout and "OVER BUDGET" in proc.stdout
+    # the recommendation raises the budget to what the point needs
+    assert "recommended: --set transform.workers=2 --set resources.memory_limit=" in proc.stdout
+    (report,) = (out / "runs" / "r001" / "state" / "benchjob" / "reports").glob("run-*.json")
+    b = json.loads(report.read_text())["summary"]["stats"]["bottleneck"]
+    assert b["stage"] == "memory" and b["budget_bytes"] == 100 << 20 and b["held_back_s"] > 0
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_measured_points(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data", files=2, rows=300)
     job = _job(tmp_path, data, workers=1, chunk_rows=100, fixed=0.2, per_row_sq=0.0)
