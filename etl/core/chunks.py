@@ -32,6 +32,7 @@ import codecs
 import csv
 import io
 import json
+from collections.abc import Mapping
 from typing import cast
 
 import numpy as np
@@ -97,7 +98,7 @@ def text_encoding(name: str) -> str:
         raise ConfigError(f"unknown text encoding {name!r}", key="read.encoding") from None
 
 
-def count_byte(buf: bytes, byte: bytes, start: int = 0, end: int | None = None) -> int:
+def count_byte(buf: bytes | bytearray, byte: bytes, start: int = 0, end: int | None = None) -> int:
     """How many times ``byte`` occurs in ``buf[start:end]``, counted by numpy in blocks."""
     view = np.frombuffer(buf, dtype=np.uint8)
     end = len(buf) if end is None else end
@@ -108,7 +109,7 @@ def count_byte(buf: bytes, byte: bytes, start: int = 0, end: int | None = None) 
     )
 
 
-def record_end(buf: bytes, target: int) -> int:
+def record_end(buf: bytes | bytearray, target: int) -> int:
     """Index just past the last record end at or before ``target`` (the first one after
     it when there is none before); 0 when ``buf`` holds no complete record."""
     nl = buf.rfind(b"\n", 0, target)
@@ -129,9 +130,22 @@ def record_end(buf: bytes, target: int) -> int:
     return 0
 
 
-def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def parse_csv_chunk(
+    chunk: Chunk, cfg: ReadConfig, on_error: str, types: Mapping[str, pa.DataType] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The chunk's rows as a DataFrame indexed by file line, and its malformed rows as
-    rejects (``on_error`` other than ``fail``; ``etl.transform.steps`` rejects have the same columns)."""
+    rejects (``on_error`` other than ``fail``; ``etl.transform.steps`` rejects have the same columns).
+
+    ``types``: columns parsed straight to these types instead of text (the job's first
+    casts, ``etl.transform.steps.typed_columns``): no text column is built, trimmed and
+    cast for them. A chunk where any value does not parse so, or that is malformed, is
+    parsed again as text, so its bad values are found and named as they are without
+    ``types`` (the steps see the same values either way: a typed parse accepts only what
+    the text path's cast would give the same value, see ``_typed_parse``)."""
+    if types:
+        typed = _typed_parse(chunk, cfg, on_error, types)
+        if typed is not None:
+            return typed
     read, parse, convert = csv_options(cfg, columns=chunk.columns)
     bad: list[tuple[int, str, str]] = []  # (record number within the chunk, reason, raw text)
     if on_error != "fail":
@@ -173,6 +187,45 @@ def parse_csv_chunk(chunk: Chunk, cfg: ReadConfig, on_error: str) -> tuple[pd.Da
             else ""
         )
         raise DataError(f"cannot parse CSV: {_locate(chunk, cfg, e)}{hint}", item=chunk.label) from e
+    return _frame(chunk, table, bad)
+
+
+def _typed_parse(
+    chunk: Chunk, cfg: ReadConfig, on_error: str, types: Mapping[str, pa.DataType]
+) -> tuple[pd.DataFrame, pd.DataFrame | None] | None:
+    """The chunk parsed with ``types`` for those of its columns; None when any value of
+    them does not parse (or anything else fails): the caller parses it as text.
+
+    Arrow's CSV reader reads integers written ``0x1F`` as hex; the text path's cast calls
+    them bad values, so a chunk holding ``0x`` anywhere keeps its integer columns as text."""
+    hex_text = b"0x" in chunk.data or b"0X" in chunk.data
+    column_types = {
+        name: t for name, t in types.items() if name in chunk.columns and not (hex_text and pa.types.is_integer(t))
+    }
+    if not column_types:
+        return None
+    read, parse, convert = csv_options(cfg, columns=chunk.columns)
+    convert.column_types = column_types
+    bad: list[tuple[int, str, str]] = []
+    if on_error != "fail":
+
+        def skip(row: pacsv.InvalidRow) -> str:
+            reason = f"expected {row.expected_columns} fields as in the header, got {row.actual_columns}"
+            bad.append((row.number or 0, reason, row.text))
+            return "skip"
+
+        parse.invalid_row_handler = skip
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
+        )
+    except (pa.ArrowException, UnicodeError):
+        return None
+    return _frame(chunk, table, bad)
+
+
+def _frame(chunk: Chunk, table: pa.Table, bad: list[tuple[int, str, str]]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The parsed table as a DataFrame indexed by file line, and the malformed rows."""
     df = table.to_pandas(types_mapper=pd.ArrowDtype)
     if not bad and table.num_rows == chunk.rows:
         df.index = pd.RangeIndex(chunk.row_start, chunk.row_start + chunk.rows)  # one record per line

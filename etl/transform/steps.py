@@ -546,6 +546,32 @@ _RUNNERS: dict[type, Callable[[pd.DataFrame, Any, Path], tuple[pd.DataFrame, Bad
 # ------------------------------------------------------------------------- validation
 
 
+# Casts whose typed CSV parse gives exactly the text path's values (``typed_columns``).
+_TYPED_PARSE = {"float64": pa.float64(), "int64": pa.int64(), "Int64": pa.int64()}
+
+
+def typed_columns(steps: Sequence[Step]) -> dict[str, pa.DataType]:
+    """Columns a CSV chunk can be parsed straight into a type (``etl.core.chunks.parse_csv_chunk``):
+    those whose first step is a cast to float64, int64 or Int64, among the leading steps
+    that only select, drop and convert (a rename, fillna or expression could see the
+    difference; later steps see the cast's output, the same either way). Arrow's CSV
+    number parser is the one the cast uses (after the same trimming), so a value it
+    accepts casts to the same value; a chunk with any value it refuses is parsed as text."""
+    typed: dict[str, pa.DataType] = {}
+    seen: set[str] = set()
+    for step in steps:
+        if isinstance(step, CastStep):
+            for col, kind in step.columns.items():
+                if col not in seen and kind in _TYPED_PARSE:
+                    typed[col] = _TYPED_PARSE[kind]
+                seen.add(col)
+        elif isinstance(step, ParseDatetimeStep):
+            seen.update(step.columns)
+        elif not isinstance(step, (SelectStep, DropStep)):
+            break
+    return typed
+
+
 def validate_steps(steps: Sequence[Step], base_dir: Path, *, file: str = "") -> None:
     """Compile every expression, import python functions, read lookup tables.
 

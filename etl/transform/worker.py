@@ -30,7 +30,7 @@ from etl.core.errors import ETLError, StepError
 from etl.core.parts import encode_parts, encode_rejects
 from etl.core.records import Chunk, ChunkChecks, ChunkResult, Part
 from etl.transform.checks import check_chunk
-from etl.transform.steps import apply_steps
+from etl.transform.steps import apply_steps, typed_columns
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,15 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     assert _SPEC is not None, "init_worker() was not called in this process"
     spec = _SPEC
     start = time.perf_counter()
-    df, malformed = decode_chunk(chunk, spec.read, spec.transform.on_error)
+    types = typed_columns(spec.transform.steps) if chunk.kind == "csv" else {}
+    df, malformed = decode_chunk(chunk, spec.read, spec.transform.on_error, types)
     decoded = time.perf_counter()
-    try:
-        result, rejects = apply_steps(
-            df,
-            spec.transform.steps,
-            base_dir=spec.transform.base_dir,
-            on_error=spec.transform.on_error,
-            label=chunk.label,
-            unit=chunk.unit,
-        )
-    except StepError:
-        raise
-    except Exception as e:
-        raise StepError(f"{type(e).__name__}: {e}", item=chunk.label) from e
+    result, rejects = _run_steps(df, chunk, spec)
+    if rejects is not None and types:
+        # A reject's _raw holds the row's input values as text: parse the chunk as text and
+        # run it again, so dead letters are the same as without typed parsing (rare: bad rows).
+        df, malformed = decode_chunk(chunk, spec.read, spec.transform.on_error)
+        result, rejects = _run_steps(df, chunk, spec)
     checks: ChunkChecks | None = None
     if spec.checks is not None and spec.checks.row_checks:
         checks = check_chunk(result, spec.checks, chunk.source_name, chunk.unit, chunk.label)
@@ -110,6 +104,22 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         encode_seconds=end - stepped,
         checks=checks,
     )
+
+
+def _run_steps(df: pd.DataFrame, chunk: Chunk, spec: WorkerSpec) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    try:
+        return apply_steps(
+            df,
+            spec.transform.steps,
+            base_dir=spec.transform.base_dir,
+            on_error=spec.transform.on_error,
+            label=chunk.label,
+            unit=chunk.unit,
+        )
+    except StepError:
+        raise
+    except Exception as e:
+        raise StepError(f"{type(e).__name__}: {e}", item=chunk.label) from e
 
 
 def current_spec() -> WorkerSpec:

@@ -82,3 +82,43 @@ def test_arrow_chunks_round_trip_split_and_head_by_rows() -> None:
     assert pa.concat_tables([decode_ipc(h.data) for h in halves]).equals(table)
     first = head(chunk, 4)
     assert first.rows == 4 and decode_ipc(first.data).equals(table.slice(0, 4))
+
+
+# ------------------------------------------------------------------- typed parsing
+
+TYPES = {"id": pa.int64(), "fare": pa.float64()}
+
+
+def csv_chunk(text: bytes, columns: tuple[str, ...] = ("id", "fare", "note")) -> Chunk:
+    return Chunk(0, "t.csv", 0, 2, text.count(b"\n"), text, kind="csv", columns=columns)
+
+
+def test_typed_parse_reads_the_given_columns_as_their_types() -> None:
+    chunk = csv_chunk(b'1," 12.5 ",a\n2,,"b, c"\n3,7,"d\ne"\n')
+    df, rejects = parse_csv_chunk(chunk, ReadConfig(), "fail", TYPES)
+    assert rejects is None and list(df.index) == [2, 3, 4]
+    assert str(df["id"].dtype) == "int64[pyarrow]" and str(df["fare"].dtype) == "double[pyarrow]"
+    assert str(df["note"].dtype) == "string[pyarrow]"
+    assert df["fare"].tolist()[0] == 12.5 and df["fare"].isna().tolist() == [False, True, False]
+
+
+def test_a_chunk_the_typed_parse_refuses_is_parsed_as_text() -> None:
+    """A bad value (or a blank one, which the cast nulls after trimming) leaves every column
+    text, so the cast step finds and names it as without typed parsing."""
+    for text in (b"1,n/a,a\n2,3,b\n", b'1,"  ",a\n', b'1,"",a\n', b"1.0,3,a\n"):
+        df, _ = decode_chunk(csv_chunk(text), ReadConfig(), "fail", TYPES)
+        assert all(str(t) == "string[pyarrow]" for t in df.dtypes), text
+
+
+def test_hex_text_keeps_integer_columns_as_text() -> None:
+    """Arrow's CSV reader reads 0x1F as 31; the cast calls it a bad value."""
+    df, _ = parse_csv_chunk(csv_chunk(b"0x1F,2.5,a\n"), ReadConfig(), "fail", TYPES)
+    assert str(df["id"].dtype) == "string[pyarrow]" and str(df["fare"].dtype) == "double[pyarrow]"
+
+
+def test_typed_parse_skips_malformed_rows_like_the_text_parse() -> None:
+    chunk = csv_chunk(b"1,2.5,a\n2,3\n3,4,b\n")
+    typed = parse_csv_chunk(chunk, ReadConfig(), "skip", TYPES)
+    text = parse_csv_chunk(chunk, ReadConfig(), "skip")
+    assert list(typed[0].index) == list(text[0].index) == [2, 4]
+    assert typed[1] is not None and text[1] is not None and typed[1].equals(text[1])

@@ -21,12 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from etl.core.config import Step
+from etl.core.chunks import parse_csv_chunk
+from etl.core.config import ReadConfig, Step
 from etl.core.errors import ConfigError, StepError
+from etl.core.records import Chunk
 from etl.transform.steps import (
     apply_steps,
     cast_column,
     read_lookup_table,
+    typed_columns,
     validate_steps,
 )
 
@@ -891,3 +894,56 @@ def test_validate_steps_reports_every_bad_step_at_once(job_dir: Path) -> None:
         "transform.steps[3].query",
     ]
     assert exc.value.item == "transform.steps[0].expr" and str(exc.value).count("\n  key ") == 5
+
+
+# ------------------------------------------------------------------- typed parsing
+
+
+def test_typed_columns_are_the_first_casts_before_any_other_step() -> None:
+    job = steps(
+        {"op": "select", "columns": ["a", "b", "c", "d", "e"]},
+        {"op": "parse_datetime", "columns": ["e"]},
+        {"op": "cast", "columns": {"a": "float64", "b": "Int64", "c": "int32", "e": "int64"}},
+        {"op": "cast", "columns": {"a": "int64", "d": "int64"}},
+        {"op": "rename", "columns": {"b": "bb"}},
+        {"op": "cast", "columns": {"f": "float64"}},
+    )
+    assert typed_columns(job) == {"a": pa.float64(), "b": pa.int64(), "d": pa.int64()}
+    fill_first = steps({"op": "fillna", "values": {"a": 0}}, {"op": "cast", "columns": {"a": "int64"}})
+    assert typed_columns(fill_first) == {}
+
+
+_number_text = st.one_of(
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", " 1 ", "\t2", "+3", "007", "1e3", "12.0", "0x1F", "n/a", "-0", ".5", "1.", "nan", "inf", " "]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.lists(st.tuples(_number_text, _number_text), min_size=1, max_size=12),
+    on_error=st.sampled_from(["fail", "quarantine"]),
+)
+def test_typed_parse_then_cast_equals_text_parse_then_cast(values: list[tuple[str, str]], on_error: str) -> None:
+    """Whatever the values, a chunk parsed with typed_columns and cast gives the same frame
+    or the same error as one parsed as text (bad values named alike); with rejects the
+    worker parses the chunk again as text (tests/transform/test_worker.py)."""
+    job = steps({"op": "cast", "columns": {"n": "int64", "x": "float64"}})
+    body = "".join(f'"{a}",{b}\n' for a, b in values).encode()
+    chunk = Chunk(0, "t.csv", 0, 2, body.count(b"\n"), body, kind="csv", columns=("n", "x"))
+
+    def outcome(types: dict[str, pa.DataType] | None) -> object:
+        df, _ = parse_csv_chunk(chunk, ReadConfig(), on_error, types)
+        try:
+            out, rejects = apply_steps(df, job, base_dir=Path("."), on_error=on_error, label="t.csv", unit="line")
+        except StepError as e:
+            return str(e)
+        return "rejects" if rejects is not None else out
+
+    typed, text = outcome(typed_columns(job)), outcome(None)
+    if isinstance(text, pd.DataFrame):
+        assert isinstance(typed, pd.DataFrame)
+        pd.testing.assert_frame_equal(typed, text)
+    else:
+        assert typed == text
