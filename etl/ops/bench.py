@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -611,6 +611,14 @@ class _Search:
                 break  # the run budget: decided on the ratios measured
         return ratios
 
+    def fits(self, point: Point) -> bool:
+        """The planner says ``point`` fits the budget, and its runs, if any, were not held back
+        by the memory guard (bottleneck ``memory``: the estimate missed)."""
+        measured = self.bench.results.get(point_key(point))
+        if measured is not None and measured.runs and measured.bottleneck == "memory":
+            return False
+        return self.bench.fits(point)
+
     def replan(self, point: Point, keep: str) -> Point:
         """``point`` with the planned keys other than ``keep`` re-chosen as the planner would:
         the first rung, most workers then largest chunks, whose settings fit the budget
@@ -624,14 +632,14 @@ class _Search:
             options.append(rungs)
         for values in itertools.product(*options):
             candidate = {**point, **dict(zip(others, values))}
-            if self.bench.fits(candidate):
+            if self.fits(candidate):
                 return candidate
         return point
 
     def candidate(self, best: Point, key: str, value: str) -> Point | None:
         """The point a step of ``key`` to ``value`` is judged at: re-planned when it does not fit."""
         step = {**best, key: value}
-        if self.bench.fits(step):
+        if self.fits(step):
             return step
         self.over_budget.setdefault(point_key(best), []).append(step)
         fitted = self.replan(step, keep=key)
@@ -657,7 +665,9 @@ class _Search:
                 here = ladder.index(best[key])
                 rungs = [here + step * n for n in range(1, AUTO_STEP_RUNGS + 1) if 0 <= here + step * n < len(ladder)]
                 steps = [c for c in (self.candidate(best, key, ladder[i]) for i in rungs) if c is not None]
-                taken = next((c for c in steps if self.gain(best, c) >= 1 + AUTO_MIN_GAIN), None)
+                taken = next(
+                    (c for c in self._judged(best, key, steps) if self.gain(best, c) >= 1 + AUTO_MIN_GAIN), None
+                )
                 if taken is None:
                     break
                 best = taken
@@ -665,6 +675,20 @@ class _Search:
                 self.direction = {key: step}  # the other keys are re-tested both ways from here
                 return best
         return best
+
+    def _judged(self, best: Point, key: str, steps: list[Point]) -> Iterator[Point]:
+        """``steps`` in order, each followed by its re-planned form when its runs turn out held
+        back by the memory guard (the planner thought it fit: the measurement wins)."""
+        for step in steps:
+            yield step
+            if step != best and not self.fits(step):
+                fitted = self.replan(step, keep=key)
+                if fitted not in (step, best):
+                    changed = " ".join(f"{k.split('.')[-1]}={v}" for k, v in fitted.items() if step[k] != v)
+                    self.log(
+                        f"auto: {PointResult(step).label()} was held back by the memory guard: re-planned, {changed}"
+                    )
+                    yield fitted
 
     def pattern(self, best: Point, keys: list[str]) -> Point | None:
         """Diagonal steps around ``best``: two of ``keys`` one rung each, those whose single
@@ -678,7 +702,7 @@ class _Search:
                     continue
                 a, b = {**best, k1: self.ladder[k1][i1]}, {**best, k2: self.ladder[k2][i2]}
                 point = {**a, k2: b[k2]}
-                if not self.bench.fits(point) or self.known(best, point) is not None:
+                if not self.fits(point) or self.known(best, point) is not None:
                     continue  # over the budget: its re-planned form is a single step, judged already
                 promise = (self.known(best, a) or 1.0) * (self.known(best, b) or 1.0)
                 diagonals.append((promise, point))

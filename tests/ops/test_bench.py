@@ -617,3 +617,27 @@ def test_the_table_flags_points_over_the_budget_and_the_recommendation_raises_it
         "--set resources.memory_limit=1536MiB"
     )
     assert over.row()["fits_budget"] is False and over.row()["held_back_s"] == 3.2
+
+
+def test_a_step_held_back_by_the_guard_though_planned_to_fit_is_judged_replanned(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The planner's estimate misses: it says 2 workers at 200,000 rows fit, but their runs are
+    # held back (bottleneck memory) and slow. Re-planned on the measurement, 1 worker at
+    # 200,000 rows runs 20% faster than the start: found, where a plain step would stop.
+    monkeypatch.setattr("etl.ops.bench.usable_cpus", lambda: 2)  # the planner's worker cap
+
+    def model(p: Point) -> tuple[float, str]:
+        w, c = p["transform.workers"], p["read.chunk_rows"]
+        if c == "200000":
+            return (60_000.0, "memory") if w != "1" else (120_000.0, "transform")
+        return 100_000.0 * (0.6 if w == "1" else 1.0), "transform"
+
+    bench = FakeBench(model, workers=2, chunk_rows=50_000, concurrency=8)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert best.point == _p("1", "200000", "8")
+    out = capsys.readouterr().out
+    assert (
+        "read.chunk_rows=200000 download.concurrency=8 was held back by the memory guard: re-planned, workers=1" in out
+    )
+    assert bench.runs_done <= 24
