@@ -200,6 +200,7 @@ def commit(uri: str, options: dict[str, str], plan: _Plan, item: str) -> int | N
         table.create_write_transaction(
             adds, mode=plan.mode, schema=schema, partition_by=plan.partition_by or None, commit_properties=props
         )
+        table.update_incremental()  # the handle still shows the version it was opened at
         return int(table.version())
     except OutputError:
         raise

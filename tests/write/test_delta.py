@@ -31,9 +31,13 @@ pl = pytest.importorskip("polars")
 
 from etl.core.config import load_job  # noqa: E402
 from etl.core.errors import ChecksFailed, ConfigError, OutputError  # noqa: E402
+from etl.core.objstore import filesystem  # noqa: E402
 from etl.run.pipeline import RunOptions, RunSummary, run_job  # noqa: E402
 from etl.write.delta import PLAN_FILE, partition_type, partition_values  # noqa: E402
 from tests.conftest import write_trips_csv  # noqa: E402
+from tests.s3 import bucket, s3_endpoint  # noqa: E402
+
+__all__ = ["bucket", "s3_endpoint"]  # fixtures, used by name
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PY = str(ROOT / "run.py")
@@ -260,17 +264,13 @@ def test_a_commit_planned_by_a_killed_run_is_rolled_forward_once(tmp_path: Path)
     text = job_toml(sources, uri, mode="append")
     run(tmp_path, text, "a1")
     (tmp_path / "job.toml").write_text(text)
-    script = f"""
-import asyncio, os, signal
-import etl.write.delta as d
-from etl.core.config import load_job
-from etl.run.pipeline import RunOptions, run_job
-def die(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-d.commit = die
-asyncio.run(run_job(load_job({str(tmp_path / "job.toml")!r}), RunOptions(run_id="a2", full_refresh=True)))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=WAIT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", killed_at_commit(tmp_path / "job.toml", "a2")],
+        cwd=ROOT,
+        timeout=WAIT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     planned = tmp_path / ".table.commit-a2"
     assert (planned / PLAN_FILE).is_file() and versions(uri) == 0
@@ -284,6 +284,21 @@ asyncio.run(run_job(load_job({str(tmp_path / "job.toml")!r}), RunOptions(run_id=
 
 
 # --------------------------------------------------------------------------- kill -9
+
+
+def killed_at_commit(job: Path, run_id: str) -> str:
+    """A run in a new process that SIGKILLs itself at the publish point: its commit planned,
+    deltalake not called yet."""
+    return f"""
+import asyncio, os, signal
+import etl.write.delta as d
+from etl.core.config import load_job
+from etl.run.pipeline import RunOptions, run_job
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+d.commit = die
+asyncio.run(run_job(load_job({str(job)!r}), RunOptions(run_id={run_id!r}, full_refresh=True)))
+"""
 
 
 def start(cfg: Path) -> subprocess.Popen[bytes]:
@@ -333,3 +348,82 @@ def test_kill_9_at_spread_out_moments_then_the_table_equals_a_clean_runs(tmp_pat
     pd.testing.assert_frame_equal(got, want)  # no duplicate rows in append mode either
     pd.testing.assert_frame_equal(read_duckdb(uri), want)
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".table.")] == []
+
+
+# --------------------------------------------------------------------------- s3 (moto)
+
+
+@pytest.fixture
+def s3(tmp_path: Path, bucket: str) -> tuple[str, str, dict[str, str]]:
+    """(sources list, table URL, deltalake storage options) on moto's S3 server."""
+    from etl.write.delta import delta_options
+
+    make_sources(tmp_path / "in", count=2)
+    fs, _ = filesystem(f"s3://{bucket}", key="test")
+    for p in sorted((tmp_path / "in").glob("trips-*.csv")):
+        fs.put_file(str(p), f"{bucket}/in/{p.name}")
+    url = f"s3://{bucket}/table"
+    return json.dumps([f"s3://{bucket}/in/trips-*.csv"]), url, delta_options(url)
+
+
+def test_s3_overwrite_then_append_one_commit_each_read_by_pyarrow_and_polars(
+    tmp_path: Path, s3: tuple[str, str, dict[str, str]]
+) -> None:
+    sources, url, options = s3
+    want = expected(tmp_path / "in")
+    run(tmp_path, job_toml(sources, url), "o1")
+    run(tmp_path, job_toml(sources, url), "o2")
+    assert int(table(url, options).version()) == 1
+    assert all("/table/o2/" in f for f in table(url, options).file_uris())
+    pd.testing.assert_frame_equal(read_pyarrow(url, options), want)
+    pd.testing.assert_frame_equal(read_polars(url, options), want)
+    run(tmp_path, job_toml(sources, url, mode="append"), "a3")
+    assert int(table(url, options).version()) == 2
+    both = read_pyarrow(url, options)
+    assert len(both) == 2 * len(want)
+    pd.testing.assert_frame_equal(both.drop_duplicates(ignore_index=True), want)
+    fs, root = filesystem(url, key="test")
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/_cronetl_commits") or fs.ls(f"{root}/_cronetl_commits") == []
+
+
+def test_s3_a_failed_run_commits_nothing_and_deletes_its_files(
+    tmp_path: Path, s3: tuple[str, str, dict[str, str]]
+) -> None:
+    sources, url, options = s3
+    run(tmp_path, job_toml(sources, url), "good")
+    with pytest.raises(ChecksFailed):
+        run(tmp_path, job_toml(sources, url, extra="[checks]\nmin_rows = 1000000"), "checked")
+    bad = job_toml(sources, url, mode="append").replace('zone = "int64"', 'zone = "string"')
+    with pytest.raises(OutputError, match="column 'zone'"):
+        run(tmp_path, bad, "retyped")
+    assert int(table(url, options).version()) == 0
+    pd.testing.assert_frame_equal(read_pyarrow(url, options), expected(tmp_path / "in"))
+    fs, root = filesystem(url, key="test")
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root)) == ["_delta_log", "good"]
+
+
+def test_s3_a_commit_planned_by_a_killed_run_is_rolled_forward_once(
+    tmp_path: Path, s3: tuple[str, str, dict[str, str]]
+) -> None:
+    sources, url, options = s3
+    text = job_toml(sources, url, mode="append")
+    run(tmp_path, text, "a1")
+    (tmp_path / "job.toml").write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-c", killed_at_commit(tmp_path / "job.toml", "a2")],
+        cwd=ROOT,
+        timeout=WAIT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    fs, root = filesystem(url, key="test")
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/_cronetl_commits/a2.json") and int(table(url, options).version()) == 0
+    run(tmp_path, text, "a3")  # rolls a2 forward, then appends its own rows
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/_cronetl_commits/a2.json")
+    assert int(table(url, options).version()) == 2
+    assert len(read_pyarrow(url, options)) == 3 * len(expected(tmp_path / "in"))
