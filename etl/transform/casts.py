@@ -208,8 +208,9 @@ def _differs_from_print(text: pa.Array, parsed: pa.Array, fmt: str) -> pa.Array:
     printed text is those fields zero-padded between the literals, so it equals ``text``
     exactly when ``text`` has that many bytes, its literals in place and each field's
     digits equal to the parsed value's field: checked on the text's bytes with numpy,
-    ~10x cheaper than Arrow's ``strftime`` (measured: 0.47 CPU-s per 500k values of
-    ``%d/%m/%Y %H:%M``). Other formats print with ``strftime`` and compare."""
+    ~8-14x cheaper than Arrow's ``strftime`` (measured on 500k values: 0.53 -> 0.07 CPU-s
+    for ``%d/%m/%Y %H:%M``, 0.65 -> 0.05 for ``%Y-%m-%d %H:%M:%S``). Other formats print
+    with ``strftime`` and compare."""
     pieces = _fixed_pieces(fmt)
     if pieces is None or not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
         printed = pc.strftime(parsed.cast(pa.timestamp("s", parsed.type.tz), safe=False), format=fmt)
@@ -230,21 +231,31 @@ def _differs_from_print(text: pa.Array, parsed: pa.Array, fmt: str) -> pa.Array:
         matrix = data[offsets[rows].astype(np.int64)[:, None] + np.arange(width)]  # one row of bytes per value
     picked = parsed if rows.size == len(text) else parsed.take(pa.array(rows))
     if rows.size:
-        ok = np.ones(rows.size, dtype=bool)
-        pos = 0
-        for kind, lit in pieces:
+        digit_at = [i for i, k in enumerate(_layout(pieces)) if k is not None]
+        literal_at = [i for i, k in enumerate(_layout(pieces)) if k is None]
+        literals = np.frombuffer("".join(lit for kind, lit in pieces if kind is None).encode(), np.uint8)
+        digits = matrix[:, digit_at] - np.uint8(ord("0"))  # a non-digit byte wraps around past 9
+        ok = (digits <= 9).all(axis=1) & (matrix[:, literal_at] == literals).all(axis=1)
+        col = 0
+        for kind, _ in pieces:
             if kind is None:
-                ok &= (matrix[:, pos : pos + len(lit)] == np.frombuffer(lit.encode(), np.uint8)).all(axis=1)
-                pos += len(lit)
                 continue
             size, kernel = _FIELDS[kind]
-            digits = matrix[:, pos : pos + size].astype(np.int64) - ord("0")
-            ok &= ((digits >= 0) & (digits <= 9)).all(axis=1)
-            number = digits @ (10 ** np.arange(size - 1, -1, -1))
-            ok &= number == pc.fill_null(getattr(pc, kernel)(picked), 0).to_numpy(zero_copy_only=False)
-            pos += size
+            number = np.zeros(rows.size, dtype=np.int64)
+            for k in range(size):
+                number = number * 10 + digits[:, col + k]
+            ok &= number == pc.fill_null(getattr(pc, kernel)(picked), -1).to_numpy(zero_copy_only=False)
+            col += size
         same[rows] = ok
     return pa.array(valid & ~same)
+
+
+def _layout(pieces: list[tuple[str | None, str]]) -> list[str | None]:
+    """Per byte of the printed text: the directive whose digit it is, or None for a literal."""
+    out: list[str | None] = []
+    for kind, lit in pieces:
+        out += [None] * len(lit) if kind is None else [kind] * _FIELDS[kind][0]
+    return out
 
 
 def _valid_mask(arr: pa.Array) -> np.ndarray:
