@@ -239,3 +239,29 @@ def test_benchmark_servers_serve_the_folder(tmp_path: Path, kind: str) -> None:
         assert server.pid > 0
     finally:
         server.stop()
+
+
+def test_profile_shape_sorts_samples_by_process_and_stage(tmp_path: Path) -> None:
+    from benchmarks.profile_shape import classify, summarise
+
+    parent = 'process 1:"python run.py --config job.toml"'
+    worker = f'{parent};process 2:"python -c from multiprocessing.forkserver import main"'
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        f"{worker};run_chunk (etl/transform/worker.py:80);parse_csv_chunk (etl/core/chunks.py:150) 30\n"
+        f"{worker};run_chunk (etl/transform/worker.py:80);_to_timestamp (etl/transform/casts.py:290) 20\n"
+        f"{worker};<module> (x:1);_find_and_load (<frozen importlib._bootstrap>:1176) 5\n"
+        f"{parent};main (run.py:9);_find_and_load (<frozen importlib._bootstrap>:1176) 10\n"
+        f"{parent};Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81) 99\n"
+        f"{parent} 7\n"
+    )
+    assert classify(f"{worker};serve (etl/transform/worker.py:150);_send (x:1)") == ("workers", "start-up, IPC")
+    s = summarise(raw)
+    assert s["samples"] == 65 and s["idle_samples"] == 106
+    shares = {(r["side"], r["category"]): r["samples"] for r in s["rows"]}
+    assert shares == {
+        ("workers", "parse CSV"): 30,
+        ("workers", "timestamps (parse_datetime)"): 20,
+        ("workers", "start-up imports"): 5,
+        ("parent", "imports"): 10,
+    }
