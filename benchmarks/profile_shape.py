@@ -55,21 +55,23 @@ PARENT = (
 
 # Leaf frames of a thread blocked in a wait: py-spy counts some of them as active.
 IDLE = re.compile(
-    r"^(_worker|\w*Selector\.select|Condition\.wait|Event\.wait|Connection\._recv|_wait_for_tstate_lock|sleep) "
+    r"^(_worker|_Slot\.run|\w*Selector\.select|Condition\.wait|Event\.wait|Connection\._recv|_wait_for_tstate_lock|sleep) "
 )
+
+
+CODE = re.compile(r"^\S.* \([^()]*:\d+\)$")  # a Python frame: "function (file.py:line)"
 
 
 def classify(stack: str) -> tuple[str, str]:
     """(side, category) of one sampled stack; side "idle" for waits and frameless samples.
     A stack's process labels say where it ran: a forkserver child is a worker."""
-    frames = stack.split(";")
-    procs = [f for f in frames if f.startswith("process ")]
-    code = [f for f in frames if not f.startswith("process ")]
+    frames = stack.split(";")  # a process label may hold ";" itself (python -c "...; ...")
+    code = [f for f in frames if CODE.match(f)]
     if not code or IDLE.match(code[-1]):
         return "idle", "waiting (blocked thread) or no Python frame (native thread)"
     if "etl/transform/probe.py" in stack or "etl/run/probe.py" in stack:
         return "planner", "warm-up probe (a chunk run to measure memory)"
-    in_worker = bool(procs) and "multiprocessing" in procs[-1]
+    in_worker = "-c from multiprocessing" in stack  # a forkserver child (or the resource tracker)
     if "run_chunk" in stack:
         return "workers", next((c for c, p in WORKER if re.search(p, stack)), "worker other")
     if in_worker:
