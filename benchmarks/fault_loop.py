@@ -1,13 +1,12 @@
 """Fault loop (issue 21): SIGKILL transform workers mid-run, many times; no run may hang or stall.
 
-    python benchmarks/fault_loop.py --runs 50 --rows 2000000 --files 4
+    python benchmarks/fault_loop.py --rows 2000000 --files 4      # the issue's loop (defaults)
+    python benchmarks/fault_loop.py --quick                       # a few runs at 200k rows
 
 The benchmark job (``jobs/transform.toml``: the trips over HTTP from a local server, the
-process executor with 2 workers) runs once serially (the reference output) and
-``--baseline`` times undisturbed, and once more every ``BASELINE_EVERY`` runs (the normal
-wall time: the median of the last ``--baseline``, so a shared machine's drifting load is
-followed). Then ``--runs`` runs, each with one transform worker SIGKILLed at a chosen
-moment, rotating through:
+process executor with 2 workers) runs once serially (the reference output). Then
+``--runs`` runs (default 50), each with one transform worker SIGKILLed at a chosen moment,
+rotating through:
 
 * ``receive``: the worker is in ``read()`` on its pipe and its read count is growing (a
   chunk is arriving);
@@ -19,15 +18,27 @@ moment, rotating through:
 The moment is found by sampling ``/proc/<pid>/syscall`` and ``/proc/<pid>/io`` every
 ``SAMPLE_S`` (this harness polls; the tool itself never does). A moment not seen within
 the run is replaced by the kill at the run's random moment, and the table says which
-moments were really hit. Then ``--runs-other`` runs each of ``forkserver`` (the fork
-server SIGKILLed at a random moment, then one worker, whose replacement needs a new fork
-server) and ``two`` (both workers SIGKILLed at once).
+moments were really hit. Then ``--runs-other`` runs (default 10) each of ``forkserver``
+(the fork server SIGKILLed at a random moment, then one worker, whose replacement needs
+a new fork server) and ``two`` (both workers SIGKILLed at once).
 
-Every run must exit with the serial run's code, publish the same rows (each partition's
-parts read back in name order; halves of a split chunk sort in place) and take no more
-than ``--stall-limit`` seconds beyond the normal wall time. The counts (runs, exits,
-stalls, max extra seconds) go to ``--results/fault-loop.md`` and ``.json``; the script
-exits 1 if any run failed a check.
+**Judged in wall time** (the issue's criterion: no run stalls more than 5 s beyond its
+normal time). Undisturbed runs are interleaved with the faulted ones: one first, one after
+every ``--undisturbed-every`` faulted runs, and one last, so a shared machine's drifting
+load touches both alike. A run's *normal* wall time is the median of the ``--neighbours``
+undisturbed runs nearest to it in the sequence (before and after it: 2 and 2 by default);
+*extra* is its wall time beyond that, and more than ``--stall-limit`` (5 s) is a **stall**.
+The undisturbed runs are judged the same way against their own neighbours: their spread
+is the machine's noise, printed beside the verdict (a noise near the limit means the
+machine was too busy for the verdict to mean much). The run report's
+``transform.longest_quiet_seconds`` (chunks in flight, no attempt starting or ending) is
+kept as a load-independent diagnostic.
+
+Every faulted run must exit with the serial run's code, publish the same rows (each
+partition's parts read back in name order; halves of a split chunk sort in place), end
+within ``RUN_TIMEOUT_S`` (else it is a hang) and not stall. Medians, ratios (wall over
+normal) and counts go to ``--results/<name>.md`` and ``.json``; the script exits 1 if any
+run failed a check.
 """
 
 from __future__ import annotations
@@ -60,7 +71,6 @@ SAMPLE_S = 0.005  # /proc sampling period while hunting a moment: a 64 KiB pipe 
 RUN_TIMEOUT_S = 300.0  # a run still going after this is a hang: killed and counted
 READ, WRITE = 0, 1  # x86-64 syscall numbers, as /proc/<pid>/syscall shows them
 MOMENTS = ["receive", "send", "idle", "busy", "random"]
-BASELINE_EVERY = 5  # an undisturbed run every this many: a shared machine's load drifts
 
 
 @dataclass
@@ -70,11 +80,12 @@ class Run:
     hit: str = ""
     wall: float = 0.0
     extra: float = 0.0
+    """``wall`` minus ``normal`` (negative: faster than normal)."""
     exit: int | None = None
     same_output: bool = False
     killed: list[int] = field(default_factory=list)
     normal: float = 0.0
-    """The normal wall time this run is compared with."""
+    """The median wall time of the undisturbed runs nearest to this one (see ``judge``)."""
     quiet: float = 0.0
     """Longest stretch with chunks in flight and no attempt starting or ending (s)."""
     quiet_extra: float = 0.0
@@ -84,16 +95,40 @@ class Run:
     load: float = 0.0
     """The machine's 1-minute load average when the run started."""
     log_tail: str = ""
+    position: int = 0
+    """Place in the sequence of runs (undisturbed ones included): what "nearest" means."""
+    ratio: float = 0.0
+    """``wall`` over ``normal``."""
+
+
+QUICK = {  # --quick: a smoke run of every series in a few minutes (results under their own name)
+    "runs": 5,
+    "runs_other": 2,
+    "rows": 200_000,
+    "undisturbed_every": 1,
+    "name": "fault-loop-quick",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"a few runs at a small size: {QUICK}")
     p.add_argument("--runs", type=int, default=50, help="runs with one worker killed (default 50)")
-    p.add_argument("--runs-other", type=int, default=10, help="runs each for the fork server and two workers")
+    p.add_argument(
+        "--runs-other", type=int, default=10, help="runs each with the fork server killed and two workers (default 10)"
+    )
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--files", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--baseline", type=int, default=3, help="undisturbed runs the normal wall time is the median of")
+    p.add_argument(
+        "--undisturbed-every", type=int, default=2, help="an undisturbed run after every this many faulted runs"
+    )
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=4,
+        help="undisturbed runs (nearest in the sequence) a run's normal is the median of",
+    )
     p.add_argument("--stall-limit", type=float, default=5.0, help="seconds beyond normal that count as a stall")
     p.add_argument("--set", action="append", default=[], help="extra job overrides (key=value)")
     p.add_argument("--seed", type=int, default=21)
@@ -101,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/etl-fault-loop"))
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--name", default="fault-loop")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK)  # explicit options still win
     return p.parse_args(argv)
 
 
@@ -277,6 +314,34 @@ def same(a: dict[str, pa.Table], b: dict[str, pa.Table]) -> bool:
     return a.keys() == b.keys() and all(a[k].equals(b[k]) for k in a)
 
 
+def judge(runs: list[Run], neighbours: int) -> None:
+    """Each run's normal wall time: the median of the ``neighbours`` undisturbed runs nearest
+    to it in the sequence (by position; on a tie the earlier), itself excluded."""
+    calm = [r for r in runs if r.series == "undisturbed"]
+    for run in runs:
+        near = sorted((u for u in calm if u is not run), key=lambda u: (abs(u.position - run.position), u.position))
+        walls = [u.wall for u in near[:neighbours]]
+        run.normal = statistics.median(walls) if walls else float("nan")
+        run.extra = run.wall - run.normal
+        run.ratio = run.wall / run.normal if run.normal > 0 else float("nan")
+
+
+def sequence(plan: list[Run], every: int) -> list[Run]:
+    """The faulted runs with undisturbed ones interleaved: first, after every ``every``, last."""
+    out = [Run("undisturbed", "none")]
+    for n, run in enumerate(plan, 1):
+        out.append(run)
+        if n % every == 0 or n == len(plan):
+            out.append(Run("undisturbed", "none"))
+    for position, run in enumerate(out):
+        run.position = position
+    return out
+
+
+def failed(run: Run, limit: float) -> bool:
+    return run.series != "undisturbed" and (not run.same_output or run.exit is None or run.extra > limit)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = dataset(args.data_dir, args.rows, args.files)
@@ -290,95 +355,94 @@ def main(argv: list[str] | None = None) -> int:
         "BENCH_DATA": str(data),
         "BENCH_URLS": f"{server.url}/trips-{{000..{args.files - 1:03d}}}.csv.gz",
     }
+    plan = [Run("worker", MOMENTS[i % len(MOMENTS)]) for i in range(args.runs)]
+    plan += [Run(s, s) for s in ("forkserver", "two") for _ in range(args.runs_other)]
+    runs = sequence(plan, max(1, args.undisturbed_every))
     try:
         wall, serial_code, tail = run_job(args, env, ["transform.executor=serial"], None, rng, 0)
         assert serial_code in (0, 3), tail
         reference = published(args.work / "out")
         print(f"serial: {wall:.1f}s, exit {serial_code}", flush=True)
-        walls: list[float] = []
-        quiets: list[float] = []
         transform_walls: list[float] = []
-
-        def undisturbed() -> float:
-            """One more undisturbed run; the normal wall time: the median of the last ``--baseline``."""
-            wall, code, tail = run_job(args, env, [], None, rng, 0)
-            assert code == serial_code and same(published(args.work / "out"), reference), tail
-            walls.append(wall)
-            quiet, _, transform_wall = quiet_of(args.work / "state")
-            quiets.append(quiet)
-            transform_walls.append(transform_wall)
-            print(f"undisturbed: {wall:.1f}s, quiet {quiets[-1]:.1f}s, load {os.getloadavg()[0]:.1f}", flush=True)
-            return statistics.median(walls[-args.baseline :])
-
-        for _ in range(args.baseline):
-            normal = undisturbed()
-        window = 0.8 * statistics.median(transform_walls)  # kills land in the transform's first 80 %
-        plan = [Run("worker", MOMENTS[i % len(MOMENTS)]) for i in range(args.runs)]
-        plan += [Run(s, s) for s in ("forkserver", "two") for _ in range(args.runs_other)]
-        for n, run in enumerate(plan, 1):
-            if n % BASELINE_EVERY == 0:  # the shared machine's load drifts: keep "normal" current
-                normal = undisturbed()
-            run.normal, run.load = normal, os.getloadavg()[0]
-            run.wall, run.exit, tail = run_job(args, env, [], run, rng, window)
-            run.extra = max(0.0, run.wall - run.normal)
-            run.quiet, run.watchdog, _ = quiet_of(args.work / "state")
-            run.quiet_extra = max(0.0, run.quiet - max(quiets))
+        for run in runs:
+            calm = run.series == "undisturbed"
+            window = 0.0 if calm else 0.8 * statistics.median(transform_walls)  # kills land in the first 80 %
+            run.load = os.getloadavg()[0]
+            run.wall, run.exit, tail = run_job(args, env, [], None if calm else run, rng, window)
+            run.quiet, run.watchdog, transform_wall = quiet_of(args.work / "state")
             run.same_output = run.exit == serial_code and same(published(args.work / "out"), reference)
-            ok = run.same_output and run.quiet_extra <= args.stall_limit
-            if not ok:
+            if calm:
+                assert run.same_output, tail  # an undisturbed run must succeed: else the loop means nothing
+                transform_walls.append(transform_wall)
+            elif not run.same_output:
                 run.log_tail = tail
             print(
-                f"{n:3d} {run.series:10s} {run.wanted:8s} hit={run.hit:22s} exit={run.exit} "
-                f"{run.wall:5.1f}s (+{run.extra:.1f}) quiet {run.quiet:.1f}s (+{run.quiet_extra:.1f}) "
-                f"{'ok' if ok else 'FAILED'}",
+                f"{run.position:3d} {run.series:11s} {run.wanted:8s} hit={run.hit:22s} exit={run.exit} "
+                f"{run.wall:5.1f}s quiet {run.quiet:.1f}s load {run.load:.1f}",
                 flush=True,
             )
     finally:
         server.stop()
-    return report(args, plan, normal, walls, quiets, serial_code)
+    judge(runs, args.neighbours)
+    calm_quiet = max(r.quiet for r in runs if r.series == "undisturbed")
+    for run in runs:
+        run.quiet_extra = max(0.0, run.quiet - calm_quiet)
+        if failed(run, args.stall_limit) and not run.log_tail:
+            run.log_tail = "(wall-time stall: the log showed no error)"
+    return report(args, runs, serial_code)
 
 
-def report(
-    args: argparse.Namespace, plan: list[Run], normal: float, walls: list[float], quiets: list[float], serial_code: int
-) -> int:
+def report(args: argparse.Namespace, runs: list[Run], serial_code: int) -> int:
+    limit = args.stall_limit
+    calm = [r for r in runs if r.series == "undisturbed"]
+    noise = max(abs(r.extra) for r in calm)
     rows = []
     for series in ("worker", "forkserver", "two"):
-        runs = [r for r in plan if r.series == series]
-        if not runs:
+        these = [r for r in runs if r.series == series]
+        if not these:
             continue
         exits: dict[str, int] = {}
-        for r in runs:
-            exits[str(r.exit)] = exits.get(str(r.exit), 0) + 1
         hits: dict[str, int] = {}
-        for r in runs:
+        for r in these:
+            exits[str(r.exit)] = exits.get(str(r.exit), 0) + 1
             hits[r.hit or "none"] = hits.get(r.hit or "none", 0) + 1
         rows.append(
             {
                 "series": series,
-                "runs": len(runs),
+                "runs": len(these),
                 "exits": exits,
-                "same_output": sum(r.same_output for r in runs),
-                "stalls": sum(r.quiet_extra > args.stall_limit for r in runs),
-                "hangs": sum(r.exit is None for r in runs),
-                "max_stall_s": round(max(r.quiet_extra for r in runs), 2),
-                "max_quiet_s": round(max(r.quiet for r in runs), 2),
-                "watchdog_actions": sum(r.watchdog for r in runs),
-                "wall_over_limit": sum(r.extra > args.stall_limit for r in runs),
-                "max_extra_wall_s": round(max(r.extra for r in runs), 2),
-                "median_extra_wall_s": round(statistics.median(r.extra for r in runs), 2),
+                "same_output": sum(r.same_output for r in these),
+                "hangs": sum(r.exit is None for r in these),
+                "stalls": sum(r.extra > limit for r in these),
+                "median_normal_s": round(statistics.median(r.normal for r in these), 2),
+                "median_wall_s": round(statistics.median(r.wall for r in these), 2),
+                "median_ratio": round(statistics.median(r.ratio for r in these), 3),
+                "median_extra_s": round(statistics.median(r.extra for r in these), 2),
+                "max_extra_s": round(max(r.extra for r in these), 2),
+                "max_quiet_s": round(max(r.quiet for r in these), 2),
+                "watchdog_actions": sum(r.watchdog for r in these),
                 "moments": hits,
             }
         )
-    failed = [r for r in plan if not r.same_output or r.quiet_extra > args.stall_limit]
+    bad = [r for r in runs if failed(r, limit)]
     doc = {
         "command": "python benchmarks/fault_loop.py " + " ".join(argv_of(args)),
-        "normal_wall_s": round(normal, 2),
-        "undisturbed_walls_s": [round(w, 2) for w in walls],
-        "undisturbed_quiet_s": [round(q, 2) for q in quiets],
         "serial_exit": serial_code,
-        "stall_limit_s": args.stall_limit,
+        "stall_limit_s": limit,
+        "undisturbed": {
+            "runs": len(calm),
+            "walls_s": [round(r.wall, 2) for r in calm],
+            "median_wall_s": round(statistics.median(r.wall for r in calm), 2),
+            "noise_s": round(noise, 2),
+            "max_quiet_s": round(max(r.quiet for r in calm), 2),
+        },
+        "load": [round(min(r.load for r in runs), 1), round(max(r.load for r in runs), 1)],
         "series": rows,
-        "failed": [asdict(r) for r in failed],
+        "failed": [asdict(r) for r in bad],
+        "runs": [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(r).items() if k != "log_tail"}
+            for r in runs
+        ],
         "machine": machine(),
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -386,38 +450,51 @@ def report(
     lines = [
         "# Fault loop: SIGKILLed transform workers (issue 21)",
         "",
-        f"`{doc['command']}`: {args.rows:,} rows in {args.files} gzip CSV files over HTTP, "
-        f"process executor, {args.workers} workers. Normal wall time: the median of the last "
-        f"{args.baseline} undisturbed runs (one every {BASELINE_EVERY} runs: {min(walls):.1f} to "
-        f"{max(walls):.1f} s, median {statistics.median(walls):.1f} s, load average "
-        f"{min(r.load for r in plan):.1f} to {max(r.load for r in plan):.1f} on this shared machine); "
-        f"*extra wall* is the time beyond it.",
+        f"`{doc['command']}`: {args.rows:,} rows in {args.files} gzip CSV files over HTTP, process executor, "
+        f"{args.workers} workers; load average {doc['load'][0]} to {doc['load'][1]}.",
         "",
-        "A **stall** is measured inside the run, where load cannot blur it: the run report's",
-        "`transform.longest_quiet_seconds` (the longest stretch with chunks in flight and no",
-        "attempt starting or ending) beyond the longest of the undisturbed runs "
-        f"({max(quiets):.1f} s); more than {args.stall_limit:g} s counts.",
+        f"Judged in wall time: {len(calm)} undisturbed runs interleaved (one every {args.undisturbed_every} "
+        f"faulted runs, first and last included; median {doc['undisturbed']['median_wall_s']} s). A run's *normal* "
+        f"is the median wall time of the {args.neighbours} undisturbed runs nearest to it in the sequence; *extra* "
+        f"is its wall time beyond normal, *ratio* wall / normal. A **stall** is extra > {limit:g} s.",
+        f"Noise: the undisturbed runs themselves lie within {noise:.2f} s of their own neighbours' median"
+        + (" (above the limit: too busy a machine for the verdict to mean much)." if noise > limit else "."),
         "",
-        "| series | runs | exits | output = serial | stalls | hangs | max stall s | max quiet s "
-        "| watchdog acted | extra wall > limit | max / median extra wall s | moments hit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| series | runs | exits | output = serial | hangs | stalls (extra > limit) | median normal s "
+        "| median wall s | median ratio | median / max extra s | max quiet s | watchdog acted | moments hit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         exit_counts = ", ".join(f"{k}: {v}" for k, v in sorted(row["exits"].items()))
         moments = ", ".join(f"{k}: {v}" for k, v in sorted(row["moments"].items()))
         lines.append(
-            f"| {row['series']} | {row['runs']} | {exit_counts} | {row['same_output']} | {row['stalls']} | {row['hangs']} "
-            f"| {row['max_stall_s']} | {row['max_quiet_s']} | {row['watchdog_actions']} | {row['wall_over_limit']} "
-            f"| {row['max_extra_wall_s']} / {row['median_extra_wall_s']} | {moments} |"
+            f"| {row['series']} | {row['runs']} | {exit_counts} | {row['same_output']} | {row['hangs']} "
+            f"| {row['stalls']} | {row['median_normal_s']} | {row['median_wall_s']} | {row['median_ratio']} "
+            f"| {row['median_extra_s']} / {row['max_extra_s']} | {row['max_quiet_s']} | {row['watchdog_actions']} "
+            f"| {moments} |"
         )
-    lines += ["", f"Failed runs: {len(failed)}.", ""]
+    lines += [
+        "",
+        f"*max quiet s*: the run report's `transform.longest_quiet_seconds` (chunks in flight, no attempt "
+        f"starting or ending), {doc['undisturbed']['max_quiet_s']} s at most in the undisturbed runs.",
+        "",
+        f"Failed runs: {len(bad)}"
+        + (
+            ": " + ", ".join(f"#{r.position} {r.series}/{r.hit or r.wanted} exit {r.exit} +{r.extra:.1f}s" for r in bad)
+            if bad
+            else "."
+        ),
+        "",
+    ]
     (args.results / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    return 1 if failed else 0
+    return 1 if bad else 0
 
 
 def argv_of(args: argparse.Namespace) -> list[str]:
-    out = [f"--runs {args.runs}", f"--runs-other {args.runs_other}", f"--rows {args.rows}", f"--files {args.files}"]
+    out = ["--quick"] if args.quick else []
+    out += [f"--runs {args.runs}", f"--runs-other {args.runs_other}", f"--rows {args.rows}", f"--files {args.files}"]
+    out += [f"--undisturbed-every {args.undisturbed_every}", f"--neighbours {args.neighbours}"]
     return out + [f"--set {s}" for s in args.set]
 
 
