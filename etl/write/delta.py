@@ -330,6 +330,7 @@ class DeltaWriter(OutputWriter):
         """Link the run's files into the table and commit them; returns the files committed
         (relative to the table). On ``OutputError`` nothing was committed."""
         self._finish("publish")  # every file in the temp folder was fsynced when written
+        started = time.perf_counter()
         relpaths = sorted(str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*") if p.is_file())
         files = []
         for relpath in relpaths:
@@ -361,7 +362,13 @@ class DeltaWriter(OutputWriter):
             (committing / PLAN_FILE).unlink(missing_ok=True)  # never rolled forward now
             os.rename(committing, self.tmp)  # discard() removes it
             raise
-        log.info("committed %d file(s) as version %s of %s", len(files), version, self.target)
+        log.info(
+            "committed %d file(s) as version %s of %s; publish took %.3f s",
+            len(files),
+            version,
+            self.target,
+            time.perf_counter() - started,
+        )
         shutil.rmtree(committing, ignore_errors=True)  # a leftover is removed by clean_leftovers
         return [f[0] for f in files]
 
@@ -471,6 +478,7 @@ class ObjectDeltaWriter(ObjectOutputWriter):
         if self._finished:
             raise OutputError("publish after publish or discard", item=self.url)
         self._finished = True
+        started = time.perf_counter()
         local = getattr(self, "local", None)  # newer base writers spool pieces locally
         if isinstance(local, Path):
             shutil.rmtree(local, ignore_errors=True)
@@ -496,7 +504,13 @@ class ObjectDeltaWriter(ObjectOutputWriter):
         except OutputError:
             self._forget_plan(plan_path)
             raise
-        log.info("committed %d file(s) as version %s of %s", len(files), version, self.url)
+        log.info(
+            "committed %d file(s) as version %s of %s; publish took %.3f s",
+            len(files),
+            version,
+            self.url,
+            time.perf_counter() - started,
+        )
         self._forget_plan(plan_path)
         return [f[0] for f in files]
 
