@@ -280,7 +280,11 @@ def run_job(
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)  # a hang: stop it the way cron's operator would
             code = None
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:  # not even SIGTERM stops it: count it, go on with the loop
+                proc.kill()
+                proc.wait()
         wall = time.perf_counter() - start
         done.set()
         if hunter is not None:
