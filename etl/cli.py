@@ -267,7 +267,7 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
     print(
         f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "
-        f"(mode {cfg.output.mode}, {cfg.output.format}){' [full refresh]' if full_refresh else ''}"
+        f"(mode {cfg.output.mode}, {cfg.output.table_format or cfg.output.format}){' [full refresh]' if full_refresh else ''}"
     )
     for src, what in zip(sources, plan):
         print(f"  {src.index:5d}  {what:<45}  {redact_url(src.url)}")

@@ -427,3 +427,14 @@ def test_s3_a_commit_planned_by_a_killed_run_is_rolled_forward_once(
     assert not fs.exists(f"{root}/_cronetl_commits/a2.json")
     assert int(table(url, options).version()) == 2
     assert len(read_pyarrow(url, options)) == 3 * len(expected(tmp_path / "in"))
+
+
+def test_dry_run_names_the_table_format(tmp_path: Path) -> None:
+    sources = make_sources(tmp_path / "in", count=1)
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(job_toml(sources, str(tmp_path / "table")))
+    cmd = [sys.executable, RUN_PY, "run", "--config", str(cfg), "--dry-run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "(mode overwrite, delta)" in proc.stdout
+    assert not (tmp_path / "table").exists()
