@@ -200,12 +200,31 @@ def commit(uri: str, options: dict[str, str], plan: _Plan, item: str) -> int | N
         table.create_write_transaction(
             adds, mode=plan.mode, schema=schema, partition_by=plan.partition_by or None, commit_properties=props
         )
-        table.update_incremental()  # the handle still shows the version it was opened at
-        return int(table.version())
     except OutputError:
         raise
     except _errors() as e:
         raise OutputError(f"cannot commit to the Delta table: {type(e).__name__}: {e}", item=item) from e
+    try:
+        table.update_incremental()  # the handle still shows the version it was opened at
+        return int(table.version())
+    except _errors() as e:  # committed all the same
+        log.warning("committed, but could not read the new version back: %s", e)
+        return None
+
+
+def landed(uri: str, options: dict[str, str], plan: _Plan) -> bool | None:
+    """After ``commit`` raised: is the plan in the table all the same (deltalake can fail
+    after writing the commit, e.g. in a post-commit hook)? None: cannot tell (the store
+    does not answer). A plan without files cannot be told apart: False."""
+    paths = {f.path for f in plan.files}
+    if not paths:
+        return False
+    try:
+        table = open_table(uri, options)
+        return table is not None and paths <= active_files(table)
+    except _errors() as e:
+        log.warning("cannot tell whether the commit was made: %s", e)
+        return None
 
 
 def open_table(uri: str, options: dict[str, str]) -> Any | None:
@@ -325,6 +344,7 @@ class DeltaWriter(OutputWriter):
         super().__init__(out, run_id, adopt)
         self.uri = str(Path(out.path).absolute())
         self.run_dir = Path(out.path) / run_id
+        self._keep_files = False  # a commit whose outcome is unknown may reference them
 
     def publish(self) -> list[str]:
         """Link the run's files into the table and commit them; returns the files committed
@@ -358,10 +378,18 @@ class DeltaWriter(OutputWriter):
             raise OutputError(f"cannot save the commit plan: {e}", item=str(self.tmp)) from e
         try:
             version = commit(self.uri, {}, plan, str(self.target))
-        except OutputError:
-            (committing / PLAN_FILE).unlink(missing_ok=True)  # never rolled forward now
-            os.rename(committing, self.tmp)  # discard() removes it
-            raise
+        except OutputError as e:
+            made = landed(self.uri, {}, plan)
+            if not made:
+                self._keep_files = made is None  # maybe committed: never delete them
+                (committing / PLAN_FILE).unlink(missing_ok=True)  # never rolled forward now
+                try:
+                    os.rename(committing, self.tmp)  # discard() removes it
+                except OSError as undo:
+                    log.warning("could not rename %s back: %s (clean_leftovers removes it)", committing, undo)
+                raise
+            log.warning("deltalake raised after committing (%s); the commit stands", e)
+            version = None
         log.info(
             "committed %d file(s) as version %s of %s; publish took %.3f s",
             len(files),
@@ -374,7 +402,8 @@ class DeltaWriter(OutputWriter):
 
     def discard(self) -> None:
         """Remove the run's links from the table and its temp folder. Never raises."""
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if not self._keep_files:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         super().discard()
 
     @staticmethod
@@ -472,6 +501,7 @@ class ObjectDeltaWriter(ObjectOutputWriter):
         self.tmp = Path(f"{self.url}/{run_id}")
         self.uri = self.url.replace("s3a://", "s3://", 1)
         self.options = delta_options(self.url)
+        self._keep_files = False  # a commit whose outcome is unknown may reference them
 
     def publish(self) -> list[str]:
         """Commit the uploaded files; returns them (relative to the table)."""
@@ -501,9 +531,14 @@ class ObjectDeltaWriter(ObjectOutputWriter):
         self._call(self.fs.pipe_file, plan_path, plan.dump())  # the publish point
         try:
             version = commit(self.uri, self.options, plan, self.url)
-        except OutputError:
-            self._forget_plan(plan_path)
-            raise
+        except OutputError as e:
+            made = landed(self.uri, self.options, plan)
+            if not made:
+                self._keep_files = made is None  # maybe committed: never delete them
+                self._forget_plan(plan_path)
+                raise
+            log.warning("deltalake raised after committing (%s); the commit stands", e)
+            version = None
         log.info(
             "committed %d file(s) as version %s of %s; publish took %.3f s",
             len(files),
@@ -516,6 +551,9 @@ class ObjectDeltaWriter(ObjectOutputWriter):
 
     def discard(self) -> None:
         """Delete this run's files (never committed). Never raises."""
+        if self._keep_files:
+            self._finished = True
+            return
         super().discard()
 
     @staticmethod

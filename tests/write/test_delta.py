@@ -438,3 +438,19 @@ def test_dry_run_names_the_table_format(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "(mode overwrite, delta)" in proc.stdout
     assert not (tmp_path / "table").exists()
+
+
+def test_landed_tells_a_made_commit_from_one_not_made_or_unknown(tmp_path: Path) -> None:
+    """What publish asks when deltalake raises: is the plan in the table all the same?"""
+    from etl.write.delta import _File, _Plan, landed
+
+    sources = make_sources(tmp_path / "in", count=1)
+    uri = str(tmp_path / "table")
+    run(tmp_path, job_toml(sources, uri), "r1")
+    made = [_File(p, 1, 1, {}) for p in table(uri).get_add_actions().column("path").to_pylist()]
+    plan = _Plan("r1", "overwrite", ["month"], "{}", made)
+    assert landed(uri, {}, plan) is True
+    assert landed(uri, {}, _Plan("r2", "overwrite", ["month"], "{}", [_File("r2/x.parquet", 1, 1, {})])) is False
+    assert landed(str(tmp_path / "nothing"), {}, plan) is False
+    refused = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ALLOW_HTTP": "true", "max_retries": "0"}
+    assert landed("s3://no-bucket/table", refused, plan) is None  # the store does not answer
