@@ -672,7 +672,10 @@ class _Search:
                     break
                 best = taken
             if best != start:
-                self.direction = {key: step}  # the other keys are re-tested both ways from here
+                # the other keys are re-tested both ways from here; this one too when a re-planned
+                # step moved another key with it (that pair of changes hides the single steps)
+                replanned = any(best[k] != start[k] for k in best if k != key)
+                self.direction = {} if replanned else {key: step}
                 return best
         return best
 

@@ -641,3 +641,19 @@ def test_a_step_held_back_by_the_guard_though_planned_to_fit_is_judged_replanned
         "read.chunk_rows=200000 download.concurrency=8 was held back by the memory guard: re-planned, workers=1" in out
     )
     assert bench.runs_done <= 24
+
+
+def test_after_a_replanned_step_the_stepped_key_is_tried_back_too() -> None:
+    # 3 workers do not fit at 50,000 rows: the step is judged re-planned at 25,000 rows (+10%).
+    # That changed two keys at once; 2 workers at 25,000 rows (+30%) is a step back on workers.
+    def model(p: Point) -> tuple[float, str]:
+        speed = {("3", "25000"): 1.1, ("2", "25000"): 1.3}.get((p["transform.workers"], p["read.chunk_rows"]), 1.0)
+        return 100_000 * speed, "transform"
+
+    def fits(p: Point) -> bool:
+        return not (p["transform.workers"] == "3" and int(p["read.chunk_rows"]) >= 50_000)
+
+    bench = FakeBench(model, workers=2, chunk_rows=50_000, concurrency=8, fits=fits)
+    best = auto_search(bench, VARY)  # type: ignore[arg-type]
+    assert best.point == _p("2", "25000", "8")
+    assert bench.runs_done <= 24
