@@ -356,6 +356,18 @@ class OutputConfig(Model):
     """``overwrite`` replaces the previous output; ``append`` adds new parts beside it."""
     writer_threads: int = Field(default=2, ge=1)
     """Threads writing finished parts to disk."""
+    target_file_size: int = Field(default=128 << 20, ge=1 << 10)
+    """Size an output file grows to (bytes, or a size like ``"128MiB"``): each partition's
+    rows go into as few files as this allows; a file closes at the first row group that
+    takes it to this size."""
+    row_group_size: int = Field(default=131_072, ge=1)
+    """Rows per Parquet row group (the last one of a file may hold fewer); every open file
+    buffers up to this many rows. Ignored for CSV."""
+
+    @field_validator("target_file_size", mode="before")
+    @classmethod
+    def _target_size(cls, v: Any) -> Any:
+        return parse_size(v) if isinstance(v, str) else v
 
 
 # ----------------------------------------------------------------------- resources

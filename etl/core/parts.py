@@ -1,18 +1,23 @@
 """Output parts: their names and their bytes, the contract between workers and the writer.
 
 Workers encode (``encode_parts``, ``encode_rejects``): a transformed chunk becomes ``Part``
-records, each the bytes of one finished output file and its path relative to the output
-folder. The write stage stores those bytes under those paths and never re-encodes them.
+records, one per partition folder, each the chunk's rows of that partition as Arrow IPC
+(a stream, uncompressed: cheap to write and to map back) under a path relative to the
+output folder. The write stage spools those pieces and cuts the output files from them in
+serial row order (``etl.write.files``): file and row-group boundaries depend only on the
+rows and the config, never on chunk boundaries.
 
 Names (every rule in one place)::
 
-    [col=value/...]part-<source:05d>-<chunk:06d>[-h<half path>].<parquet|csv>
+    [col=value/...]part-<source:05d>-<chunk:06d>[-h<half path>].arrow   a chunk's piece
+    [col=value/...]part-<file:05d>.<parquet|csv>                         an output file
     _rejected/rejected-<source:05d>-<chunk:06d>.jsonl
 
-Sorting the paths gives the serial row order: source, then chunk, then the halves of a
-chunk that was split after its worker was killed (``split_name``). In append mode the
-writer inserts the run id after ``part-`` (``with_run_id``) so runs never collide; a
-resumed run renumbers parts whose source moved in the list (``renumbered``).
+Sorting a folder's pieces gives the serial row order: source, then chunk, then the halves
+of a chunk that was split after its worker was killed (``split_name``); sorting its output
+files gives the same order. In append mode the writer inserts the run id after ``part-``
+(``with_run_id``) so runs never collide; a resumed run renumbers pieces and dead-letter
+files whose source moved in the list (``renumbered``).
 
 Partition folders follow Hive: ``col=value`` in the order of ``output.partition_by``,
 values percent-encoded as Hive does, null and "" as ``HIVE_NULL``; partition columns are
@@ -41,16 +46,34 @@ HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _HIVE_UNSAFE = frozenset(chr(c) for c in range(0x20)) | set("\"#%'*/:=?\\\x7f{[]^")
 _MAX_NAME_BYTES = 255  # longest file or folder name on common filesystems
 REJECTS_DIR = "_rejected"  # readers (pyarrow, Spark) skip folders starting with "_"
+SPOOL_DIR = "_spool"  # in a run's temp folder: the workers' pieces, until publish
 APPEND_LIST = ".append-parts"  # in a run's temp folder: the parts an append publish is moving
 _INDEXED_NAME = re.compile(r"^(part|rejected)-\d{5}-")
+PIECE_EXT = "arrow"  # a chunk's rows of one partition, as the workers hand them over
+_PIECE_NAME = re.compile(r"^part-(\d{5})-(\d{6})((?:-h[01]+)?)\.arrow$")
 
 
 # --------------------------------------------------------------------------- names
 
 
-def part_name(source_index: int, chunk_index: int, ext: str) -> str:
-    """``part-00001-000003.parquet``: a chunk's file in one partition folder."""
-    return f"part-{source_index:05d}-{chunk_index:06d}.{ext}"
+def part_name(source_index: int, chunk_index: int, ext: str = "") -> str:
+    """``part-00001-000003.arrow``: a chunk's piece in one partition folder."""
+    return f"part-{source_index:05d}-{chunk_index:06d}.{ext or PIECE_EXT}"
+
+
+def file_name(number: int, ext: str) -> str:
+    """``part-00002.parquet``: a partition folder's third output file."""
+    return f"part-{number:05d}.{ext}"
+
+
+def piece_key(relpath: str) -> tuple[str, int, int, str]:
+    """``m=1/part-00001-000003-h01.arrow`` → ``("m=1", 1, 3, "-h01")``: folder, source,
+    chunk and half path of a worker's piece (see ``part_name``, ``split_name``)."""
+    folder, _, name = relpath.rpartition("/")
+    m = _PIECE_NAME.match(name)
+    if m is None:
+        raise ValueError(f"not a piece name: {relpath!r}")
+    return folder, int(m.group(1)), int(m.group(2)), m.group(3)
 
 
 def with_run_id(relpath: str, run_id: str) -> str:
@@ -84,26 +107,40 @@ def encode_parts(
     chunk_index: int,
     label: str = "",
 ) -> list[Part]:
-    """Encode one transformed chunk as output files; an empty frame gives no parts.
+    """One transformed chunk as pieces for the writer (Arrow IPC, one per partition
+    folder); an empty frame gives none.
 
     With ``out.partition_by``, rows go to hive folders (``col=value/``, in the order
     given, values percent-encoded as Hive does, null and "" as ``HIVE_NULL``) and the
-    partition columns are left out of the files, as pyarrow and Spark do. Rows keep
-    the chunk's order. ``label`` names the chunk in errors (pass ``Chunk.label``).
+    partition columns are left out, as pyarrow and Spark do. Rows keep the chunk's order.
+    ``label`` names the chunk in errors (pass ``Chunk.label``).
     """
     label = label or f"source {source_index}[chunk {chunk_index}]"
     if len(df) == 0:
         return []
     table = _to_arrow(df, label)
-    name = part_name(source_index, chunk_index, out.format)
+    name = part_name(source_index, chunk_index)
     if not out.partition_by:
-        return [Part(name, _encode(table, out, label), table.num_rows)]
+        return [Part(name, table_to_ipc(table), table.num_rows)]
     _check_partition_columns(table, out.partition_by, label)
     parts = []
     for folder, rows in _partitions(table, out.partition_by, label):
         piece = table.take(rows).drop_columns(out.partition_by)
-        parts.append(Part(f"{folder}/{name}", _encode(piece, out, label), piece.num_rows))
+        parts.append(Part(f"{folder}/{name}", table_to_ipc(piece), piece.num_rows))
     return parts
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    """A table as an Arrow IPC stream (uncompressed: a memcpy, and mapped back for free)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+    return cast(bytes, sink.getvalue().to_pybytes())
+
+
+def ipc_to_table(data: pa.Buffer | bytes) -> pa.Table:
+    """The table ``table_to_ipc`` wrote (zero-copy over a memory-mapped buffer)."""
+    return pa.ipc.open_stream(data).read_all()
 
 
 def _to_arrow(df: pd.DataFrame, label: str) -> pa.Table:
@@ -111,13 +148,6 @@ def _to_arrow(df: pd.DataFrame, label: str) -> pa.Table:
         return pa.Table.from_pandas(df, preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as e:
         raise OutputError(f"cannot convert the chunk to Arrow for writing: {e}", item=label) from e
-
-
-def _encode(table: pa.Table, out: OutputConfig, label: str) -> bytes:
-    try:
-        return encode_table(table, out)
-    except (pa.ArrowException, OSError) as e:  # e.g. nested columns in CSV
-        raise OutputError(f"cannot encode the chunk as {out.format}: {e}", item=label) from e
 
 
 def _check_partition_columns(table: pa.Table, columns: list[str], label: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.core.config import JobConfig
-from etl.core.parts import APPEND_LIST, renumbered
+from etl.core.parts import APPEND_LIST, SPOOL_DIR, renumbered
 from etl.core.records import Source, StagedFile
 from etl.run.state import (
     Manifest,
@@ -73,7 +73,8 @@ class Commits:
         self.manifest = Manifest.load(cfg.job_state_dir)
         self.mode = cfg.output.mode
         self.target = Path(cfg.output.path)
-        self.can_carry = not isinstance(cfg.output.path, str)  # a str is an object-store URL
+        # A str is an object-store URL; CSV rows cannot be read back with their types.
+        self.can_carry = not isinstance(cfg.output.path, str) and cfg.output.format == "parquet"
         self.run_id = run_id
         self.full_refresh = full_refresh
         self.fingerprint = fingerprint(cfg)
@@ -168,12 +169,14 @@ class Commits:
         if (entry := self.adopted.get(url)) is not None:
             if is_unchanged(staged, entry, ident, sha256):
                 self._skip(src, entry, "resumed")
+                self._total(src, int(entry.get("chunks", 0)))  # its pieces were adopted with the folder
                 return False
             self._forget_adopted(url, entry)
         entry = self._published_entry(url)
         if entry is not None and is_unchanged(staged, entry, ident, sha256):
             if self.mode == "append":
                 self._skip(src, entry, "unchanged")
+                self._total(src, 0)
                 return False
             carried = self._carry(src, entry)
             if carried is not None:
@@ -201,6 +204,12 @@ class Commits:
             o.total = chunks
             snap = self._maybe_commit(o)
         self._flush(snap)
+        self._total(src, chunks)
+
+    def _total(self, src: Source, chunks: int) -> None:
+        """Tell the writer how many chunks ``src`` has: its files are cut in serial order."""
+        if hasattr(self.writer, "source_total"):
+            self.writer.source_total(src.index, chunks)
 
     def written(self, result: Any, parts: list[tuple[str, int, int]]) -> None:
         """Every part of one ``ChunkResult`` is in the temp folder: (relpath, rows, bytes)."""
@@ -224,7 +233,14 @@ class Commits:
 
     def published(self) -> None:
         with self._lock:
-            self._settle(self.manifest.data["pending"])
+            pending = self.manifest.data["pending"]
+            spans = self.writer.spans() if hasattr(self.writer, "spans") else {}
+            for e in pending["sources"].values():
+                # Published, a source's rows are where the file cutter put them: spans of
+                # output files (what a later run carries over), besides its dead-letter files.
+                kept = [p for p in e["parts"] if not p["path"].startswith(f"{SPOOL_DIR}/") and "start" not in p]
+                e["parts"] = kept + spans.get(e["index"], [])
+            self._settle(pending)
 
     def failed(self, interrupted: bool = False) -> bool:
         """Save what is committed; True when the temp folder should be kept for the next run:
@@ -287,9 +303,12 @@ class Commits:
         log.info("%s: not processed again", status, extra={"stage": "state", "source": src.name})
 
     def _carry(self, src: Source, entry: dict[str, Any]) -> dict[str, Any] | None:
-        """Link an unchanged source's published parts into the temp folder; None if any is gone."""
-        moves = [(p, renumbered(p["path"], src.index)) for p in entry["parts"]]
-        if not all((self.target / p["path"]).is_file() for p, _ in moves):
+        """Link an unchanged source's published files (dead-letter files) into the temp
+        folder, and have the writer read its rows back from the output files (spans, with
+        ``start``) in its place in the serial order; None if any file is gone."""
+        spans = [p for p in entry["parts"] if "start" in p]
+        moves = [(p, renumbered(p["path"], src.index)) for p in entry["parts"] if "start" not in p]
+        if not all((self.target / p["path"]).is_file() for p in entry["parts"]):
             log.warning(
                 "%s: published parts are missing; processing it again",
                 src.name,
@@ -298,7 +317,13 @@ class Commits:
             return None
         for p, new in moves:
             self.writer.add_existing(new, self.target / p["path"])
-        parts = [p | {"path": new} for p, new in moves]
+        if hasattr(self.writer, "add_rows"):
+            self.writer.add_rows(
+                src.index,
+                [(self.target / p["path"], p["path"].rpartition("/")[0], p["start"], p["rows"]) for p in spans],
+            )
+        # Rows carried over are in no file of the temp folder: a resumed run carries them again.
+        parts = [p | {"path": new} for p, new in moves] + spans
         return entry | {"index": src.index, "name": src.name, "parts": parts}
 
     def _forget_adopted(self, url: str, entry: dict[str, Any]) -> None:
@@ -328,7 +353,7 @@ class Commits:
             e["rows_rejected"],
             len(e["parts"]),
         )
-        return self._store(o.url, e | {"run_id": self.run_id, "committed_at": time.time()})
+        return self._store(o.url, e | {"run_id": self.run_id, "committed_at": time.time(), "chunks": o.total})
 
     def _store(self, url: str, entry: dict[str, Any]) -> tuple[int, bytes] | None:
         """Caller holds the lock; returns a snapshot to ``_flush`` when a save is due."""
@@ -380,7 +405,10 @@ def _keep_intact(tmp: Path, sources: dict[str, dict[str, Any]], index_of: dict[s
     same index and whose parts are all there; delete every other file."""
     kept: dict[str, dict[str, Any]] = {}
     for url, e in sources.items():
-        intact = all((tmp / p["path"]).is_file() and (tmp / p["path"]).stat().st_size == p["bytes"] for p in e["parts"])
+        intact = all(
+            "start" not in p and (tmp / p["path"]).is_file() and (tmp / p["path"]).stat().st_size == p["bytes"]
+            for p in e["parts"]
+        )
         if intact and index_of.get(url) == e["index"]:
             kept[url] = e
     listed = {p["path"] for e in kept.values() for p in e["parts"]}

@@ -121,7 +121,10 @@ def fingerprint(cfg: JobConfig) -> str:
     shaping = {
         "read": cfg.read.model_dump(mode="json", exclude={"threads", "max_record_bytes"}),
         "transform": cfg.transform.model_dump(mode="json", include={"steps", "on_error"}),
-        "output": cfg.output.model_dump(mode="json", include={"path", "format", "compression", "partition_by"}),
+        "output": cfg.output.model_dump(
+            mode="json",
+            include={"path", "format", "compression", "partition_by", "target_file_size", "row_group_size"},
+        ),
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 

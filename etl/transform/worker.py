@@ -1,9 +1,10 @@
-"""What runs inside a transform worker: decode a chunk, run the steps, encode the parts.
+"""What runs inside a transform worker: decode a chunk, run the steps, hand the rows over.
 
 Only plain, picklable data crosses the process boundary: the ``WorkerSpec`` (the validated
 transform, output and read config) once per worker, through the pool's initializer
-(``init_worker``); then a ``Chunk`` in and a ``ChunkResult`` (encoded parts, rejected
-rows, timings) out of ``run_chunk``. The serial and thread executors call the same
+(``init_worker``); then a ``Chunk`` in and a ``ChunkResult`` (the rows per partition
+folder as Arrow IPC pieces, which the write stage cuts into right-sized Parquet or CSV
+files, ``etl.write.files``; rejected rows; timings) out of ``run_chunk``. The serial and thread executors call the same
 functions in the parent, so every executor runs one code path.
 
 ``serve`` is a process worker's whole life (``etl.transform.executors.ProcessExecutor``):

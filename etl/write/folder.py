@@ -1,6 +1,9 @@
 """The output folder: a private temp folder per run, then publishing.
 
-Parts arrive already encoded and named by the workers (``etl.core.parts``).
+Workers' pieces (Arrow IPC of a chunk's rows per partition, ``etl.core.parts``) are
+spooled under ``_spool/`` in the temp folder, then cut into right-sized output files in
+serial row order (``etl.write.files``); the spool is removed before publishing.
+``write`` stores any other part's bytes as they are.
 
 ``OutputWriter`` (in the parent's writer thread pool)
     Parts go to ``<parent>/.<name>.tmp-<run_id>`` beside the target (same filesystem, so
@@ -33,12 +36,17 @@ import re
 import shutil
 import threading
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from etl.core import durable
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
-from etl.core.parts import APPEND_LIST, REJECTS_DIR, with_run_id
+from etl.core.parts import APPEND_LIST, PIECE_EXT, REJECTS_DIR, SPOOL_DIR, ipc_to_table, piece_key, with_run_id
 from etl.core.records import Part
+from etl.write.files import FileCutter, Load
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +77,99 @@ class OutputWriter:
             self.tmp.mkdir(parents=True, exist_ok=adopt is not None)
         except OSError as e:
             raise OutputError(f"cannot create temp folder: {e}", item=str(self.tmp)) from e
+        self.local = self.tmp  # where spooled pieces and files being written live
+        self._start_cutter()
+
+    def _start_cutter(self) -> None:
+        """The file cutter, fed first with the pieces of an adopted temp folder's spool."""
+        name = (lambda r: with_run_id(r, self.run_id)) if self.out.mode == "append" else (lambda r: r)
+        self.cutter = FileCutter(self.out, self, name)
+        # A dead run's output files were never committed (``etl.run.commits`` deletes them
+        # before adopting); its committed pieces are cut into files again.
+        chunks: dict[tuple[int, int], list[str]] = {}
+        for relpath in sorted(r for r in self._written if r.startswith(f"{SPOOL_DIR}/")):
+            _, source, chunk, _ = piece_key(relpath.removeprefix(f"{SPOOL_DIR}/"))
+            chunks.setdefault((source, chunk), []).append(relpath)
+        for (source, chunk), relpaths in sorted(chunks.items()):
+            self.cutter.chunk_ready(source, chunk, [self._spooled(r) for r in relpaths])
 
     def write(self, part: Part) -> str:
-        """Write one part into the temp folder; returns its final relpath. Thread-safe;
+        """Write one part into the temp folder; returns its relpath there. A worker's piece
+        (``.arrow``) goes to the spool, to be cut into output files once ``chunk_done``
+        says its chunk is complete; any other part is stored as it is. Thread-safe;
         rewriting a part replaces it."""
-        relpath = self._final_relpath(part.relpath)
+        if part.relpath.endswith(f".{PIECE_EXT}"):
+            piece_key(part.relpath)  # a ValueError for a name that is not a piece's
+            relpath = f"{SPOOL_DIR}/{self._final_relpath(part.relpath, run_id=False)}"
+        else:
+            relpath = self._final_relpath(part.relpath)
         self._store(relpath, part.data)
         return relpath
+
+    def chunk_done(self, source: int, chunk: int, spooled: list[str]) -> None:
+        """Every piece of one chunk is spooled (``write``'s relpaths; none for a chunk with
+        no rows): its rows may go into output files once the chunks before it have."""
+        self.cutter.chunk_ready(source, chunk, [self._spooled(r) for r in sorted(spooled)])
+
+    def source_total(self, source: int, chunks: int) -> None:
+        """``source`` has ``chunks`` chunks (0 when it is skipped or empty)."""
+        self.cutter.source_total(source, chunks)
+
+    def add_rows(self, source: int, files: list[tuple[Path, str, int, int]]) -> None:
+        """Carry an unchanged source's rows over from published files, in its place in the
+        serial order: (file, partition folder, first row, rows) per span."""
+        pieces = [(folder, rows, _rows_of(path, start, rows)) for path, folder, start, rows in files]
+        self.cutter.chunk_ready(source, 0, pieces)
+        self.cutter.source_total(source, 1)
+
+    def finish_files(self) -> list[str]:
+        """No more pieces: returns the partition folders to ``close_files`` (each once, in
+        any order or in parallel) so every output file is written and closed."""
+        return self.cutter.finish()
+
+    def close_files(self, folder: str) -> None:
+        self.cutter.close(folder)
+
+    def files(self) -> list[tuple[str, int]]:
+        """(relpath, rows) of the output files closed so far."""
+        return self.cutter.files()
+
+    def spans(self) -> dict[int, list[dict[str, Any]]]:
+        """Where each source's rows are in the output files (see ``FileCutter.spans``)."""
+        return self.cutter.spans()
+
+    # FileSink: where the cutter's files go
+    def open_file(self, relpath: str) -> BinaryIO:
+        if self._finished:
+            raise OutputError("write after publish or discard", item=relpath)
+        path = self.tmp / f"{relpath}.inprogress"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return open(path, "wb")
+        except OSError as e:
+            raise OutputError(f"cannot write file: {e}", item=str(path)) from e
+
+    def close_file(self, relpath: str, f: BinaryIO, rows: int) -> None:
+        try:
+            durable.close_synced(f)
+            os.replace(self.tmp / f"{relpath}.inprogress", self.tmp / relpath)
+        except OSError as e:
+            raise OutputError(f"cannot write file: {e}", item=str(self.tmp / relpath)) from e
+        with self._lock:
+            self._written.add(relpath)
+
+    def _spooled(self, relpath: str) -> tuple[str, int, Load]:
+        folder = piece_key(relpath.removeprefix(f"{SPOOL_DIR}/"))[0]
+        path = self.local / relpath
+
+        def load() -> pa.Table:
+            try:
+                with pa.memory_map(str(path)) as m:
+                    return ipc_to_table(m.read_buffer())
+            except (OSError, pa.ArrowException) as e:
+                raise OutputError(f"cannot read a spooled chunk back: {e}", item=str(path)) from e
+
+        return folder, 1, load
 
     def write_rejects(self, part: Part) -> str:
         """Write dead-letter rows under ``_rejected/`` (published with the rest)."""
@@ -103,6 +197,8 @@ class OutputWriter:
 
     def remove(self, relpath: str) -> None:
         """Drop a part from the temp folder (an adopted source that changed since)."""
+        if relpath.startswith(f"{SPOOL_DIR}/"):
+            self.cutter.forget(piece_key(relpath.removeprefix(f"{SPOOL_DIR}/"))[1])
         (self.tmp / relpath).unlink(missing_ok=True)
         with self._lock:
             self._written.discard(relpath)
@@ -114,7 +210,9 @@ class OutputWriter:
         (parts an append had moved are taken back); ``discard()`` then removes the rest.
         """
         self._finish("publish")
-        relpaths = sorted(self._written)
+        if (self.tmp / SPOOL_DIR).exists():  # pieces are in the output files now
+            shutil.rmtree(self.tmp / SPOOL_DIR, ignore_errors=True)
+        relpaths = sorted(r for r in self._written if not r.startswith(f"{SPOOL_DIR}/"))
         try:
             durable.fsync_tree(self.tmp)
         except OSError as e:
@@ -129,6 +227,7 @@ class OutputWriter:
         """Remove the temp folder (and parts a failed append moved); the previous output
         is left as it was. Never raises: it runs while another error is propagating."""
         self._finished = True
+        self.cutter.abort()
         try:
             _undo_append(self.target, self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -171,11 +270,11 @@ class OutputWriter:
 
     # ----------------------------------------------------------------- internals
 
-    def _final_relpath(self, relpath: str) -> str:
+    def _final_relpath(self, relpath: str, run_id: bool = True) -> str:
         path = PurePosixPath(relpath)
         if path.is_absolute() or ".." in path.parts or not path.name:
             raise OutputError("part path must be relative and stay inside the output folder", item=relpath)
-        if self.out.mode == "append":
+        if self.out.mode == "append" and run_id:
             return with_run_id(str(path), self.run_id)
         return str(path)
 
@@ -283,3 +382,25 @@ def _write_file(path: Path, data: bytes) -> None:
         durable.write_bytes(path, data)
     except OSError as e:
         raise OutputError(f"cannot write file: {e}", item=str(path)) from e
+
+
+def _rows_of(path: Path, start: int, rows: int) -> Load:
+    """Loads rows ``start`` to ``start + rows`` of a published Parquet file, reading only
+    the row groups that hold them."""
+
+    def load() -> pa.Table:
+        try:
+            f = pq.ParquetFile(path)
+            groups, first, at = [], None, 0
+            for i in range(f.metadata.num_row_groups):
+                n = f.metadata.row_group(i).num_rows
+                if at + n > start and at < start + rows:
+                    groups.append(i)
+                    first = at if first is None else first
+                at += n
+            table = f.read_row_groups(groups)
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"cannot read rows to carry over: {e}", item=str(path)) from e
+        return table.slice(start - (first or 0), rows)
+
+    return load

@@ -8,6 +8,10 @@ Output (``ObjectOutputWriter``), atomic for readers that follow the manifest::
     <prefix>/_manifests/<run_id>.json                                  written after every part
     <prefix>/_latest                                                   {"run_id", "manifest"}: last
 
+    Workers' pieces are spooled in a local temp folder (``tempfile``) and cut into output
+    files there (``etl.write.files``); each file is uploaded once it is closed, and the
+    local folder is removed at publish or discard.
+
     Object stores have no rename, so a run's parts stay under its own prefix and the
     manifest (one PUT, atomic) is the commit: it lists every file of the dataset (in
     ``append`` mode the previous manifest's files too), then ``_latest`` is switched to it.
@@ -21,16 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
 from etl.core.objstore import filesystem, store_errors, url_of
-from etl.core.parts import REJECTS_DIR
+from etl.core.parts import PIECE_EXT, REJECTS_DIR, SPOOL_DIR, piece_key
 from etl.core.records import Part
 from etl.write.folder import OutputWriter
 
@@ -66,11 +73,43 @@ class ObjectOutputWriter(OutputWriter):
         self._objects: dict[str, tuple[int, int]] = {}  # relpath -> (rows, bytes)
         self._lock = threading.Lock()
         self._finished = False
+        self._written: set[str] = set()
+        self.local = Path(tempfile.mkdtemp(prefix="etl-out-"))  # spool and files being cut
+        self._start_cutter()
 
     def write(self, part: Part) -> str:
         relpath = _check_relpath(part.relpath)
+        if relpath.endswith(f".{PIECE_EXT}"):
+            piece_key(relpath)
+            spooled = f"{SPOOL_DIR}/{relpath}"
+            try:  # no fsync: an object-store run is never resumed from its spool
+                (self.local / spooled).parent.mkdir(parents=True, exist_ok=True)
+                (self.local / spooled).write_bytes(part.data)
+            except OSError as e:
+                raise OutputError(f"cannot spool a chunk: {e}", item=str(self.local / spooled)) from e
+            return spooled
         self._put(relpath, part.data, part.rows)
         return relpath
+
+    def open_file(self, relpath: str) -> BinaryIO:
+        if self._finished:
+            raise OutputError("write after publish or discard", item=relpath)
+        path = self.local / "files" / relpath
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return open(path, "wb")
+        except OSError as e:
+            raise OutputError(f"cannot write file: {e}", item=str(path)) from e
+
+    def close_file(self, relpath: str, f: BinaryIO, rows: int) -> None:
+        """Upload a finished file (one PUT, or a multipart upload for a large one)."""
+        local = self.local / "files" / relpath
+        f.close()
+        self._call(self.fs.put_file, str(local), f"{self.root}/{self.prefix}/{relpath}")
+        size = local.stat().st_size
+        os.unlink(local)
+        with self._lock:
+            self._objects[relpath] = (rows, size)
 
     def write_rejects(self, part: Part) -> str:
         relpath = f"{REJECTS_DIR}/{_check_relpath(part.relpath)}"
@@ -81,6 +120,9 @@ class ObjectOutputWriter(OutputWriter):
         raise OutputError("carrying parts over from a local output is not supported on object storage", item=self.url)
 
     def remove(self, relpath: str) -> None:
+        if relpath.startswith(f"{SPOOL_DIR}/"):
+            self.cutter.forget(piece_key(relpath.removeprefix(f"{SPOOL_DIR}/"))[1])
+            return
         with self._lock:
             self._objects.pop(relpath, None)
         self._call(self.fs.rm, f"{self.root}/{self.prefix}/{relpath}", missing_ok=True)
@@ -90,6 +132,7 @@ class ObjectOutputWriter(OutputWriter):
         if self._finished:
             raise OutputError("publish after publish or discard", item=self.url)
         self._finished = True
+        shutil.rmtree(self.local, ignore_errors=True)
         previous = _read_latest(self.fs, self.root, self.url)
         mine = sorted(self._objects)
         files = [self._entry(r) for r in mine if not r.startswith(f"{REJECTS_DIR}/")]
@@ -119,6 +162,8 @@ class ObjectOutputWriter(OutputWriter):
     def discard(self) -> None:
         """Delete this run's prefix; no manifest was written. Never raises."""
         self._finished = True
+        self.cutter.abort()
+        shutil.rmtree(self.local, ignore_errors=True)
         try:
             self.fs.rm(f"{self.root}/{self.prefix}", recursive=True)
         except FileNotFoundError:

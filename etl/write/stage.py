@@ -1,21 +1,32 @@
-"""The write stage: encoded results in, a published output out, on a pool of writer threads.
+"""The write stage: workers' pieces in, right-sized output files out, on writer threads.
 
 Queues and flow::
 
-    results queue ──► drain (event loop) ──► writer thread: writer.write(part) ──► temp folder
-    (BoundedQueue[ChunkResult],             at most `output.writer_threads`        (or run prefix)
-     closed by the transform stage)         results at once                        ──► publish()
+    results queue ──► drain (event loop) ──► writer thread: writer.write(piece) ──► spool
+    (BoundedQueue[ChunkResult],             at most `output.writer_threads`    (temp folder)
+     closed by the transform stage)         results at once                       │
+                                            writer.chunk_done(...) ──► FileCutter ┘
+                                            (etl.write.files: pieces in serial order
+                                             into per-partition Parquet/CSV writers)
+                                            ──► output files ──► publish()
 
-* **In**: ``ChunkResult`` records from the results queue: each holds finished output
-  files (``Part``: path and bytes, encoded by the workers, see ``etl.core.parts``) and
-  at most one dead-letter file.
-* **Out**: files in the run's private temp folder (``etl.write.folder``) or run prefix
-  (``etl.write.objects``); ``written(result, files)`` is called once all of a result's
-  files are durable, with ``(relpath, rows, bytes)`` per file, for the run's manifest.
-* **Bound**: at most ``output.writer_threads`` results are taken at once; a slow disk
-  leaves results in the queue, whose bound pushes back on the transform stage.
-* **End of stream**: the stage ends when the results queue is closed and drained; it
-  closes nothing. Publishing (``writer.publish()``) is the pipeline's call, once every
+* **In**: ``ChunkResult`` records from the results queue: each holds a chunk's rows per
+  partition folder as Arrow IPC pieces (``Part``, see ``etl.core.parts``) and at most one
+  dead-letter file.
+* **Out**: output files in the run's private temp folder (``etl.write.folder``) or run
+  prefix (``etl.write.objects``), cut in serial row order by ``etl.write.files``:
+  ``output.row_group_size`` rows per row group, a file closed once it reaches
+  ``output.target_file_size``. ``written(result, files)`` is called once all of a
+  result's pieces are durable in the spool, with ``(relpath, rows, bytes)`` per piece, for
+  the run's manifest (resume re-cuts the files from committed pieces).
+* **Bound**: at most ``output.writer_threads`` results are taken at once; the thread that
+  takes a result also encodes the row groups it completes before taking the next one, so
+  a slow disk or encoder leaves results in the queue, whose bound pushes back on the
+  transform stage. Chunks that arrive ahead of the serial order wait on disk, not in
+  memory; open files buffer under a row group each, at most ``files.MAX_OPEN_FILES``.
+* **End of stream**: when the results queue is closed and drained, the stage feeds what
+  is left and closes every file (partitions in parallel on the writer threads); it closes
+  nothing else. Publishing (``writer.publish()``) is the pipeline's call, once every
   stage has succeeded; after a failure it calls ``writer.discard()``.
 
 ``open_writer`` and ``clean_leftovers`` pick the folder or the object-store writer from
@@ -24,6 +35,7 @@ Queues and flow::
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.core.config import OutputConfig
+from etl.core.parts import SPOOL_DIR
 from etl.core.queues import BoundedQueue, drain, in_pool
 from etl.core.records import ChunkResult
 from etl.core.stats import ProgressSink, StageMeter
@@ -107,7 +120,19 @@ async def write_stage(
             if (rej := result.rejects) is not None:
                 files.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
         written(result, files)
-        stats.add(len(result.parts))
+        pieces = [f for f, _, _ in files if f.startswith(f"{SPOOL_DIR}/")]
+        stats.add(len(result.parts) - len(pieces))  # parts stored as they are (not pieces)
+        with meter.working():
+            writer.chunk_done(result.source_index, result.index, pieces)
 
     await drain(results, threads, in_pool(pool, write))
+    loop = asyncio.get_running_loop()
+    folders = await loop.run_in_executor(pool, writer.finish_files)
+
+    def close(folder: str) -> None:
+        with meter.working():
+            writer.close_files(folder)
+
+    await asyncio.gather(*(loop.run_in_executor(pool, close, f) for f in folders))
+    stats.add(len(writer.files()))
     return stats

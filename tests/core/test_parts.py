@@ -1,4 +1,7 @@
-"""Output parts: names, hive partition folders and encodings (etl/core/parts.py)."""
+"""Output parts: names, hive partition folders and the workers' pieces (etl/core/parts.py).
+
+Pieces become output files in the writer (``etl.write.files``); ``publish`` below runs
+that path on real files, so these tests also read back what a run would publish."""
 
 from __future__ import annotations
 
@@ -14,8 +17,19 @@ import pytest
 
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
-from etl.core.parts import HIVE_NULL, encode_parts, part_name, renumbered, split_name, with_run_id
+from etl.core.parts import (
+    HIVE_NULL,
+    encode_parts,
+    file_name,
+    ipc_to_table,
+    part_name,
+    piece_key,
+    renumbered,
+    split_name,
+    with_run_id,
+)
 from etl.core.records import Part
+from etl.write.folder import OutputWriter
 
 
 def frame() -> pd.DataFrame:
@@ -28,11 +42,17 @@ def frame() -> pd.DataFrame:
     )
 
 
-def materialize(parts: list[Part], root: Path) -> None:
-    for part in parts:
-        path = root / part.relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(part.data)
+def publish(parts: list[Part], out: OutputConfig) -> list[str]:
+    """One chunk's pieces through the writer: the output files a run would publish."""
+    writer = OutputWriter(out, "t")
+    writer.chunk_done(0, 0, [writer.write(p) for p in parts])
+    for folder in writer.finish_files():
+        writer.close_files(folder)
+    return writer.publish()
+
+
+def table(part: Part) -> pa.Table:
+    return ipc_to_table(part.data)
 
 
 # ---------------------------------------------------------------------------- names
@@ -47,6 +67,9 @@ def test_names_sort_in_serial_order_through_splits_and_run_ids() -> None:
     assert with_run_id(f"m=1/{base}", "r9") == "m=1/part-r9-00001-000003.parquet"
     assert with_run_id(base, "r9") == "part-r9-00001-000003.parquet"
     assert renumbered(f"m=1/{base}", 7) == "m=1/part-00007-000003.parquet"
+    assert part_name(1, 3) == "part-00001-000003.arrow"
+    assert piece_key(split_name(f"m=1/{part_name(1, 3)}", "01")) == ("m=1", 1, 3, "-h01")
+    assert file_name(2, "parquet") == "part-00002.parquet"
 
 
 # ------------------------------------------------------------------------- encoding
@@ -58,7 +81,7 @@ def test_partitioned_parts_read_back_with_hive_partitioning(tmp_path: Path, fmt:
     df = frame()
 
     parts = encode_parts(df, out, source_index=3, chunk_index=12)
-    materialize(parts, tmp_path / "out")
+    publish(parts, out)
 
     assert sorted({p.relpath.split("/")[0] for p in parts}) == sorted(
         ["city=Paris", "city=a%2Fb", "city=x%3Dy%25", f"city={HIVE_NULL}"]
@@ -83,30 +106,31 @@ def test_partition_columns_are_not_inside_the_files_and_rows_keep_order() -> Non
     out = OutputConfig(path=Path("out"), partition_by=["city"])
     parts = {p.relpath: p for p in encode_parts(frame(), out, source_index=3, chunk_index=12)}
 
-    paris = pq.read_table(pa.BufferReader(parts["city=Paris/part-00003-000012.parquet"].data))
+    paris = table(parts["city=Paris/part-00003-000012.arrow"])
 
     assert paris.column_names == ["id", "name"]
     assert paris.column("id").to_pylist() == [0, 5, 6, 11]
     # null and "" both map to the default partition: one file holding both, in order
-    default = parts[f"city={HIVE_NULL}/part-00003-000012.parquet"]
-    assert pq.read_table(pa.BufferReader(default.data)).column("id").to_pylist() == [3, 4, 9, 10]
+    default = parts[f"city={HIVE_NULL}/part-00003-000012.arrow"]
+    assert table(default).column("id").to_pylist() == [3, 4, 9, 10]
     assert default.rows == 4
 
 
-def test_nested_partitions_follow_the_configured_order() -> None:
+def test_nested_partitions_follow_the_configured_order(tmp_path: Path) -> None:
     df = pd.DataFrame({"y": [2026, 2026], "d": pd.to_datetime(["2026-01-01", "2026-02-01"]).date, "v": [1.5, 2.5]})
-    out = OutputConfig(path=Path("out"), format="csv", partition_by=["y", "d"])
+    out = OutputConfig(path=tmp_path / "out", format="csv", partition_by=["y", "d"])
 
     parts = encode_parts(df, out, source_index=0, chunk_index=1)
 
     assert [p.relpath for p in parts] == [
-        "y=2026/d=2026-01-01/part-00000-000001.csv",
-        "y=2026/d=2026-02-01/part-00000-000001.csv",
+        "y=2026/d=2026-01-01/part-00000-000001.arrow",
+        "y=2026/d=2026-02-01/part-00000-000001.arrow",
     ]
-    assert parts[0].data.decode().splitlines() == ['"v"', "1.5"]
+    assert publish(parts, out) == ["y=2026/d=2026-01-01/part-00000.csv", "y=2026/d=2026-02-01/part-00000.csv"]
+    assert (tmp_path / "out/y=2026/d=2026-01-01/part-00000.csv").read_text().splitlines() == ['"v"', "1.5"]
 
 
-def test_unpartitioned_part_keeps_arrow_types_and_name() -> None:
+def test_unpartitioned_part_keeps_arrow_types_and_name(tmp_path: Path) -> None:
     df = pd.DataFrame(
         {
             "n": pd.array([1, None], dtype="Int64"),
@@ -114,21 +138,23 @@ def test_unpartitioned_part_keeps_arrow_types_and_name() -> None:
             "t": pd.array(["2026-01-01", None], dtype="timestamp[ms][pyarrow]"),
         }
     )
-    (only,) = encode_parts(df, OutputConfig(path=Path("o")), source_index=1, chunk_index=2)
+    out = OutputConfig(path=tmp_path / "o")
+    (only,) = encode_parts(df, out, source_index=1, chunk_index=2)
+    assert only.relpath == "part-00001-000002.arrow"
+    assert publish([only], out) == ["part-00000.parquet"]
 
-    schema = pq.read_schema(pa.BufferReader(only.data))
+    schema = pq.read_schema(tmp_path / "o/part-00000.parquet")
 
-    assert only.relpath == "part-00001-000002.parquet"
     assert schema.field("n").type == pa.int64()
     assert pa.types.is_dictionary(schema.field("c").type)
     assert schema.field("t").type == pa.timestamp("ms")
 
 
 @pytest.mark.parametrize(("setting", "codec"), [("none", "UNCOMPRESSED"), ("zstd", "ZSTD")])
-def test_parquet_compression_follows_config(setting: str, codec: str) -> None:
-    out = OutputConfig(path=Path("o"), compression=setting)  # type: ignore[arg-type]
-    (only,) = encode_parts(frame(), out, source_index=0, chunk_index=0)
-    meta = pq.ParquetFile(pa.BufferReader(only.data)).metadata
+def test_parquet_compression_follows_config(tmp_path: Path, setting: str, codec: str) -> None:
+    out = OutputConfig(path=tmp_path / "o", compression=setting)  # type: ignore[arg-type]
+    publish(encode_parts(frame(), out, source_index=0, chunk_index=0), out)
+    meta = pq.ParquetFile(tmp_path / "o/part-00000.parquet").metadata
     assert meta.row_group(0).column(0).compression == codec
 
 
@@ -158,5 +184,5 @@ def test_partition_columns_with_dots_inside_their_names_group_by_value(tmp_path:
     out = OutputConfig(path=Path("o"), partition_by=["c.ity", "a.b"])
     df = frame().rename(columns={"city": "c.ity"}).assign(**{"a.b": "k"})
     parts = {p.relpath: p for p in encode_parts(df, out, source_index=0, chunk_index=0)}
-    table = pq.read_table(pa.BufferReader(parts["c.ity=Paris/a.b=k/part-00000-000000.parquet"].data))
-    assert table.column("id").to_pylist() == [0, 5, 6, 11]
+    paris = table(parts["c.ity=Paris/a.b=k/part-00000-000000.arrow"])
+    assert paris.column("id").to_pylist() == [0, 5, 6, 11]

@@ -57,7 +57,7 @@ def test_dask_output_equals_the_process_executors_file_for_file(trips_dir: Path,
     summary = run(write_job(job_text(sources, "dask", out="out-dask"), "dask.toml"))
     root = trips_dir.parent
     want = tree_hashes(root / "out-process")
-    assert len(want) > 10  # several chunks, three months each
+    assert len(want) >= 3  # three months: one file each, cut from several chunks
     assert tree_hashes(root / "out-dask") == want
     assert summary.chunks > 4 and summary.transform["retries"] == 0
 

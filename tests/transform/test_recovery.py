@@ -10,18 +10,16 @@ first ``fail_first`` attempts. Everything else runs the job's real steps and enc
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from etl.core.chunks import decode_ipc, encode_ipc, split_chunk
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ChunkTimeout, WorkerCrashed
-from etl.core.parts import split_name
+from etl.core.parts import ipc_to_table, split_name
 from etl.core.records import Chunk, ChunkResult, Part
 from etl.transform.executors import ThreadExecutor, TransformStats
 from etl.transform.recovery import (
@@ -103,7 +101,7 @@ def rows_of(result: ChunkResult) -> list[int]:
     """Trip ids in the result's parts, in part-name order (the published order)."""
     ids: list[int] = []
     for part in sorted(result.parts, key=lambda p: p.relpath):
-        ids += pq.read_table(io.BytesIO(part.data)).column("trip_id").to_pylist()
+        ids += ipc_to_table(part.data).column("trip_id").to_pylist()  # a worker's piece
     return ids
 
 
@@ -241,7 +239,7 @@ def test_a_chunk_that_runs_is_returned_as_it_is(tmp_path: Path) -> None:
     executor = CrashingExecutor(cfg)
     result, stats = run(cfg, executor, arrow_chunk(100))
     assert result.attempts == 1 and executor.calls == [(0, 100)]
-    assert [p.relpath for p in result.parts] == ["part-00001-000003.parquet"]
+    assert [p.relpath for p in result.parts] == ["part-00001-000003.arrow"]
     assert rows_of(result) == [i for i in range(100) if i % 7 > 1]
     assert (stats.retries, stats.splits, stats.pieces_set_aside) == (0, 0, 0)
 
@@ -252,7 +250,7 @@ def test_oom_killed_chunk_is_split_recursively_and_gives_the_same_rows(tmp_path:
     executor = CrashingExecutor(cfg, max_rows=MIN_SPLIT_ROWS + MIN_SPLIT_ROWS // 2)  # halves of 2000 still die
     result, stats = run(cfg, executor, arrow_chunk(rows))
     assert sorted(p.relpath for p in result.parts) == [
-        f"part-00001-000003-h{h}.parquet" for h in ("00", "01", "10", "11")
+        f"part-00001-000003-h{h}.arrow" for h in ("00", "01", "10", "11")
     ]
     assert rows_of(result) == [i for i in range(rows) if i % 7 > 1]  # serial order from the names
     assert (result.source_index, result.index, result.rows_in) == (1, 3, rows)
@@ -267,7 +265,7 @@ def test_other_crashes_are_retried_whole_up_to_max_attempts(tmp_path: Path) -> N
     result, stats = run(cfg, executor, arrow_chunk(4 * MIN_SPLIT_ROWS))
     assert result.attempts == 3 and stats.retries == 2 and stats.splits == 0
     assert executor.calls == [(0, 4 * MIN_SPLIT_ROWS)] * 3
-    assert [p.relpath for p in result.parts] == ["part-00001-000003.parquet"]
+    assert [p.relpath for p in result.parts] == ["part-00001-000003.arrow"]
 
 
 def test_a_timeout_is_retried_whole_even_with_the_oom_signal(tmp_path: Path) -> None:
@@ -346,7 +344,7 @@ def test_a_split_where_only_one_half_dies_keeps_the_other_halfs_rows(tmp_path: P
             return await ThreadExecutor.run(self, chunk)
 
     result, stats = run(cfg, SecondHalfDies(cfg), arrow_chunk(2 * MIN_SPLIT_ROWS))
-    assert [p.relpath for p in result.parts] == ["part-00001-000003-h0.parquet"]
+    assert [p.relpath for p in result.parts] == ["part-00001-000003-h0.arrow"]
     assert rows_of(result) == [i for i in range(MIN_SPLIT_ROWS) if i % 7 > 1]
     assert (result.rows_in, result.rows_rejected) == (
         2 * MIN_SPLIT_ROWS,

@@ -305,7 +305,7 @@ def test_oom_killed_chunk_is_split_in_halves_until_it_fits(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "retrying as two halves" in proc.stderr
     names = sorted(p.name for p in (tmp_path / "pooled").rglob("*.parquet"))
-    assert names == [f"part-00000-000000-h{h}.parquet" for h in ("00", "01", "10", "11")]
+    assert names == ["part-00000.parquet"]  # the halves' pieces are cut into one file, in order
     assert in_path_order(tmp_path / "pooled").equals(in_path_order(tmp_path / "serial"))
 
 
@@ -393,7 +393,7 @@ def test_ipc_bytes_are_counted_exactly(trips_dir: Path) -> None:
     cfg = load_job_for(folder, 60)
     summary = asyncio.run(run_job(cfg, RunOptions(run_id="ipc")))
     sent = sum(c.nbytes for f in sorted(trips_dir.glob("trips-*.csv")) for c in chunks_of(f, 60))
-    written = sum(p.stat().st_size for p in (folder / "x").rglob("*.parquet"))
+    written = summary.stats["stages"]["write"]["bytes_out"]  # the workers' pieces, as the writer took them
     t = summary.transform
     assert (t["ipc_bytes_sent"], t["ipc_bytes_received"]) == (sent, written)
     assert 0 <= t["ipc_share"] <= 1 and t["ipc_seconds"] >= 0

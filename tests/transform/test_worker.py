@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import StepError
+from etl.core.parts import ipc_to_table
 from etl.core.records import Chunk, ChunkResult, Part, Source, StagedFile
 from etl.read.formats import read_chunks
 from etl.transform.worker import WorkerSpec, current_spec, init_worker, run_chunk
@@ -95,10 +94,10 @@ def records_in(chunk: Chunk) -> int:
     return sum(1 for row in csv.reader(io.StringIO(chunk.data.decode(), newline="")) if row)
 
 
-def decode_part(part: Part, fmt: str = "parquet") -> pa.Table:
-    if fmt == "csv":
-        return pacsv.read_csv(pa.BufferReader(part.data))
-    return pq.read_table(pa.BufferReader(part.data))
+def decode_part(part: Part) -> pa.Table:
+    """A worker's piece: the chunk's rows of one partition as Arrow IPC (the writer cuts the
+    output files from them, ``etl.write.files``)."""
+    return ipc_to_table(part.data)
 
 
 @pytest.fixture
@@ -150,7 +149,7 @@ def test_run_chunk_names_parts_by_source_and_chunk(tmp_path: Path, trips: Path) 
     init_worker(spec_of(cfg))
     chunk = chunks_of(trips, cfg)[1]
     (part,) = run_chunk(chunk).parts
-    assert part.relpath == "part-00000-000001.parquet"
+    assert part.relpath == "part-00000-000001.arrow"
 
 
 def test_run_chunk_of_an_arrow_chunk(tmp_path: Path, trips: Path) -> None:
@@ -165,12 +164,15 @@ def test_run_chunk_of_an_arrow_chunk(tmp_path: Path, trips: Path) -> None:
 
 
 def test_run_chunk_csv_output(tmp_path: Path, trips: Path) -> None:
+    """CSV output too gets Arrow pieces, typed: the writer formats the CSV files."""
     cfg = make_job(tmp_path, STEPS, output='format = "csv"')
     init_worker(spec_of(cfg))
     chunk = chunks_of(trips, cfg)[0]
     result = run_chunk(chunk)
-    assert all(p.relpath.endswith(".csv") for p in result.parts)
-    assert sum(decode_part(p, "csv").num_rows for p in result.parts) == result.rows_out
+    assert all(p.relpath.endswith(".arrow") for p in result.parts)
+    tables = [decode_part(p) for p in result.parts]
+    assert sum(t.num_rows for t in tables) == result.rows_out
+    assert all(t.schema.field("trip_id").type == pa.int64() for t in tables)
 
 
 def test_run_chunk_without_steps_keeps_every_row_as_strings(tmp_path: Path, trips: Path) -> None:

@@ -1,0 +1,374 @@
+"""Right-sized output files: the workers' pieces cut into files in serial row order.
+
+Workers hand over each chunk's rows per partition folder as Arrow IPC pieces
+(``etl.core.parts.encode_parts``); the writer spools every piece to disk (the run's temp
+folder, ``_spool/``) and registers the chunk here (``chunk_ready``). A ``FileCutter``
+feeds the pieces into per-partition output files **in serial order** (source, chunk,
+halves), whatever order the chunks arrive in, so every boundary depends only on the rows
+and the config:
+
+* a row group is exactly ``output.row_group_size`` rows of one partition (the last one of
+  a file may be shorter);
+* a file closes at the first row-group boundary where its size reaches
+  ``output.target_file_size``, or when its partition ends;
+* so every file holds at least a quarter of the target except the last of a partition
+  (or a whole partition that small), and an evicted one (below).
+
+The cursor waits at a source until its chunk count is known (``source_total``) and every
+chunk up to it has arrived; chunks that arrive early wait on disk (their spool files),
+not in memory. ``finish`` feeds what is left and closes every file.
+
+Encoding stays parallel: feeding (slicing tables, under one lock) is cheap; each row group
+it cuts is queued on its partition, and the writer thread that fed it encodes it outside
+that lock, holding only the partition's lock, so partitions encode on several writer
+threads at once and beside the transform workers (pyarrow's Parquet and CSV writers
+release the GIL). A partition's jobs are queued in serial order and run in that order.
+
+Memory: each open file buffers fewer than ``row_group_size`` rows (plus the row groups
+queued for encoding, which a writer thread encodes before it takes the next result), and
+at most ``MAX_OPEN_FILES`` files are open: feeding a new partition beyond that closes the
+partition fed least recently. Only with more partitions than that interleaved in the
+input does the rule bend: those files may be smaller than a quarter of the target, and
+since "least recently fed" is counted in chunks, their boundaries then depend on the
+chunk size (never on the arrival order or the executor: feeding is in serial order).
+
+Resume (trade-off): a spool of every committed chunk, kept until publish, costs disk (the
+uncompressed Arrow size of the run's rows, in the temp folder) and one extra write of each
+row, but makes resume after kill -9 trivial: output files are never committed, only
+pieces are; a resumed run deletes the dead run's output files and cuts them again from the
+adopted spool. The alternative, dropping each piece once the files holding its rows are
+durable and committing output files with row offsets, saves the disk but makes the
+manifest track rows per file and the resume split files mid-way.
+Carrying over an unchanged source (overwrite mode) reads its rows back from the published
+files, where ``spans`` recorded them (file, first row, rows), and feeds them in its place.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from etl.core.config import OutputConfig
+from etl.core.errors import OutputError
+from etl.core.parts import file_name
+
+# Files open at once (each buffers up to one row group): more lets more partitions
+# interleave without closing files early; each costs a row group of memory.
+MAX_OPEN_FILES = 32
+
+Load = Callable[[], pa.Table]
+"""Loads one piece's rows (a spool file mapped back, or rows of a published file)."""
+
+
+class FileSink(Protocol):
+    """Where output files go (the folder or object-store writer)."""
+
+    def open_file(self, relpath: str) -> BinaryIO: ...
+
+    def close_file(self, relpath: str, f: BinaryIO, rows: int) -> None: ...
+
+
+@dataclass
+class _Piece:
+    folder: str
+    rows: int
+    load: Load
+    source: int
+
+
+@dataclass
+class _Job:
+    """A row group to encode (``table``) or, with ``table`` None, the file to close."""
+
+    table: pa.Table | None
+    sources: list[tuple[int, int]] = field(default_factory=list)
+    """(source index, rows) of the rows in ``table``, in order."""
+
+
+@dataclass
+class _Partition:
+    folder: str
+    buffer: list[pa.Table] = field(default_factory=list)
+    buffered: int = 0
+    sources: list[tuple[int, int]] = field(default_factory=list)
+    jobs: deque[_Job] = field(default_factory=deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # encoding state, under ``lock``
+    number: int = 0
+    writer: Any = None
+    schema: pa.Schema | None = None
+    file: BinaryIO | None = None
+    relpath: str = ""
+    rows_in_file: int = 0
+
+
+class FileCutter:
+    """Cuts one run's output files (see the module docstring). Thread-safe."""
+
+    def __init__(self, out: OutputConfig, sink: FileSink, name: Callable[[str], str] = lambda r: r) -> None:
+        """``name`` maps a file's relpath to its final one (append mode adds the run id)."""
+        self.out = out
+        self.sink = sink
+        self.name = name
+        self._lock = threading.Lock()
+        self._ready: dict[tuple[int, int], list[_Piece]] = {}
+        self._totals: dict[int, int] = {}
+        self._pos = (0, 0)
+        self._parts: OrderedDict[str, _Partition] = OrderedDict()  # open partitions, least recent first
+        self._every: dict[str, _Partition] = {}  # every partition fed so far
+        self._numbers: dict[str, int] = {}  # files begun per folder
+        self._spans: dict[int, list[dict[str, Any]]] = {}
+        self._spans_lock = threading.Lock()
+        self._files: list[tuple[str, int]] = []  # (relpath, rows) of closed files
+        self._failed: BaseException | None = None
+
+    # ------------------------------------------------------------------ feeding
+
+    def chunk_ready(self, source: int, chunk: int, pieces: list[tuple[str, int, Load]]) -> None:
+        """Chunk ``chunk`` of ``source`` is spooled: ``(folder, rows, load)`` per piece, in
+        serial order (halves sorted). Feeds what is now in order and encodes it."""
+        with self._lock:
+            self._ready[(source, chunk)] = [_Piece(f, n, load, source) for f, n, load in pieces]
+            touched = self._advance()
+        self._encode(touched)
+
+    def forget(self, source: int) -> None:
+        """Drop a source's registered chunks (an adopted source that changed since)."""
+        with self._lock:
+            for key in [k for k in self._ready if k[0] == source]:
+                del self._ready[key]
+            self._totals.pop(source, None)
+
+    def source_total(self, source: int, chunks: int) -> None:
+        """``source`` has ``chunks`` chunks (0 for a source with no rows, or skipped)."""
+        with self._lock:
+            self._totals[source] = chunks
+            touched = self._advance()
+        self._encode(touched)
+
+    def finish(self) -> list[str]:
+        """Feed every chunk still waiting, in serial order, and close every file; returns the
+        folders whose last jobs are queued: ``close(folder)`` each (in parallel if you like)."""
+        with self._lock:
+            for key in sorted(self._ready):
+                self._feed(self._ready.pop(key))
+            for folder in self._parts:
+                self._close_later(folder)
+            self._parts.clear()
+            return sorted(self._every)
+
+    def close(self, folder: str) -> None:
+        """Run ``folder``'s queued jobs (after ``finish``)."""
+        self._run_jobs(self._every.get(folder))
+
+    def files(self) -> list[tuple[str, int]]:
+        """(relpath, rows) of every file closed so far, sorted."""
+        with self._spans_lock:
+            return sorted(self._files)
+
+    def spans(self) -> dict[int, list[dict[str, Any]]]:
+        """Per source index: where its rows are, in order: ``{"path", "start", "rows"}``."""
+        with self._spans_lock:
+            return {s: [dict(x) for x in v] for s, v in self._spans.items()}
+
+    def abort(self) -> None:
+        """Close open files without publishing them (a failed run). Never raises."""
+        for p in list(self._every.values()):
+            with p.lock:
+                p.jobs.clear()
+                if p.file is not None:
+                    try:  # the footer goes into the .inprogress file, which is then removed
+                        p.writer.close()
+                    except (pa.ArrowException, OSError, ValueError):
+                        pass
+                    try:
+                        p.file.close()
+                    except OSError:
+                        pass
+                    p.file, p.writer = None, None
+
+    # ---------------------------------------------------------------- internals
+
+    def _advance(self) -> list[_Partition]:
+        """Caller holds ``_lock``: feed every chunk that is next in serial order."""
+        touched: list[_Partition] = []
+        while True:
+            source, chunk = self._pos
+            total = self._totals.get(source)
+            if total is not None and chunk >= total:
+                self._pos = (source + 1, 0)
+                continue
+            pieces = self._ready.pop((source, chunk), None)
+            if pieces is None:
+                return touched
+            touched += self._feed(pieces)
+            self._pos = (source, chunk + 1)
+
+    def _feed(self, pieces: list[_Piece]) -> list[_Partition]:
+        """Caller holds ``_lock``: append pieces to their partitions' buffers, cutting row groups."""
+        touched: list[_Partition] = []
+        rgs = self.out.row_group_size
+        for piece in pieces:
+            if piece.rows == 0:
+                continue
+            p = self._open(piece.folder, touched)
+            table = piece.load()
+            p.buffer.append(table)
+            p.buffered += table.num_rows
+            p.sources.append((piece.source, table.num_rows))
+            while p.buffered >= rgs:
+                p.jobs.append(self._cut(p, rgs))
+            touched.append(p)
+        return touched
+
+    def _open(self, folder: str, touched: list[_Partition]) -> _Partition:
+        p = self._parts.get(folder)
+        if p is not None:
+            self._parts.move_to_end(folder)
+            return p
+        if len(self._parts) >= MAX_OPEN_FILES:
+            oldest, _ = self._parts.popitem(last=False)
+            self._close_later(oldest)
+            touched.append(self._every[oldest])
+        p = self._every.get(folder)
+        if p is None:
+            p = self._every[folder] = _Partition(folder)
+        self._parts[folder] = p
+        return p
+
+    def _close_later(self, folder: str) -> None:
+        p = self._every[folder]
+        if p.buffered:
+            p.jobs.append(self._cut(p, p.buffered))
+        p.jobs.append(_Job(None))
+
+    @staticmethod
+    def _cut(p: _Partition, rows: int) -> _Job:
+        """The first ``rows`` buffered rows as one row-group job."""
+        table = pa.concat_tables(p.buffer, promote_options="permissive") if len(p.buffer) > 1 else p.buffer[0]
+        head, rest = table.slice(0, rows), table.slice(rows)
+        p.buffer = [rest] if rest.num_rows else []
+        p.buffered -= rows
+        sources, left = [], rows
+        while left:
+            s, n = p.sources[0]
+            take = min(n, left)
+            sources.append((s, take))
+            left -= take
+            if take == n:
+                p.sources.pop(0)
+            else:
+                p.sources[0] = (s, n - take)
+        return _Job(head, sources)
+
+    def _encode(self, touched: list[_Partition]) -> None:
+        seen: set[str] = set()
+        for p in touched:
+            if p.folder not in seen:
+                seen.add(p.folder)
+                self._run_jobs(p)
+
+    def _run_jobs(self, p: _Partition | None) -> None:
+        if p is None:
+            return
+        with p.lock:
+            while p.jobs:
+                job = p.jobs.popleft()
+                if job.table is None:
+                    self._close_file(p)
+                else:
+                    self._write(p, job)
+
+    def _write(self, p: _Partition, job: _Job) -> None:
+        table = job.table
+        assert table is not None
+        if p.file is None:
+            self._begin_file(p, table.schema)
+        if not table.schema.equals(p.schema, check_metadata=False):
+            table = _conform(table, p.schema, p.relpath)
+        table = _dictionaries_by_rows(table)
+        try:
+            p.writer.write_table(table, **({"row_group_size": table.num_rows} if self._parquet else {}))
+        except (pa.ArrowException, OSError) as e:
+            raise OutputError(f"cannot write {self.out.format}: {e}", item=p.relpath) from e
+        with self._spans_lock:
+            for s, n in job.sources:
+                spans = self._spans.setdefault(s, [])
+                if (
+                    spans
+                    and spans[-1]["path"] == p.relpath
+                    and spans[-1]["start"] + spans[-1]["rows"] == p.rows_in_file
+                ):
+                    spans[-1]["rows"] += n
+                else:
+                    spans.append({"path": p.relpath, "start": p.rows_in_file, "rows": n})
+                p.rows_in_file += n
+        assert p.file is not None
+        if p.file.tell() >= self.out.target_file_size:
+            self._close_file(p)
+
+    @property
+    def _parquet(self) -> bool:
+        return self.out.format == "parquet"
+
+    def _begin_file(self, p: _Partition, schema: pa.Schema) -> None:
+        number = self._numbers.get(p.folder, 0)
+        self._numbers[p.folder] = number + 1
+        name = file_name(number, self.out.format)
+        p.relpath = self.name(f"{p.folder}/{name}" if p.folder else name)
+        p.file = self.sink.open_file(p.relpath)
+        p.rows_in_file = 0
+        p.schema = schema
+        try:
+            if self._parquet:
+                codec = None if self.out.compression == "none" else self.out.compression
+                p.writer = pq.ParquetWriter(p.file, schema, compression=codec)
+            else:
+                p.writer = pacsv.CSVWriter(p.file, schema, write_options=pacsv.WriteOptions(include_header=True))
+        except (pa.ArrowException, OSError) as e:
+            raise OutputError(f"cannot write {self.out.format}: {e}", item=p.relpath) from e
+
+    def _close_file(self, p: _Partition) -> None:
+        if p.file is None:
+            return
+        try:
+            p.writer.close()
+        except (pa.ArrowException, OSError) as e:
+            raise OutputError(f"cannot write {self.out.format}: {e}", item=p.relpath) from e
+        f, p.file, p.writer = p.file, None, None
+        self.sink.close_file(p.relpath, f, p.rows_in_file)
+        with self._spans_lock:
+            self._files.append((p.relpath, p.rows_in_file))
+
+
+def _conform(table: pa.Table, schema: pa.Schema, relpath: str) -> pa.Table:
+    """Rows whose types differ from the file's first rows (e.g. a column all null in one
+    chunk), cast to the file's schema; an OutputError naming the file when they cannot be."""
+    if table.column_names != schema.names:
+        raise OutputError(
+            f"rows with columns {table.column_names} cannot go into a file with columns {schema.names}",
+            item=relpath,
+        )
+    try:
+        return table.cast(schema)
+    except (pa.ArrowException, ValueError) as e:
+        raise OutputError(f"rows whose types differ from the file's earlier rows: {e}", item=relpath) from e
+
+
+def _dictionaries_by_rows(table: pa.Table) -> pa.Table:
+    """Dictionary (categorical) columns re-encoded over the row group's rows: each chunk
+    brings its own dictionary, and the Parquet writer's output would depend on where
+    chunks began; values in order of first appearance depend only on the rows."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            dense = table.column(i).cast(f.type.value_type).combine_chunks()
+            table = table.set_column(i, f, pc.dictionary_encode(dense).cast(f.type))
+    return table
