@@ -110,7 +110,7 @@ class _Cutter:
     def __init__(self, stream: BinaryIO, staged: StagedFile, max_record: int, set_aside: bool = False) -> None:
         self.stream, self.staged, self.max_record, self.set_aside = stream, staged, max_record, set_aside
         self.encoding = "utf-8"  # the file's, once ``header`` has read the config
-        self.pending = b""
+        self.pending = bytearray()  # grows in place (a long record is not copied at each read)
         self.eof = False
         self.line = 1  # file line where ``pending`` starts
 
@@ -124,14 +124,16 @@ class _Cutter:
                 self.eof = True
 
     def _take(self, end: int) -> bytes:
-        data, self.pending = self.pending[:end], self.pending[end:]
+        with memoryview(self.pending) as view:
+            data = bytes(view[:end])  # the chunk's one copy
+        del self.pending[:end]  # bytearray: drops its head without copying the rest
         self.line += count_byte(data, b"\n")
         return data
 
     def header(self, cfg: ReadConfig) -> tuple[str, ...] | None:
         """The header's column names (blank lines before it skipped); None without data rows."""
         self._fill(SAMPLE_BYTES)
-        while self.pending[:1] in (b"\n", b"\r") and self.pending:
+        while bytes(self.pending[:1]) in (b"\n", b"\r") and self.pending:
             self._take(2 if self.pending.startswith(b"\r\n") else 1)
         if not self.pending.strip():
             return None
@@ -194,7 +196,8 @@ class _Cutter:
         keeping only its first ``SET_ASIDE_PREFIX_BYTES``: memory stays at one read."""
         start, prefix = self.line, self.pending[:SET_ASIDE_PREFIX_BYTES]
         skipped = newlines = odd = 0
-        block, self.pending = self.pending, b""
+        block: bytes | bytearray = self.pending
+        self.pending = bytearray()
         while True:
             if not block:
                 self.eof, end = True, None
@@ -203,7 +206,7 @@ class _Cutter:
             if end is not None:
                 newlines += count_byte(block, b"\n", 0, end)
                 skipped += end
-                self.pending = block[end:]
+                self.pending = bytearray(block[end:])
                 break
             odd ^= count_byte(block, QUOTE) % 2
             newlines += count_byte(block, b"\n")
@@ -229,7 +232,7 @@ class _Cutter:
         )
 
 
-def _first_record_end(block: bytes, odd: int) -> int | None:
+def _first_record_end(block: bytes | bytearray, odd: int) -> int | None:
     """Index just past the first newline of ``block`` outside a quoted field, given the
     parity of the quotes before the block; None when there is none."""
     buf = np.frombuffer(block, dtype=np.uint8)

@@ -6,6 +6,13 @@ transform dispatcher takes no new chunk (``GatedChunks``) until the tree is belo
 watermark, except that a chunk is always admitted when none is in flight, so the run can
 never stall. The budget comes from ``etl.run.resources``'s plan.
 
+A chunk far bigger than planned (``solo_bytes``: one record of tens of MiB, or rows much
+wider than the probe's) runs alone: the dispatcher waits until no other chunk is in flight
+before it sends it, and sends nothing else until it is done. Its worker needs several
+times its text (measured: 190 MiB above the worker's base for one 60 MiB record, 3.2x;
+4.5x for 16 MiB), which the plan, made for chunks of the planned size, does not hold
+beside other workers at their peak; alone it needs the run's fixed cost and that.
+
 Memory is counted as the sum of RSS over the tree, which counts pages shared between the
 fork server and its workers once per process: an overestimate, so the budget errs safe.
 """
@@ -31,8 +38,11 @@ LOW_WATERMARK = 0.75  # the guard admits again below this share: the gap stops i
 class MemoryGuard:
     """Follows the process tree's sampled RSS; tells the dispatcher when it may take a chunk."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, solo_bytes: int = 0) -> None:
         self.budget = budget
+        self.solo_bytes = solo_bytes
+        """A chunk bigger than this runs with no other chunk in flight; 0: none does."""
+        self.solos = 0
         self.high = int(budget * HIGH_WATERMARK)
         self.low = int(budget * LOW_WATERMARK)
         self.rss = 0
@@ -81,9 +91,15 @@ class MemoryGuard:
                     extra={"stage": "transform"},
                 )
 
+    async def alone(self, busy: Callable[[], int]) -> None:
+        """Return once no chunk is in flight (checked at every sample of the tree's RSS)."""
+        async with self._tick:
+            await self._tick.wait_for(lambda: busy() <= 0)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
+            "solo_chunks": self.solos,  # chunks bigger than solo_bytes, run with no other in flight
             "peak_rss_bytes": self.peak,
             "samples": self.samples,
             "high_watermark": self.high,
@@ -104,13 +120,21 @@ class GatedChunks:
     def __init__(self, chunks: BoundedQueue[Chunk], results: BoundedQueue[ChunkResult], guard: MemoryGuard) -> None:
         self.chunks, self.results, self.guard = chunks, results, guard
         self.taken = 0
+        self.solo = False  # the last chunk taken runs alone
 
     def busy(self) -> int:
         return self.taken - self.results.stats.items
 
     async def get(self) -> Chunk | None:
+        if self.solo:  # a chunk far bigger than planned is in flight: nothing beside it
+            await self.guard.alone(self.busy)
+            self.solo = False
         await self.guard.admit(self.busy)
         chunk = await self.chunks.get()
         if chunk is not None:
+            if self.guard.solo_bytes and chunk.nbytes > self.guard.solo_bytes:
+                await self.guard.alone(self.busy)  # the chunks in flight finish first
+                self.solo = True
+                self.guard.solos += 1
             self.taken += 1
         return chunk

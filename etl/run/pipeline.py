@@ -41,6 +41,7 @@ from etl.download.http import fetch_head
 from etl.download.sources import expand_sources
 from etl.download.stage import download_stage
 from etl.ops.progress import Mode, Progress, StageProgress
+from etl.read.csv_cut import MAX_CHUNK_BYTES
 from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
 from etl.run.checks import Gate, previous_output_rows
@@ -149,7 +150,7 @@ class Run:
         self.cfg = cfg
         workers, in_flight = plan.workers, plan.in_flight
         summary.workers, summary.plan = workers, plan.as_dict()
-        self.guard = MemoryGuard(plan.budget)
+        self.guard = MemoryGuard(plan.budget, plan.solo_chunk_bytes)
         slots = {"download": 1, "read": cfg.read.threads, "transform": workers, "write": cfg.output.writer_threads}
         self.stats.set_slots(slots)
         self.stats.sampler.listeners.append(self.guard.observe)
@@ -423,6 +424,7 @@ def measure(cfg: JobConfig, sources: list[Source]) -> Probe:
         found["result"],
         servers,
         chunk.source_name,
+        chunk_cap_bytes=MAX_CHUNK_BYTES if chunk.kind == "csv" else 0,
     )
 
 

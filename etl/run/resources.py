@@ -45,9 +45,13 @@ AUTO_MEMORY_SHARE = (
 )
 AUTO_BYTES_PER_CPU = 512 << 20  # "auto" cap per usable CPU: past it memory buys queue depth, not speed
 MIN_CHUNK_ROWS = 10_000  # smallest chunk the planner picks: smaller means many tiny output files
+MIN_CHUNK_BYTES = 4 << 20  # ... unless its rows are wide: chunks are halved below MIN_CHUNK_ROWS while they
+# hold at least this much (20 KB rows: down to ~200 rows); smaller means more per-chunk overhead
 ALLOCATOR_SLACK = 1.25  # measured per-row peaks scaled to bigger chunks, plus allocator fragmentation
 IN_PARENT_SLACK = 1.5  # thread executors are measured in the parent, whose allocator (mimalloc) reuses what
 # the sample read left behind: measured 1.3x under the run's own peak over HTTP at 300 MiB, so scaled up
+SOLO_CHUNK_FACTOR = 2.0  # a chunk this many times the planned size runs alone (etl.run.memguard): a long
+# record; lower sends more chunks alone (slower), higher lets a big one run beside workers at their peak
 CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
 PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
 # estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
@@ -90,6 +94,9 @@ class Probe:
     """RSS of helper processes (fork server, resource tracker)."""
     measured: str = "fallback"
     """Where the figures come from: a source name, or ``fallback``."""
+    chunk_cap_bytes: int = 0
+    """Text a chunk holds at most (CSV cut by the readers: ``etl.read.csv_cut.MAX_CHUNK_BYTES``),
+    so wide rows make chunks of fewer rows than ``read.chunk_rows``; 0: no cap (Arrow chunks)."""
 
     def per_row(self, name: str) -> float:
         total: int = getattr(self, name)
@@ -156,6 +163,9 @@ class ResourcePlan:
     cgroup_cpus: float | None
     decision: str
     probe: dict[str, Any] = field(default_factory=dict)
+    solo_chunk_bytes: int = 0
+    """A chunk bigger than this runs with no other in flight (``SOLO_CHUNK_FACTOR`` times the
+    planned chunk's bytes): its worker's peak, several times its size, is not in the plan."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,16 +179,24 @@ class CostModel:
         self.threads = cfg.transform.executor in ("thread", "serial")
         self.writers = cfg.output.writer_threads
 
+    def held(self, rows: int) -> int:
+        """Rows a chunk of ``rows`` rows really holds: wide rows reach the chunk's byte cap
+        first (20 KB rows: 1,678 rows in 32 MiB, not 100,000 rows in 2 GB)."""
+        per_row = self.probe.per_row("chunk_bytes")
+        if self.probe.chunk_cap_bytes and per_row > 0:
+            return max(min(rows, int(self.probe.chunk_cap_bytes / per_row)), 1)
+        return rows
+
     def chunk(self, rows: int) -> int:
-        return int(self.probe.per_row("chunk_bytes") * rows)
+        return int(self.probe.per_row("chunk_bytes") * self.held(rows))
 
     def result(self, rows: int) -> int:
-        return int(self.probe.per_row("result_bytes") * rows)
+        return int(self.probe.per_row("result_bytes") * self.held(rows))
 
     def work(self, rows: int) -> int:
         """One worker's peak above its base while it holds a chunk of ``rows`` rows."""
         slack = ALLOCATOR_SLACK * (IN_PARENT_SLACK if self.threads else 1.0)
-        return int(self.probe.per_row("worker_work") * rows * slack)
+        return int(self.probe.per_row("worker_work") * self.held(rows) * slack)
 
     def worker(self, rows: int) -> int:
         return self.probe.worker_base + self.work(rows)
@@ -239,7 +257,7 @@ def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> Resourc
     """The first layout that fits, in order of preference; the smallest one if none does."""
     model = CostModel(cfg, probe)
     target = int(budget * PLAN_SHARE)
-    layouts = candidates(cfg, box.cpus)
+    layouts = candidates(cfg, box.cpus, model.chunk)
     chosen = next((lay for lay in layouts if model.total(lay) <= target), layouts[-1])
     peak = model.total(chosen)
     fits = peak <= target
@@ -264,13 +282,16 @@ def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> Resourc
         cgroup_cpus=box.cgroup_cpus,
         decision=_decision(cfg, box, budget, model, chosen, fits),
         probe=asdict(probe),
+        solo_chunk_bytes=int(SOLO_CHUNK_FACTOR * CHUNK_SIZE_SLACK * chunk),
     )
 
 
-def candidates(cfg: JobConfig, cpus: int) -> list[Layout]:
+def candidates(cfg: JobConfig, cpus: int, chunk_bytes: Callable[[int], int] | None = None) -> list[Layout]:
     """Layouts from most to least preferred: workers, then chunk size, then reader threads, then
     queue depth. Readers go before chunk size: each costs ~100 MiB of parse buffers, and one
-    reader usually keeps two workers fed, while small chunks mean many small output files."""
+    reader usually keeps two workers fed, while small chunks mean many small output files.
+    ``chunk_bytes`` (a chunk's bytes by its rows): wide rows halve on below ``MIN_CHUNK_ROWS``
+    while a chunk holds at least ``MIN_CHUNK_BYTES``."""
     t = cfg.transform
     if t.executor == "serial":
         workers = [1]
@@ -280,7 +301,9 @@ def candidates(cfg: JobConfig, cpus: int) -> list[Layout]:
         workers = list(range(cpus, 0, -1))
     rows = [cfg.read.chunk_rows]
     if "chunk_rows" not in cfg.read.model_fields_set:  # the default may shrink; a chosen size stays
-        while rows[-1] // 2 >= MIN_CHUNK_ROWS:
+        while rows[-1] // 2 >= MIN_CHUNK_ROWS or (
+            chunk_bytes is not None and rows[-1] > 1 and chunk_bytes(rows[-1] // 2) >= MIN_CHUNK_BYTES
+        ):
             rows.append(rows[-1] // 2)
     readers = [cfg.read.threads]
     if "threads" not in cfg.read.model_fields_set:
@@ -306,9 +329,11 @@ def _decision(cfg: JobConfig, box: Machine, budget: int, model: CostModel, lay: 
     ):
         allows += 1
     each = model.work(lay.chunk_rows) if model.threads else model.worker(lay.chunk_rows)
+    held = model.held(lay.chunk_rows)
+    capped = f" (wide rows: {held:,} in {gib(model.probe.chunk_cap_bytes)} of text)" if held < lay.chunk_rows else ""
     text = (
         f"transform: {lay.workers} workers ({box.cpus} CPUs usable; budget {gib(budget)} allows "
-        f"{allows} at {gib(each)} each), chunk {lay.chunk_rows:,} rows, queues {lay.queue}, "
+        f"{allows} at {gib(each)} each), chunk {lay.chunk_rows:,} rows{capped}, queues {lay.queue}, "
         f"in flight {lay.in_flight}, {lay.readers} readers; worst case {gib(model.total(lay))}"
     )
     if not fits:

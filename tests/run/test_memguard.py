@@ -124,6 +124,7 @@ async def test_as_dict_reports_every_documented_field() -> None:
     await guard.observe(500)
     assert guard.as_dict() == {
         "budget": 1000,
+        "solo_chunks": 0,
         "peak_rss_bytes": 500,
         "samples": 1,
         "high_watermark": 900,
@@ -254,3 +255,30 @@ async def test_guard_admits_freely_below_the_watermark() -> None:
     await guard.observe(psutil.Process().memory_info().rss)
     await asyncio.wait_for(guard.admit(Busy(10)), 1)
     assert not guard.paused and guard.forced == 0 and guard.samples == 1
+
+
+async def test_a_chunk_far_bigger_than_planned_runs_alone() -> None:
+    chunks, results = await queues()
+    guard = MemoryGuard(budget=1 << 30, solo_bytes=100)
+    gate = GatedChunks(chunks, results, guard)
+    await chunks.put(chunk(0))
+    await chunks.put(Chunk(0, "a.csv", 1, row_start=10, rows=1, data=b"y" * 1000))  # one long record
+    await chunks.put(chunk(2))
+    first = await asyncio.wait_for(gate.get(), WAIT_S)
+    big = asyncio.create_task(gate.get())
+    await settle()
+    await guard.observe(1 << 20)  # a sample: chunk 0 is still in flight
+    await settle()
+    assert not big.done()  # taken from the queue, not sent while another chunk runs
+    await results.put(result(first.index))
+    await guard.observe(1 << 20)
+    assert (await asyncio.wait_for(big, WAIT_S)).index == 1 and gate.busy() == 1
+    after = asyncio.create_task(gate.get())
+    await settle()
+    await guard.observe(1 << 20)
+    await settle()
+    assert not after.done()  # nothing beside the big chunk
+    await results.put(result(1))
+    await guard.observe(1 << 20)
+    assert (await asyncio.wait_for(after, WAIT_S)).index == 2
+    assert guard.solos == 1 and guard.as_dict()["solo_chunks"] == 1

@@ -17,7 +17,7 @@ import pytest
 from etl.core.config import JobConfig, parse_size
 from etl.core.machine import Machine
 from etl.ops.datagen import generate
-from etl.run.resources import PLAN_SHARE, Probe, memory_budget, plan_for
+from etl.run.resources import PLAN_SHARE, CostModel, Probe, memory_budget, plan_for
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "cgroup"
@@ -281,3 +281,37 @@ def test_remote_job_rerun_is_measured_on_its_staged_copy_without_a_request(tmp_p
     probe = measure(cfg, expand_sources(cfg))
 
     assert probe.measured == "trips-000.csv.gz" and probe.rows > 40_000  # ~50k lines: the probe's chunk
+
+
+def wide_probe(cap: int) -> Probe:
+    """What the probe measures on 20 KB rows: its chunk stops at 32 MiB of text (1,676 rows)."""
+    rows = 1_676
+    return Probe(
+        rows=rows,
+        chunk_bytes=20_000 * rows,
+        reader_bytes=170 * MiB,
+        parent_base=150 * MiB,
+        worker_base=130 * MiB,
+        worker_work=115 * MiB,
+        result_bytes=20_000 * rows,
+        servers=140 * MiB,
+        measured="wide.csv",
+        chunk_cap_bytes=cap,
+    )
+
+
+def test_wide_rows_are_planned_at_the_chunk_byte_cap_not_at_chunk_rows() -> None:
+    rows = job().read.chunk_rows
+    assert CostModel(job(), wide_probe(cap=0)).chunk(rows) > 1 << 30  # the issue: GBs a chunk, one worker
+    capped = CostModel(job(), wide_probe(cap=32 * MiB))
+    assert capped.held(rows) == 1_677 and capped.chunk(rows) <= 32 * MiB
+    plan = plan_for(job(), box(2), 1 << 30, wide_probe(cap=32 * MiB))
+    assert plan.fits and plan.estimated_peak <= (1 << 30) * PLAN_SHARE
+    # chunks below MIN_CHUNK_ROWS rows, still of several MiB
+    assert plan.chunk_rows < 10_000 and plan.chunk_rows * 20_000 >= 4 * MiB
+    assert "wide rows" in plan.decision or plan.chunk_rows < 1_677
+
+
+def test_narrow_rows_keep_the_row_floor() -> None:
+    plan = plan_for(job(), box(2), 300 * MiB, probe(work_per_row=4000))
+    assert plan.chunk_rows >= 10_000  # 130 B rows: 10,000 rows is 1.3 MiB, below MIN_CHUNK_BYTES
