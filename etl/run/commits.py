@@ -196,6 +196,8 @@ class Commits:
         with self._lock:
             self._open[src.index] = _Open(url, record)
             self.statuses[src.index] = SourceStatus(src.index, src.name, "processed")
+        if hasattr(self.writer, "admit"):
+            self.writer.admit(src.index)  # its chunks may go into files before its count is known
         return True
 
     def read_done(self, src: Source, chunks: int) -> None:

@@ -121,6 +121,7 @@ class FileCutter:
         self._lock = threading.Lock()
         self._ready: dict[tuple[int, int], list[_Piece]] = {}
         self._totals: dict[int, int] = {}
+        self._admitted: set[int] = set()  # sources whose chunks may be fed before their count is known
         self._pos = (0, 0)
         self._parts: OrderedDict[str, _Partition] = OrderedDict()  # open partitions, least recent first
         self._every: dict[str, _Partition] = {}  # every partition fed so far
@@ -137,6 +138,15 @@ class FileCutter:
         serial order (halves sorted). Feeds what is now in order and encodes it."""
         with self._lock:
             self._ready[(source, chunk)] = [_Piece(f, n, load, source) for f, n, load in pieces]
+            touched = self._advance()
+        self._encode(touched)
+
+    def admit(self, source: int) -> None:
+        """``source`` is being processed: its chunks may go into files as they come. Until a
+        source is admitted or its count is known, its chunks wait (an adopted source may
+        still turn out changed and be forgotten)."""
+        with self._lock:
+            self._admitted.add(source)
             touched = self._advance()
         self._encode(touched)
 
@@ -206,6 +216,8 @@ class FileCutter:
             if total is not None and chunk >= total:
                 self._pos = (source + 1, 0)
                 continue
+            if total is None and source not in self._admitted:
+                return touched
             pieces = self._ready.pop((source, chunk), None)
             if pieces is None:
                 return touched

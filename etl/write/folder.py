@@ -111,6 +111,10 @@ class OutputWriter:
         no rows): its rows may go into output files once the chunks before it have."""
         self.cutter.chunk_ready(source, chunk, [self._spooled(r) for r in sorted(spooled)])
 
+    def admit(self, source: int) -> None:
+        """``source`` is processed in this run: its chunks go into files as they come."""
+        self.cutter.admit(source)
+
     def source_total(self, source: int, chunks: int) -> None:
         """``source`` has ``chunks`` chunks (0 when it is skipped or empty)."""
         self.cutter.source_total(source, chunks)

@@ -51,6 +51,8 @@ def cut(out: OutputConfig, chunks: list[Chunk], shuffle: int | None = None, run_
     """Run the writer over ``chunks`` (in a shuffled arrival order, chunk counts announced
     last) and publish; returns the published files' bytes."""
     writer = OutputWriter(out, run_id)
+    for s in sorted({s for s, _, _ in chunks}):
+        writer.admit(s)  # chunks go into files as they arrive, in serial order
     order = list(chunks)
     if shuffle is not None:
         random.Random(shuffle).shuffle(order)
@@ -128,6 +130,8 @@ def test_carried_rows_are_read_back_from_the_published_files_and_give_the_same_b
     sources = [frame(5_000), frame(3_000, 1, 5_000), frame(2_000, 2, 8_000)]
     out = OutputConfig(path=tmp_path / "out", partition_by=["k"], target_file_size="24KiB", row_group_size=700)
     first = OutputWriter(out, "r1")
+    for s in range(3):
+        first.admit(s)
     for s, c, df in chunked(sources, 900):
         parts = encode_parts(df, out, source_index=s, chunk_index=c)
         first.chunk_done(s, c, [first.write(p) for p in parts])
@@ -157,9 +161,27 @@ def test_carried_rows_are_read_back_from_the_published_files_and_give_the_same_b
     assert again == published
 
 
+def test_an_adopted_source_that_changed_is_forgotten_before_its_rows_reach_a_file(tmp_path: Path) -> None:
+    out = OutputConfig(path=tmp_path / "out")
+    dead = OutputWriter(out, "dead")  # killed after spooling source 0's chunk
+    spooled = [dead.write(p) for p in encode_parts(frame(500, 1), out, source_index=0, chunk_index=0)]
+    writer = OutputWriter(out, "next", adopt=dead.tmp)  # its pieces wait: source 0 is not admitted yet
+    for relpath in spooled:  # the source changed since (what Commits does): forgotten
+        writer.remove(relpath)
+    writer.admit(0)
+    parts = encode_parts(frame(300, 2, 1_000), out, source_index=0, chunk_index=0)
+    writer.chunk_done(0, 0, [writer.write(p) for p in parts])
+    writer.source_total(0, 1)
+    for folder in writer.finish_files():
+        writer.close_files(folder)
+    assert writer.publish() == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "out" / "part-00000.parquet").column("id").to_pylist() == list(range(1_000, 1_300))
+
+
 def test_a_discarded_run_leaves_no_file_and_no_half_written_one(tmp_path: Path) -> None:
     out = OutputConfig(path=tmp_path / "out", row_group_size=100)
     writer = OutputWriter(out, "r")
+    writer.admit(0)
     parts = encode_parts(frame(1_000), out, source_index=0, chunk_index=0)
     writer.chunk_done(0, 0, [writer.write(p) for p in parts])  # a file is open, row groups written
     assert list(writer.tmp.glob("*.inprogress"))
