@@ -16,11 +16,17 @@ outlives the run until a later run publishes it::
     manifest.json                                 beside the output folder
     ├─ sources:  {url: entry}  ─── describes ──►  out/                      (published)
     └─ pending:  {run_id, tmp, publishing,        .out.tmp-<run_id>/        (this run's parts)
-                  sources: {url: entry}} ──────►   part-00000-000000.parquet  committed: listed
-                                                   part-00001-000000.parquet  not listed: purged
+                  sources: {url: entry}} ──────►   _spool/part-00000-000000.arrow  committed: listed
+                                                   _spool/part-00001-000000.arrow  not listed: purged
+                                                   part-00000.parquet   output files: never listed,
+                                                                        cut again on resume
 
-    entry = {index, name, size, mtime_ns, ino, sha256, etag, last_modified,
+    entry = {index, name, size, mtime_ns, ino, sha256, etag, last_modified, chunks,
              rows_in, rows_out, rows_rejected, parts: [{path, rows, bytes}]}
+
+  Pending, a source's parts are its chunks' pieces (``etl.write.files``) and dead-letter
+  files; published, they are its dead-letter files and spans ``{path, start, rows}`` of
+  the output files holding its rows (what a later run carries over).
 
 * **No secret in clear**: every file here is mode 0600 in a 0700 folder, and a URL with
   credentials or a secret query value (``user:pw@``, ``?token=``) is named by its redacted

@@ -16,7 +16,7 @@ serial row order (``etl.write.files``); the spool is removed before publishing.
       repaired by ``clean_leftovers``, which puts the old folder back.
     * append: each part is moved into the existing target (into an absent target the
       whole folder is renamed, as for overwrite). Part names carry the run id
-      (``part-<run_id>-00003-000012.parquet``) so runs never collide; the writer adds it
+      (``part-<run_id>-00003.parquet``) so runs never collide; the writer adds it
       when a part is written, so the temp folder already has the final layout. Before
       moving, the list of parts is saved in the temp folder; a failed publish, and
       ``clean_leftovers`` after a crash, use it to take back parts already moved, so a

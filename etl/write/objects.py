@@ -3,7 +3,7 @@
 
 Output (``ObjectOutputWriter``), atomic for readers that follow the manifest::
 
-    <prefix>/_runs/<run_id>/month=2026-01/part-00000-000000.parquet   a run's parts
+    <prefix>/_runs/<run_id>/month=2026-01/part-00000.parquet          a run's files
     <prefix>/_runs/<run_id>/_rejected/rejected-00000-000000.jsonl      its dead-letter rows
     <prefix>/_manifests/<run_id>.json                                  written after every part
     <prefix>/_latest                                                   {"run_id", "manifest"}: last
