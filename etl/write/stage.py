@@ -114,9 +114,10 @@ async def write_stage(
         files: Written = []
         with meter.working():
             for part in result.parts:
-                files.append((writer.write(part), part.rows, len(part.data)))
+                files.append((relpath := writer.write(part), part.rows, len(part.data)))
                 progress.update(items=1, nbytes=len(part.data))
-                meter.count_out(1, len(part.data), part.rows)
+                # items out are files: a piece's file is counted when the cutter closes it
+                meter.count_out(0 if relpath.startswith(f"{SPOOL_DIR}/") else 1, len(part.data), part.rows)
             if (rej := result.rejects) is not None:
                 files.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
         written(result, files)
@@ -135,4 +136,5 @@ async def write_stage(
 
     await asyncio.gather(*(loop.run_in_executor(pool, close, f) for f in folders))
     stats.add(len(writer.files()))
+    meter.count_out(len(writer.files()), 0, 0)
     return stats
