@@ -16,11 +16,11 @@ from typing import Any
 
 import psutil
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from etl.core.config import JobConfig, load_job
 from etl.core.errors import ChunkTimeout, ETLError, ExitCode, StepError, WorkerCrashed
+from etl.core.parts import ipc_to_table
 from etl.core.records import Chunk, ChunkResult, Source, StagedFile
 from etl.read.formats import read_chunks
 from etl.transform.executors import (
@@ -185,9 +185,6 @@ async def test_thread_and_process_executors_give_the_same_parts(tmp_path: Path, 
 async def test_process_executor_runs_chunks_in_other_processes(tmp_path: Path, trips: Path) -> None:
     import os
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cfg = make_job(tmp_path, hook_step("pid"))
     chunks = chunks_of(trips, cfg)
     ex = ProcessExecutor(spec_of(cfg), 2, None)
@@ -195,12 +192,7 @@ async def test_process_executor_runs_chunks_in_other_processes(tmp_path: Path, t
         results = await run_all(ex, chunks)
     finally:
         ex.close()
-    pids = {
-        pid
-        for r in results
-        for p in r.parts
-        for pid in pq.read_table(pa.BufferReader(p.data)).column("pid").to_pylist()
-    }
+    pids = {pid for r in results for p in r.parts for pid in ipc_to_table(p.data).column("pid").to_pylist()}
     assert pids and str(os.getpid()) not in pids
     assert len(pids) <= 2  # the pool's two workers
 
@@ -388,7 +380,7 @@ def big_trips(tmp_path: Path) -> Path:
 def rows_of(results: list[ChunkResult]) -> pa.Table:
     """Every part's rows in part-name order: the published dataset's order."""
     parts = sorted((p.relpath, p.data) for r in results for p in r.parts)
-    return pa.concat_tables(pq.read_table(pa.BufferReader(data)) for _, data in parts)
+    return pa.concat_tables(ipc_to_table(data) for _, data in parts)
 
 
 async def serial_results(cfg: JobConfig, chunks: list[Chunk]) -> list[ChunkResult]:
