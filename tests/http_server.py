@@ -73,7 +73,19 @@ class RangeFrom:
     start: int
 
 
-Fault = Status | Stall | Drop | Mutate | RangeFrom
+@dataclass(frozen=True)
+class Gate:
+    """Send the headers (and the body's first byte), then hold the rest until ``release`` is set (at most ``timeout``
+    seconds, then send it anyway and note the path in ``timed_out``); ``chunked``: chunked
+    transfer, no ``Content-Length``."""
+
+    release: asyncio.Event
+    timeout: float = 10.0
+    chunked: bool = False
+    timed_out: list[str] = field(default_factory=list)
+
+
+Fault = Status | Stall | Drop | Mutate | RangeFrom | Gate
 
 
 @dataclass
@@ -183,7 +195,10 @@ class ScriptedServer:
         if start is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start or 0 :]
-        resp.content_length = len(body)  # for HEAD too: the length a GET would send
+        if isinstance(fault, Gate) and fault.chunked:
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(body)  # for HEAD too: the length a GET would send
         hit.status = resp.status
         await resp.prepare(request)
         if request.method == "HEAD":  # headers only: aiohttp sends whatever a handler writes
@@ -194,6 +209,15 @@ class ScriptedServer:
         self, request: web.Request, resp: web.StreamResponse, hit: Hit, body: bytes, fault: Fault | None
     ) -> web.StreamResponse:
         cut = len(body)
+        if isinstance(fault, Gate):
+            await resp.write(body[:1])  # aiohttp sends the headers with the first bytes
+            hit.body_bytes += len(body[:1])
+            body = body[1:]
+            cut = len(body)
+            try:
+                await asyncio.wait_for(fault.release.wait(), fault.timeout)
+            except TimeoutError:
+                fault.timed_out.append(hit.path)
         if isinstance(fault, Drop):
             cut = int(len(body) * fault.fraction)
         elif isinstance(fault, Stall):

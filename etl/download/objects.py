@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from etl.core import durable
@@ -50,12 +51,15 @@ def expand(url: str, *, where: str, file: str) -> list[str]:
     return [url_of(fs, p) for p in sorted(found)]
 
 
-async def stage_object(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
-    """Stream one object to ``staging_dir/<name>`` (in a thread) and verify its checksum."""
-    return await asyncio.to_thread(_fetch, src, staging_dir, block_bytes)
+async def stage_object(
+    src: Source, staging_dir: Path, block_bytes: int, *, sized: Callable[[int], None] | None = None
+) -> StagedFile:
+    """Stream one object to ``staging_dir/<name>`` (in a thread) and verify its checksum.
+    ``sized`` is told the object's size (from that thread) once it is open, before its bytes."""
+    return await asyncio.to_thread(_fetch, src, staging_dir, block_bytes, sized)
 
 
-def _fetch(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
+def _fetch(src: Source, staging_dir: Path, block_bytes: int, sized: Callable[[int], None] | None = None) -> StagedFile:
     fs, path = filesystem(src.url, key="sources")
     dest = staging_dir / src.name
     partial = dest.with_name(dest.name + ".part")
@@ -63,6 +67,8 @@ def _fetch(src: Source, staging_dir: Path, block_bytes: int) -> StagedFile:
     size = 0
     try:
         with fs.open(path, "rb", block_size=block_bytes) as r:
+            if sized is not None and isinstance(getattr(r, "size", None), int):
+                sized(r.size)
             w = open(partial, "wb", opener=lambda p, flags: os.open(p, flags, durable.PRIVATE_MODE))
             try:
                 while data := r.read(block_bytes):

@@ -90,6 +90,9 @@ from etl.download.source_state import SourceState
 
 log = logging.getLogger("etl.download")
 
+SizeSink = Callable[[Source, int], None]
+"""Told a source's size (bytes as stored) as soon as the download stage knows it."""
+
 # Source tasks alive per download slot: more lets other hosts proceed while one host's slots
 # are all busy; each waiting task costs a little memory.
 ADMISSION_PER_SLOT = 4
@@ -166,15 +169,22 @@ async def download_stage(
     state_file: Path | None = None,
     full_refresh: bool = False,
     progress: ProgressSink | None = None,
+    sized: SizeSink | None = None,
 ) -> DownloadStats:
-    """Stage every source and put it on ``out`` (see the module docstring for the contract)."""
+    """Stage every source and put it on ``out`` (see the module docstring for the contract).
+
+    ``sized(source, nbytes)`` is told a source's size as soon as the stage knows it, before
+    its body is on disk: a response's ``Content-Length`` (or the whole size in a ``206``'s
+    ``Content-Range``), an object's size, a local file's size. It may be called again for a
+    source (a retry, a restart) and from a thread (objects); a source whose size is unknown
+    (chunked transfer) is not named before it is put. A 304 is not named either."""
     start = time.monotonic()
     stats = DownloadStats()
     await asyncio.to_thread(staging_dir.mkdir, parents=True, exist_ok=True)
     state = await asyncio.to_thread(SourceState.load, state_file)
     try:
         async with client_session(cfg) as session:
-            fetcher = _Fetcher(session, cfg, staging_dir, state, full_refresh, stats, progress, out)
+            fetcher = _Fetcher(session, cfg, staging_dir, state, full_refresh, stats, progress, out, sized)
             await _run_all(sources, fetcher.stage_one, cfg.concurrency * ADMISSION_PER_SLOT)
     finally:
         await state.save(keep={s.url for s in sources})  # keeps what finished, even on failure
@@ -236,6 +246,7 @@ class _Fetcher:
         stats: DownloadStats,
         progress: ProgressSink | None,
         out: Puttable[StagedFile],
+        sized: SizeSink | None = None,
     ) -> None:
         self.session = session
         self.cfg = cfg
@@ -245,6 +256,7 @@ class _Fetcher:
         self.stats = stats
         self.progress = progress
         self.out = out
+        self.sized = sized
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.host_slots: dict[str, asyncio.Semaphore] = {}
 
@@ -257,14 +269,23 @@ class _Fetcher:
         if self.progress is not None:
             self.progress.update(items=items, nbytes=nbytes)
 
+    def expect(self, src: Source, nbytes: int | None) -> None:
+        """Tell ``sized`` the size of ``src`` before it is staged (when it is known)."""
+        if self.sized is not None and nbytes is not None:
+            self.sized(src, nbytes)
+
     async def stage_one(self, src: Source) -> None:
         if is_object_url(src.url):  # s3:// and other fsspec URLs: streamed in a thread
             async with self.slots:
-                staged = await stage_object(src, self.staging_dir, self.cfg.chunk_bytes)
+                staged = await stage_object(
+                    src, self.staging_dir, self.cfg.chunk_bytes, sized=lambda n: self.expect(src, n)
+                )
                 self.stats.bytes += staged.size
                 self.report(nbytes=staged.size)
                 await self.out.put(staged)
         elif not src.is_remote:
+            if self.sized is not None and (src.sha256 or src.md5):  # hashing takes a while: size first
+                self.expect(src, await asyncio.to_thread(_local_size, src))
             await self.out.put(await _stage_local(src))
         else:
             async with self.slots, self.host_slot(src.url):
@@ -272,6 +293,13 @@ class _Fetcher:
                 await self.out.put(staged)
         self.stats.files += 1
         self.report(items=1)
+
+
+def _local_size(src: Source) -> int | None:
+    try:
+        return Path(src.url).stat().st_size
+    except OSError:
+        return None  # _stage_local names the problem
 
 
 async def _stage_local(src: Source) -> StagedFile:
@@ -479,6 +507,7 @@ class _Transfer:
             await asyncio.to_thread(self._write_meta, resp.headers)
         else:
             raise SourceError(f"HTTP {status} {resp.reason or ''}".strip(), item=self.safe_url, status=status)
+        self.f.expect(self.src, total)  # the whole file's size (206: Content-Range's), before its body
         return await self._stream(resp, offset, total)
 
     async def _unsatisfiable(self, resp: aiohttp.ClientResponse, offset: int) -> StagedFile:

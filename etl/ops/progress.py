@@ -7,9 +7,10 @@ per stage is logged at most every ``LOG_INTERVAL_S`` seconds. ``--quiet`` turns 
 
 The read and transform bars count bytes of the sources as stored (compressed bytes for a
 ``.gz``; ``Chunk.source_bytes``), so they show a percentage and an ETA: their total is the
-sum of the staged files' sizes, given (``expect``) as each file is staged, so it grows
-while downloads run; until ``settle`` says every size is known the bar says "total so
-far". Their chunks (read) or rows (transform) follow the bytes. The download and write
+sum of the sources' sizes, given (``expect``) as soon as the download stage knows each
+(Content-Length, an object's or local file's size) or else when the file is staged, so it
+may grow while downloads run; until ``settle`` says every size is known the bar says
+"total so far". Their chunks (read) or rows (transform) follow the bytes. The download and write
 bars count files and parts.
 """
 

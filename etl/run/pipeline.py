@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -261,7 +262,8 @@ class Run:
     async def _download(self, sources: list[Source]) -> None:
         cfg = self.cfg
         bar = self.progress.stage("download", "files", total=len(sources))
-        # The read and transform bars count source bytes against the staged sizes, known as files are staged.
+        # The read and transform bars count source bytes against the sources' sizes, known as soon as the
+        # download stage learns them (Content-Length, object or local size) or, failing that, once staged.
         self.read_bar = self.progress.stage("read", "chunks", by_bytes=True)
         self.transform_bar = self.progress.stage("transform", "rows", by_bytes=True)
         meter = self.stats.meters["download"]
@@ -276,6 +278,7 @@ class Run:
                 state_file=cfg.job_state_dir / "sources.json",
                 full_refresh=self.opts.full_refresh,
                 progress=bar,
+                sized=sized.expect,
             )
         self.read_bar.settle()
         self.transform_bar.settle()
@@ -344,15 +347,27 @@ class Run:
 
 
 class _Sized:
-    """The files queue, seen by the download stage: each staged file's size joins the read
-    and transform bars' totals as it is put."""
+    """The files queue, seen by the download stage: a source's size joins the read and
+    transform bars' totals as soon as the stage knows it (``expect``: Content-Length, object
+    or local size) and is corrected to the staged size when the file is put (a size not
+    known before, e.g. chunked transfer, joins then). A source's size counts once however
+    often it is told (retries); a file the read stage skips leaves the totals (``_admit``)."""
 
     def __init__(self, queue: BoundedQueue[StagedFile], *bars: StageProgress) -> None:
         self._queue, self._bars = queue, bars
+        self._known: dict[int, int] = {}  # source index -> bytes in the totals
+        self._lock = threading.Lock()  # objects tell their size from a download thread
+
+    def expect(self, src: Source, nbytes: int) -> None:
+        with self._lock:
+            change = nbytes - self._known.get(src.index, 0)
+            self._known[src.index] = nbytes
+        if change:
+            for bar in self._bars:
+                bar.expect(change)
 
     async def put(self, staged: StagedFile) -> None:
-        for bar in self._bars:
-            bar.expect(staged.size)
+        self.expect(staged.source, staged.size)
         await self._queue.put(staged)
 
     def __getattr__(self, name: str) -> Any:

@@ -29,6 +29,7 @@ from etl.download.stage import (
 )
 from tests.http_server import (
     Drop,
+    Gate,
     Mutate,
     RangeFrom,
     ScriptedServer,
@@ -543,3 +544,47 @@ async def test_a_fetched_file_carries_the_sha256_computed_while_it_arrived(tmp_p
     finally:
         stop()
     assert staged is not None and staged.sha256 == hashlib.sha256(body).hexdigest()
+
+
+# ------------------------------------------------------------------ sizes told early
+
+
+async def test_sizes_are_told_before_the_body_ends_and_a_304_or_chunked_file_is_not_named(
+    site: Path, staging: Path, tmp_path: Path
+) -> None:
+    """``sized`` hears each size while its body is still held by the server: Content-Length
+    (a), the whole size from a resumed 206's Content-Range (b, cut once), a checksummed local
+    file's size (c). A chunked body (d) has no size to tell; a 304 on a rerun tells none."""
+    data = {name: payload(30_000 + 1000 * k, seed=k) for k, name in enumerate(("a.csv", "b.csv", "d.csv"))}
+    for name, body in data.items():
+        (site / name).write_bytes(body)
+    local = tmp_path / "c.csv"
+    local.write_bytes(b"id\n1\n")
+    told: list[tuple[str, int]] = []
+    everything = asyncio.Event()
+
+    def sized(src: Source, nbytes: int) -> None:
+        told.append((src.name, nbytes))
+        names = [n for n, _ in told]
+        if {"a.csv", "c.csv"} <= set(names) and names.count("b.csv") == 2:  # b: its 200, then its 206
+            everything.set()
+
+    state = tmp_path / "state" / "sources.json"
+    async with ScriptedServer(site) as srv:
+        gates = {"a.csv": Gate(everything), "d.csv": Gate(everything, chunked=True)}
+        srv_b_gate = Gate(everything)
+        srv.scripts = {"a.csv": [gates["a.csv"]], "b.csv": [Drop(0.5), srv_b_gate], "d.csv": [gates["d.csv"]]}
+        sources = [remote(srv.url(n), n, k) for k, n in enumerate(("a.csv", "b.csv", "d.csv"))]
+        sources.append(Source(3, str(local), "c.csv", "csv", sha256=sha(b"id\n1\n")))
+        _, staged = await run(sources, staging, sized=sized, state_file=state)
+        assert everything.is_set() and not any(g.timed_out for g in [*gates.values(), srv_b_gate])
+        assert sorted(set(told)) == [("a.csv", 30_000), ("b.csv", 31_000), ("c.csv", 5)]  # b twice: both attempts
+        assert {f.source.name: f.size for f in staged} == {
+            "a.csv": 30_000,
+            "b.csv": 31_000,
+            "c.csv": 5,
+            "d.csv": 32_000,
+        }
+        told.clear()
+        _, again = await run(sources[:3], staging, sized=sized, state_file=state)
+    assert all(f.unchanged for f in again) and told == []

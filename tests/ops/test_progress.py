@@ -20,7 +20,7 @@ from etl.core.config import load_job
 from etl.ops.progress import Progress, StageProgress, choose_mode
 from etl.run.pipeline import Run, RunOptions
 from tests.conftest import write_trips_csv
-from tests.http_server import serve_folder_in_thread
+from tests.http_server import Gate, Mutate, ScriptedServer, serve_folder_in_thread
 
 THREADS, UPDATES = 8, 2000
 
@@ -284,3 +284,92 @@ def test_bars_leave_out_the_files_a_rerun_skips(tmp_path: Path) -> None:
     again, _ = _run(tmp_path, [str(p) for p in paths], "csv.gz")  # every source unchanged: skipped
     for bar in (again.read_bar, again.transform_bar):
         assert (bar.nbytes, bar.total) == (0, 0)
+
+
+class _Watched(Progress):
+    """Real bars that set ``known`` once the read bar's total reaches ``want`` bytes, and
+    remember whether the transform bar had counted anything by then."""
+
+    def __init__(self, want: int) -> None:
+        super().__init__("off")
+        self.want = want
+        self.known = asyncio.Event()
+        self.totals_when_first_put: list[int] = []
+
+    def stage(self, name: str, unit: str, total: int | None = None, *, by_bytes: bool = False) -> StageProgress:
+        sp = super().stage(name, unit, total, by_bytes=by_bytes)
+        if name == "read":
+            watched, bar = self, sp
+            expect = sp.expect
+
+            def expect_and_watch(nbytes: int) -> None:
+                expect(nbytes)
+                if (bar.total or 0) >= watched.want:
+                    watched.known.set()
+
+            sp.expect = expect_and_watch  # type: ignore[method-assign]  # a real bar, watched
+        return sp
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_totals_come_from_content_length_before_any_download_ends(tmp_path: Path, rerun: bool) -> None:
+    """Every body is held by the server until the read bar's total equals the sum of the
+    Content-Lengths: the total is known while no download has ended (none could). A file sent
+    chunked (no Content-Length) joins when staged; the final count equals the total. On a
+    rerun, the unchanged files (304) leave the total and the changed one is counted once."""
+    paths = _sources(tmp_path / "data", "csv.gz")
+    sizes = [p.stat().st_size for p in paths]
+
+    async def run_once(srv: ScriptedServer, release_after: int, sampled: bool) -> tuple[Run, bool]:
+        watched = _Watched(release_after)
+        gates = [Gate(watched.known, chunked=(k == 2)) for k in range(len(paths))]
+        srv.scripts = {p.name: [gate] for p, gate in zip(paths, gates, strict=True)}
+        if sampled:  # the planner samples the first source's head first (not a rerun: it has a staged copy)
+            srv.scripts[paths[0].name].insert(0, Mutate(paths[0].read_bytes()))  # same bytes: served as is
+        run = _job_run(tmp_path, [srv.url(p.name) for p in paths])
+        run.progress = watched
+        await run.execute()
+        return run, watched.known.is_set() and not any(g.timed_out for g in gates)
+
+    async def main() -> None:
+        async with ScriptedServer(tmp_path / "data") as srv:
+            run, known = await run_once(srv, sizes[0] + sizes[1], sampled=True)  # the chunked one cannot be known early
+            assert known
+            for bar in (run.read_bar, run.transform_bar):
+                assert (bar.nbytes, bar.total, bar.final) == (sum(sizes), sum(sizes), True), bar.stage
+            if not rerun:
+                return
+            paths[1].write_bytes(gzip.compress(b"id,note\n1,changed\n2,again\n"))
+            sizes[1] = paths[1].stat().st_size
+            run, known = await run_once(srv, sizes[1], sampled=False)
+            assert known and run.summary.download["not_modified"] == 2
+            for bar in (run.read_bar, run.transform_bar):
+                assert (bar.nbytes, bar.total) == (sizes[1], sizes[1]), bar.stage
+
+    asyncio.run(main())
+
+
+def _job_run(tmp_path: Path, urls: list[str]) -> Run:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""
+[job]
+name = "bars"
+state_dir = "state"
+
+[sources]
+urls = {json.dumps(urls)}
+format = "csv"
+
+[read]
+chunk_rows = 60
+
+[transform]
+executor = "serial"
+steps = []
+
+[output]
+path = "out"
+"""
+    )
+    return Run(load_job(job), RunOptions(progress="off"))
