@@ -406,8 +406,11 @@ def _set_aside(chunk: Chunk, on_error: str) -> tuple[pd.DataFrame, pd.DataFrame]
             f"the record starting at line {line}: {reason}; raise read.max_record_bytes if records this long are real",
             item=f"{chunk.source_name}[line {line}]",
         )
-    string = pd.ArrowDtype(pa.string())
-    df = pd.DataFrame({c: pd.array([], dtype=string) for c in chunk.columns})
+    if chunk.kind == "arrow":  # an empty table with the file's columns and types
+        df = decode_ipc(chunk.data).to_pandas(types_mapper=pd.ArrowDtype)
+    else:
+        string = pd.ArrowDtype(pa.string())
+        df = pd.DataFrame({c: pd.array([], dtype=string) for c in chunk.columns})
     starts = np.array([n for n, _, _ in chunk.set_aside], dtype=np.int64)
     return df, _malformed(starts, [(i + 1, why, text) for i, (_, why, text) in enumerate(chunk.set_aside)])
 

@@ -85,12 +85,15 @@ class Chunk:
     set_aside: tuple[tuple[int, str, str], ...] = ()
     """Records the reader set aside instead of carrying them (longer than
     ``read.max_record_bytes``, ``transform.on_error`` other than ``fail``): (file line, reason,
-    the record's first ``SET_ASIDE_PREFIX_BYTES`` as text). Such a chunk holds no other rows."""
+    the record's first ``SET_ASIDE_PREFIX_BYTES`` as text). Such a chunk holds no other rows;
+    ``kind = "arrow"`` (JSON Lines, reader-parsed CSV): ``data`` is an empty table with the
+    file's columns and types, ``row_start`` the record's file line."""
 
     @property
     def unit(self) -> str:
-        """How a row is numbered: by file ``line`` (CSV parsed in workers) or data ``row``."""
-        return "line" if self.kind == "csv" else "row"
+        """How a row is numbered: by file ``line`` (CSV parsed in workers, records set aside)
+        or data ``row``."""
+        return "line" if self.kind == "csv" or self.set_aside else "row"
 
     @property
     def label(self) -> str:

@@ -42,6 +42,7 @@ from etl.core.config import ReadConfig
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
 from etl.read.csv_cut import split_csv, splittable
+from etl.read.long_lines import Aside, LongLines
 
 CSV_BLOCK_BYTES = 4 << 20
 """Bytes pyarrow parses per CSV block: bigger means fewer round trips and more memory per
@@ -82,8 +83,10 @@ class Consumed:
     raw file is at its end, so a file's chunks add up to its size. Parquet counts the share
     of its rows read (its footer is read first, so the position says nothing)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, aside: Aside | None = None) -> None:
         self.size = size
+        self.aside = aside
+        """Where lines too long are noted (JSON Lines, reader-parsed CSV): see ``etl.read.long_lines``."""
         self.counted = 0
         self._raw: BinaryIO | None = None
         self._at: int | None = None
@@ -149,9 +152,13 @@ def read_chunks(
         for chunk in _text_chunks(staged, cfg, consumed, set_aside):
             yield replace(chunk, source_bytes=consumed.take())
         return
+    if _by_lines(staged, cfg):
+        consumed.aside = Aside(set_aside, header=staged.source.format == "csv")
     batches = _guarded(staged, cfg, block_size, _long_records(staged, cfg, block_size, read_batches, consumed))
-    row_start = 0
-    for index, table in enumerate(_rebatch(batches, cfg.chunk_rows)):
+    row_start = index = 0
+    schema: pa.Schema | None = None
+    for table in _rebatch(batches, cfg.chunk_rows):
+        schema = table.schema
         yield Chunk(
             source_index=staged.source.index,
             source_name=staged.source.name,
@@ -162,6 +169,32 @@ def read_chunks(
             source_bytes=consumed.take(),
         )
         row_start += table.num_rows
+        index += 1
+        for chunk in _set_aside_chunks(staged, consumed, schema, index):
+            yield chunk
+            index += 1
+            row_start += 1  # the record set aside keeps its data row number
+    for chunk in _set_aside_chunks(staged, consumed, schema, index):
+        yield replace(chunk, source_bytes=consumed.take())
+        index += 1
+
+
+def _by_lines(staged: StagedFile, cfg: ReadConfig) -> bool:
+    """Whether long lines are taken out before pyarrow parses (``etl.read.long_lines``):
+    JSON Lines, and CSV in an encoding whose newline is the byte ``\\n``."""
+    fmt = staged.source.format
+    return fmt == "jsonl" or (fmt == "csv" and "\n".encode(text_encoding(cfg.encoding)) == b"\n")
+
+
+def _set_aside_chunks(staged: StagedFile, consumed: Consumed, schema: pa.Schema | None, index: int) -> Iterator[Chunk]:
+    """A chunk of its own for each record set aside since the last call (``Chunk.set_aside``,
+    rows named by file line); it carries the file's columns as an empty table."""
+    if consumed.aside is None:
+        return
+    empty = encode_ipc((schema or pa.schema([])).empty_table())
+    for record in consumed.aside.take():
+        yield Chunk(staged.source.index, staged.source.name, index, record[0], 1, empty, set_aside=(record,))
+        index += 1
 
 
 def _text_chunks(staged: StagedFile, cfg: ReadConfig, consumed: Consumed, set_aside: bool) -> Iterator[Chunk]:
@@ -308,9 +341,13 @@ def _compression(staged: StagedFile) -> str | None:
     return None
 
 
-def _open_stream(staged: StagedFile, consumed: Consumed | None = None) -> BinaryIO:
+def _open_stream(
+    staged: StagedFile, consumed: Consumed | None = None, cfg: ReadConfig | None = None, aside: Aside | None = None
+) -> BinaryIO:
     """The file's decompressed bytes; gzip through ISA-L (pyarrow's zlib is ~3.5x slower).
-    ``consumed`` watches the raw file under the decompressor."""
+    ``consumed`` watches the raw file under the decompressor. With ``cfg`` and an ``aside``
+    (``consumed``'s unless given), lines longer than ``read.max_record_bytes`` are taken out
+    (``etl.read.long_lines``)."""
     codec = _compression(staged)
     if codec is None:
         stream: BinaryIO = open(staged.path, "rb")
@@ -323,6 +360,10 @@ def _open_stream(staged: StagedFile, consumed: Consumed | None = None) -> Binary
         stream = io.BufferedReader(pa.input_stream(raw, compression=codec))  # closes ``raw`` when closed
     if consumed is not None:
         consumed.watch(raw)
+        aside = aside or consumed.aside
+    if cfg is not None and aside is not None:
+        encoding = text_encoding(cfg.encoding) if staged.source.format == "csv" else "utf-8"
+        stream = cast(BinaryIO, LongLines(stream, staged, cfg.max_record_bytes, aside, encoding))
     return stream
 
 
@@ -346,7 +387,7 @@ def _csv_batches(
 ) -> Iterator[pa.RecordBatch]:
     read, parse, convert = csv_options(cfg, block_size=block_size or CSV_BLOCK_BYTES)
     with (
-        _open_stream(staged, consumed) as stream,
+        _open_stream(staged, consumed, cfg) as stream,
         pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert) as reader,
     ):
         reader.schema.names  # noqa: B018 - raises UnicodeError here for a header that is not valid text
@@ -411,18 +452,22 @@ def _jsonl_batches(
     staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
 ) -> Iterator[pa.RecordBatch]:
     read = pajson.ReadOptions(block_size=block_size or JSON_BLOCK_BYTES)
-    schema = _jsonl_schema(staged, read)
+    aside = consumed.aside
+    schema = _jsonl_schema(staged, read, cfg, None if aside is None else Aside(aside.set_aside, header=False))
     parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
     with (
-        _open_stream(staged, consumed) as stream,
+        _open_stream(staged, consumed, cfg) as stream,
         pajson.open_json(stream, read_options=read, parse_options=parse) as reader,
     ):
         yield from reader
 
 
-def _jsonl_schema(staged: StagedFile, read: pajson.ReadOptions) -> pa.Schema:
-    """The schema pyarrow infers from the first block, loosened (see ``_loosen``)."""
-    with _open_stream(staged) as stream, pajson.open_json(stream, read_options=read) as first:
+def _jsonl_schema(
+    staged: StagedFile, read: pajson.ReadOptions, cfg: ReadConfig | None = None, aside: Aside | None = None
+) -> pa.Schema:
+    """The schema pyarrow infers from the first block, loosened (see ``_loosen``); with an
+    ``aside``, from the lines not too long."""
+    with _open_stream(staged, None, cfg, aside) as stream, pajson.open_json(stream, read_options=read) as first:
         return pa.schema([f.with_type(_loosen(f.type)) for f in first.schema])
 
 

@@ -354,9 +354,9 @@ def test_reader_parsed_records_longer_than_a_block_are_read_whole(tmp_path: Path
     assert got == [(i, n + n) for i, n in rows]
 
 
-def test_reader_parsed_record_longer_than_max_record_bytes_fails_naming_the_row(tmp_path: Path) -> None:
+def test_reader_parsed_record_longer_than_max_record_bytes_fails_naming_the_line(tmp_path: Path) -> None:
     path = tmp_path / "long.csv"
     path.write_text("id,note\n1,a\n2," + "x" * (5 << 20) + "\n3,b\n")
     cfg = ReadConfig(parse="reader", max_record_bytes="2MiB")  # type: ignore[arg-type]
-    with pytest.raises(DataError, match=r"data row 2 holds 5242881 bytes of text, more than read.max_record_bytes"):
+    with pytest.raises(DataError, match=r"long.csv: the record at line 3 is longer than read.max_record_bytes"):
         list(read_chunks(staged(path, "csv"), cfg))
