@@ -21,6 +21,7 @@ long. Only for encodings where a newline is the byte ``\\n`` (UTF-8, Latin-1, ..
 from __future__ import annotations
 
 import io
+from collections import deque
 from typing import BinaryIO
 
 import numpy as np
@@ -60,7 +61,8 @@ class Aside:
 
 
 class LongLines(io.RawIOBase):
-    """The stream's bytes without the lines longer than ``max_record`` (noted in ``aside``)."""
+    """The stream's bytes without the lines longer than ``max_record`` (noted in ``aside``).
+    Lines are handed on as views of the decompressor's blocks: one copy, in ``read``."""
 
     def __init__(
         self, stream: BinaryIO, staged: StagedFile, max_record: int, aside: Aside, encoding: str = "utf-8"
@@ -68,7 +70,8 @@ class LongLines(io.RawIOBase):
         super().__init__()
         self._stream, self._staged, self._max, self._aside = stream, staged, max_record, aside
         self._encoding = encoding
-        self._out = bytearray()  # whole lines ready to hand out
+        self._out: deque[memoryview] = deque()  # whole lines ready to hand out
+        self._ready = 0  # bytes in ``_out``
         self._tail = bytearray()  # the line being read (no newline yet)
         self._line = 1  # file line where ``_tail`` starts
         self._eof = False
@@ -82,11 +85,27 @@ class LongLines(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         want = None if size is None or size < 0 else size
-        while not self._eof and (want is None or len(self._out) < want):
+        while not self._eof and (want is None or self._ready < want):
             self._more()
-        n = len(self._out) if want is None else min(want, len(self._out))
-        data = bytes(self._out[:n])
-        del self._out[:n]
+        n = self._ready if want is None else min(want, self._ready)
+        if self._out and len(self._out[0]) >= n:  # most reads: part of one block
+            head = self._out[0]
+            data = bytes(head[:n])
+            if len(head) == n:
+                self._out.popleft()
+            else:
+                self._out[0] = head[n:]
+        else:
+            pieces, got = [], 0
+            while got < n:
+                head = self._out.popleft()
+                if got + len(head) > n:
+                    self._out.appendleft(head[n - got :])
+                    head = head[: n - got]
+                pieces.append(head)
+                got += len(head)
+            data = b"".join(pieces)
+        self._ready -= n
         self._pos += n
         return data
 
@@ -101,64 +120,79 @@ class LongLines(io.RawIOBase):
         super().close()
 
     def _more(self) -> None:
-        block = self._stream.read(READ_BYTES)
+        block: bytes | None = self._stream.read(READ_BYTES)
         if not block:
             self._eof = True
             if len(self._tail) > self._max:
                 self._skip()
-            self._out += self._tail
-            self._tail = bytearray()
+            elif self._tail:
+                self._push(memoryview(bytes(self._tail)), 0)
+                self._tail = bytearray()
             return
-        self._tail += block
-        while True:
-            cut = self._tail.rfind(b"\n") + 1
-            if cut:
-                region = bytes(self._tail[:cut])
-                del self._tail[:cut]
-                self._release(region)
-            if len(self._tail) <= self._max:
-                return
-            self._skip()
-            if self._eof:
-                return
+        while block:
+            block = self._feed(block)
 
-    def _release(self, region: bytes) -> None:
+    def _feed(self, block: bytes) -> bytes | None:
+        """Take in ``block``; what is left of it to take in after a long line was skipped."""
+        view, start = memoryview(block), 0
+        if self._tail:
+            i = block.find(b"\n")
+            if i < 0:
+                self._tail += block
+                return self._skip() if len(self._tail) > self._max else None
+            self._tail += view[: i + 1]
+            line, self._tail = bytes(self._tail), bytearray()
+            self._release(memoryview(line), 1)
+            start = i + 1
+        cut = block.rfind(b"\n", start) + 1
+        if cut > start:
+            self._release(view[start:cut], block.count(b"\n", start, cut))
+            start = cut
+        self._tail = bytearray(view[start:])
+        return self._skip() if len(self._tail) > self._max else None
+
+    def _push(self, view: memoryview, newlines: int) -> None:
+        if len(view):
+            self._out.append(view)
+            self._ready += len(view)
+        self._line += newlines
+
+    def _release(self, region: memoryview, newlines: int) -> None:
         """Hand on the whole lines of ``region`` but those longer than the limit."""
         if len(region) <= self._max + 1:  # no line in it can be too long
-            self._out += region
-            self._line += region.count(b"\n")
+            self._push(region, newlines)
             return
         ends = np.flatnonzero(np.frombuffer(region, dtype=np.uint8) == ord("\n")) + 1
         starts = np.concatenate(([0], ends[:-1]))
         kept = 0
         for k in np.flatnonzero(ends - starts - 1 > self._max):
             start, end = int(starts[k]), int(ends[k])
-            self._out += region[kept:start]
-            self._note(self._line + int(k), end - start - 1, region[start : start + SET_ASIDE_PREFIX_BYTES], True)
+            self._push(region[kept:start], int(k) - int(np.searchsorted(ends, kept, side="right")))
+            self._note(self._line, end - start - 1, bytes(region[start : start + SET_ASIDE_PREFIX_BYTES]), True)
+            self._line += 1
             kept = end
-        self._out += region[kept:]
-        self._line += len(ends)
+        self._push(region[kept:], len(ends) - int(np.searchsorted(ends, kept, side="right")))
 
-    def _skip(self) -> None:
+    def _skip(self) -> bytes | None:
         """Read past the line in ``_tail`` (longer than the limit) up to its newline,
-        keeping only its first bytes."""
+        keeping only its first bytes; what follows that newline in the last read."""
         prefix = bytes(self._tail[:SET_ASIDE_PREFIX_BYTES])
         size = len(self._tail)
         self._tail = bytearray()
         self._fail_if_kept(self._line, size, prefix)
-        ended = False
+        rest: bytes | None = None
         while block := self._stream.read(SKIP_READ_BYTES):
             i = block.find(b"\n")
             if i >= 0:
                 size += i
-                self._tail = bytearray(block[i + 1 :])
-                ended = True
+                rest = block[i + 1 :]
                 break
             size += len(block)
         else:
             self._eof = True
-        self._note(self._line, size, prefix, ended)
+        self._note(self._line, size, prefix, rest is not None)
         self._line += 1
+        return rest
 
     def _fail_if_kept(self, line: int, size: int, prefix: bytes) -> None:
         if not self._aside.set_aside or (self._aside.header and line == 1):

@@ -185,3 +185,13 @@ path = "out"
 
     ids = sorted(int(i) for i in ds.dataset(tmp_path / "out", format="parquet").to_table()["id"].to_pylist())
     assert ids == list(range(30))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_many_long_lines_inside_one_read_are_each_set_aside_at_their_line(tmp_path: Path, fmt: str) -> None:
+    rows = [(str(i), "w" * 2000 if i % 3 == 1 else "s", 1) for i in range(60)]  # 2 KB lines, 1 KiB allowed
+    st = staged(write_rows(tmp_path / f"many.{fmt}", rows), fmt)
+    kept, dead = set_aside_run(st, cfg_for(fmt, chunk_rows=4, max_record_bytes="1KiB"))
+    assert kept == [r[0] for r in rows if r[1] == "s"]
+    first = 2 if fmt == "csv" else 1
+    assert [d["line"] for d in dead] == [first + i for i in range(60) if i % 3 == 1]
