@@ -122,7 +122,7 @@ class OutputWriter:
     def add_rows(self, source: int, files: list[tuple[Path, str, int, int]]) -> None:
         """Carry an unchanged source's rows over from published files, in its place in the
         serial order: (file, partition folder, first row, rows) per span."""
-        pieces = [(folder, rows, _rows_of(path, start, rows)) for path, folder, start, rows in files]
+        pieces = [(folder, rows, _rows_of(path, start)) for path, folder, start, rows in files]
         self.cutter.chunk_ready(source, 0, pieces)
         self.cutter.source_total(source, 1)
 
@@ -166,14 +166,17 @@ class OutputWriter:
         folder = piece_key(relpath.removeprefix(f"{SPOOL_DIR}/"))[0]
         path = self.local / relpath
 
-        def load() -> pa.Table:
+        def load(start: int = 0, rows: int | None = None) -> pa.Table:
+            # Zero-copy over the map: only the pages of the rows the caller keeps are read
+            # (into RSS), and the map goes when the last slice of it is dropped.
             try:
                 with pa.memory_map(str(path)) as m:
-                    return ipc_to_table(m.read_buffer())
+                    table = ipc_to_table(m.read_buffer())
             except (OSError, pa.ArrowException) as e:
                 raise OutputError(f"cannot read a spooled chunk back: {e}", item=str(path)) from e
+            return table.slice(start, rows)
 
-        return folder, 1, load
+        return folder, load().num_rows, load
 
     def write_rejects(self, part: Part) -> str:
         """Write dead-letter rows under ``_rejected/`` (published with the rest)."""
@@ -388,11 +391,13 @@ def _write_file(path: Path, data: bytes) -> None:
         raise OutputError(f"cannot write file: {e}", item=str(path)) from e
 
 
-def _rows_of(path: Path, start: int, rows: int) -> Load:
-    """Loads rows ``start`` to ``start + rows`` of a published Parquet file, reading only
-    the row groups that hold them."""
+def _rows_of(path: Path, span_start: int) -> Load:
+    """Loads rows of a published Parquet file's span that starts at row ``span_start``
+    (``load(start, rows)``: relative to the span), reading only the row groups that hold
+    them."""
 
-    def load() -> pa.Table:
+    def load(offset: int, rows: int) -> pa.Table:
+        start = span_start + offset
         try:
             f = pq.ParquetFile(path)
             groups, first, at = [], None, 0
