@@ -2,10 +2,15 @@
 
     python benchmarks/long_lines.py --rows 1000000 --repeat 5
 
+Also reads past one ``--record-mib`` MiB line (gzip of zeros) in each format at
+``max_record_bytes = 4MiB`` and reports the seconds and the traced Python peak (memory
+bounded while skipping).
+
 Writes one JSON Lines file and one CSV file of ``--rows`` short rows (gzipped and plain)
 and times ``read_chunks`` over each (the reader thread's whole work: decompress, parse,
-encode chunks), with the line filter (``etl.read.long_lines``, now always on for these
-formats) and without it (``_by_lines`` patched off: the code before). Prints the median
+encode chunks), with the line filter (``etl.read.long_lines``, on for these formats under
+``transform.on_error = "skip" | "quarantine"``; under ``fail`` it is off) and without it
+(``_by_lines`` patched off: the code before). Prints the median
 seconds of each and their ratio; writes ``benchmarks/results/long_lines.md`` and ``.json``.
 """
 
@@ -59,13 +64,46 @@ def once(path: Path, filtered: bool) -> float:
         formats._by_lines = original  # type: ignore[assignment]
 
 
+def skip_case(folder: Path, fmt: str, record_mib: int) -> dict[str, float]:
+    """One ``record_mib`` MiB line (gzip of zeros) between short rows, set aside at
+    ``max_record_bytes = 4MiB``: seconds and traced Python peak while reading past it."""
+    import tracemalloc
+
+    path = folder / f"bomb.{fmt}.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(b'{"id": 1, "n": 1}\n{"id": 2, "n": "' if fmt == "jsonl" else b"id,n\n1,1\n2,")
+        for _ in range(max(record_mib // 16, 1)):
+            f.write(b"0" * (16 << 20))
+        f.write(b'"}\n{"id": 3, "n": 3}\n' if fmt == "jsonl" else b"\n3,3\n")
+    cfg = ReadConfig(parse="reader", max_record_bytes="4MiB")  # type: ignore[arg-type]
+    staged = StagedFile(Source(0, str(path), path.name, fmt), path, path.stat().st_size)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        aside = sum(1 for c in formats.read_chunks(staged, cfg, set_aside=True) if c.set_aside)
+        seconds = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert aside == 1
+    return {"seconds": seconds, "peak_mib": peak / 2**20}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--record-mib", type=int, default=256, help="size of the line set aside (skip cases)")
     args = ap.parse_args()
     results = []
+    skips = []
     with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("jsonl", "csv"):
+            runs = [skip_case(Path(tmp), fmt, args.record_mib) for _ in range(args.repeat)]
+            sec = statistics.median(r["seconds"] for r in runs)
+            peak = statistics.median(r["peak_mib"] for r in runs)
+            skips.append({"format": fmt, "record_mib": args.record_mib, "seconds": sec, "peak_mib": peak})
+            print(f"skip a {args.record_mib} MiB line ({fmt}.gz): {sec:.2f} s, traced peak {peak:.1f} MiB (median)")
         files = write(Path(tmp), args.rows)
         for name, path in files.items():
             times: dict[bool, list[float]] = {True: [], False: []}
@@ -89,7 +127,7 @@ def main() -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "long_lines.json").write_text(
-        json.dumps({"rows": args.rows, "repeat": args.repeat, "results": results}, indent=2)
+        json.dumps({"rows": args.rows, "repeat": args.repeat, "results": results, "skips": skips}, indent=2)
     )
     md = ["| file | MiB | before (s, median) | after (s, median) | after / before |", "|---|---|---|---|---|"]
     md += [
@@ -98,7 +136,12 @@ def main() -> None:
     ]
     (out / "long_lines.md").write_text(
         f"# read_chunks with and without the long-line filter\n\n`python benchmarks/long_lines.py --rows {args.rows} "
-        f"--repeat {args.repeat}`\n\n" + "\n".join(md) + "\n"
+        f"--repeat {args.repeat} --record-mib {args.record_mib}`\n\n"
+        + "\n".join(md)
+        + "\n\n| skipped line | format | seconds (median) | traced peak MiB (median) |\n|---|---|---|---|\n"
+        + "".join(
+            f"| {k['record_mib']} MiB | {k['format']}.gz | {k['seconds']:.2f} | {k['peak_mib']:.1f} |\n" for k in skips
+        )
     )
 
 

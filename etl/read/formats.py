@@ -152,7 +152,7 @@ def read_chunks(
         for chunk in _text_chunks(staged, cfg, consumed, set_aside):
             yield replace(chunk, source_bytes=consumed.take())
         return
-    if _by_lines(staged, cfg):
+    if set_aside and _by_lines(staged, cfg):  # under fail pyarrow finds long records; the line is looked up then
         consumed.aside = Aside(set_aside, header=staged.source.format == "csv")
     batches = _guarded(staged, cfg, block_size, _long_records(staged, cfg, block_size, read_batches, consumed))
     row_start = index = 0
@@ -268,7 +268,7 @@ def _check_record_sizes(staged: StagedFile, cfg: ReadConfig, batch: pa.RecordBat
     if sizes is None or len(sizes) == 0 or pc.max(sizes).as_py() <= cfg.max_record_bytes:
         return
     row = before + int(pc.index(sizes, pc.max(sizes)).as_py()) + 1
-    raise DataError(
+    raise _long_line(staged, cfg) or DataError(
         f"cannot read {staged.source.format} file {_where(staged)}: data row {row} holds "
         f"{pc.max(sizes).as_py()} bytes of text, more than read.max_record_bytes ({cfg.max_record_bytes}); "
         "raise it if records this long are real",
@@ -302,7 +302,7 @@ def _read_error(staged: StagedFile, cfg: ReadConfig, block_size: int | None, del
     src = staged.source
     where = _where(staged)
     if _straddles(e):  # even at max_record_bytes: the locators would read that record whole
-        return DataError(
+        return _long_line(staged, cfg) or DataError(
             f"cannot read {src.format} file {where}: a record at or after data row {delivered + 1} is longer "
             f"than read.max_record_bytes ({cfg.max_record_bytes} bytes); raise it if records this long are real"
             + ("; otherwise a quoted field never closes" if src.format == "csv" else ""),
@@ -319,6 +319,22 @@ def _read_error(staged: StagedFile, cfg: ReadConfig, block_size: int | None, del
         f"cannot read {src.format} file {where}: {detail}",
         item=f"{src.name}[chunk {(row - 1) // cfg.chunk_rows}]",
     )
+
+
+def _long_line(staged: StagedFile, cfg: ReadConfig) -> DataError | None:
+    """The error naming the first line longer than ``read.max_record_bytes`` (error path
+    only: read through ``LongLines``, which stops there, so never more than the limit held)."""
+    if not _by_lines(staged, cfg):
+        return None
+    try:
+        with _open_stream(staged, None, cfg, Aside(False, header=staged.source.format == "csv")) as stream:
+            while stream.read(JSON_BLOCK_BYTES):
+                pass
+    except DataError as e:
+        return e
+    except STREAM_ERRORS:
+        return None
+    return None
 
 
 def _where(staged: StagedFile) -> str:

@@ -7,9 +7,11 @@ decompressed stream and hands on whole lines; a line longer than ``max_record_by
 (without its newline) is read past in ``SKIP_READ_BYTES`` reads, keeping only its first
 ``SET_ASIDE_PREFIX_BYTES``, and noted in an ``Aside`` (its file line, the reason, that
 prefix) for the reader to hand on as a chunk of its own (``Chunk.set_aside``); the rest of
-the file is read on. Memory stays at about ``max_record_bytes`` plus one read.
-Without ``set_aside`` (``transform.on_error = "fail"``) such a line fails the file naming
-file and line.
+the file is read on. Memory stays at about ``max_record_bytes`` plus one read. The filter
+costs a copy of every byte, so it runs only with ``transform.on_error = "skip" |
+"quarantine"``; under ``fail`` pyarrow finds the long record (a block it straddles, or
+``_check_record_sizes``) and the file is read through ``LongLines`` once more, without
+``set_aside``, to fail naming the line (``formats._long_line``).
 
 Limits: a record is a line here. That is exact for JSON Lines (a JSON string cannot hold a
 raw newline); for CSV a quoted field spanning lines, each shorter than the limit, is still
