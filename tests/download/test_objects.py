@@ -55,3 +55,23 @@ def test_missing_objects_are_config_errors_naming_the_key(tmp_path: Path, bucket
         with pytest.raises(ConfigError) as e:
             run(write_job(job(f'["{url}"]', str(tmp_path / "o"))), "m1")
         assert e.value.item == "sources.urls[0]" and url in str(e.value)
+
+
+def test_an_object_tells_its_size_before_its_bytes_are_staged(tmp_path: Path, bucket: str) -> None:
+    """``stage_object(sized=...)`` hears the object's size once it is open: the progress
+    totals (``etl.run.pipeline``) know it before the download ends."""
+    import asyncio
+
+    from etl.core.records import Source
+    from etl.download.objects import stage_object
+
+    local = upload_trips(tmp_path, bucket)[1]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    told: list[tuple[int, bool]] = []
+    src = Source(0, f"s3://{bucket}/in/2026/trips-1.csv", "trips-1.csv", "csv")
+    staged = asyncio.run(
+        stage_object(src, staging, 4096, sized=lambda n: told.append((n, (staging / "trips-1.csv").exists())))
+    )
+    assert told == [(local.stat().st_size, False)]  # told once, before the staged file existed
+    assert staged.size == local.stat().st_size
