@@ -469,13 +469,32 @@ def _jsonl_batches(
 ) -> Iterator[pa.RecordBatch]:
     read = pajson.ReadOptions(block_size=block_size or JSON_BLOCK_BYTES)
     aside = consumed.aside
-    schema = _jsonl_schema(staged, read, cfg, None if aside is None else Aside(aside.set_aside, header=False))
+    if aside is not None:
+        noted = Aside(aside.set_aside, header=False)
+        try:
+            schema = _jsonl_schema(staged, read, cfg, noted)
+        except pa.ArrowInvalid:
+            if not noted.found or not _nothing_but_long_lines(staged, cfg, consumed):
+                raise
+            return  # every line was set aside (noted in ``consumed.aside``): no rows, no schema
+    else:
+        schema = _jsonl_schema(staged, read)
     parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
     with (
         _open_stream(staged, consumed, cfg) as stream,
         pajson.open_json(stream, read_options=read, parse_options=parse) as reader,
     ):
         yield from reader
+
+
+def _nothing_but_long_lines(staged: StagedFile, cfg: ReadConfig, consumed: Consumed) -> bool:
+    """Read the file through ``consumed``'s line filter: True when only blank text is left
+    (every record was set aside, and noted there)."""
+    with _open_stream(staged, consumed, cfg) as stream:
+        while block := stream.read(JSON_BLOCK_BYTES):
+            if block.strip():
+                return False
+    return True
 
 
 def _jsonl_schema(

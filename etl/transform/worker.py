@@ -70,7 +70,10 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
     types = typed_columns(spec.transform.steps) if chunk.kind == "csv" else {}
     df, malformed = decode_chunk(chunk, spec.read, spec.transform.on_error, types)
     decoded = time.perf_counter()
-    result, rejects = _run_steps(df, chunk, spec)
+    if chunk.set_aside and not len(df.columns):  # every record of a JSON Lines file set aside: no columns to step
+        result, rejects = df, None
+    else:
+        result, rejects = _run_steps(df, chunk, spec)
     if rejects is not None and types:
         # A reject's _raw holds the row's input values as text: parse the chunk as text and
         # run it again, so dead letters are the same as without typed parsing (rare: bad rows).

@@ -195,3 +195,48 @@ def test_many_long_lines_inside_one_read_are_each_set_aside_at_their_line(tmp_pa
     assert kept == [r[0] for r in rows if r[1] == "s"]
     first = 2 if fmt == "csv" else 1
     assert [d["line"] for d in dead] == [first + i for i in range(60) if i % 3 == 1]
+
+
+def test_a_jsonl_file_of_nothing_but_long_lines_is_all_set_aside_in_a_run(tmp_path: Path) -> None:
+    """No line left to infer a schema from: every line is a dead letter, the file adds no
+    rows and no columns (the steps, which name columns, do not run on it); the other file
+    is published."""
+    (tmp_path / "a.jsonl").write_bytes(
+        b"".join(b'{"id": "%d", "n": "' % i + b"x" * (3 << 20) + b'"}\n' for i in (1, 2))
+    )
+    (tmp_path / "b.jsonl").write_bytes(b'{"id": "3", "n": 5}\n{"id": "4", "n": 6}\n')
+    (tmp_path / "job.toml").write_text(
+        """
+[job]
+name = "long"
+state_dir = "state"
+[sources]
+urls = ["a.jsonl", "b.jsonl"]
+format = "jsonl"
+[read]
+max_record_bytes = "2MiB"
+[transform]
+on_error = "quarantine"
+steps = [{op = "cast", columns = {n = "int64"}}]
+[output]
+path = "out"
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(tmp_path / "job.toml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr
+    letters = [
+        json.loads(x) for f in (tmp_path / "out" / "_rejected").glob("*.jsonl") for x in f.read_text().splitlines()
+    ]
+    assert sorted((d["source"], d["line"]) for d in letters) == [("a.jsonl", 1), ("a.jsonl", 2)]
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist() == [
+        {"id": "3", "n": 5},
+        {"id": "4", "n": 6},
+    ]
