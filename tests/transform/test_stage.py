@@ -341,8 +341,12 @@ def test_failed_run_stops_every_worker_it_started(trips_dir: Path) -> None:
     job = write_job(
         folder, steps, out="leak", extra_transform="max_attempts = 1", sources=f'["{trips_dir}/trips-*.csv"]'
     )
+    # The run measures this process's tree, pytest included (600+ MiB late in a suite): under
+    # the default budget the memory guard would hold the second chunk back, and the first
+    # would wait for it forever.
+    roomy = load_job(job, ['resources.memory_limit="64GiB"'])
     with pytest.raises(WorkerCrashed, match="killed by SIGKILL"):
-        asyncio.run(run_job(load_job(job), RunOptions(run_id="leak")))
+        asyncio.run(run_job(roomy, RunOptions(run_id="leak")))
     workers = worker_pids(folder)
     assert len(workers) >= 2  # the hanging one and the killed one at least
     assert_all_gone(workers)
