@@ -267,7 +267,7 @@ class Run:
         self.read_bar = self.progress.stage("read", "chunks", by_bytes=True)
         self.transform_bar = self.progress.stage("transform", "rows", by_bytes=True)
         meter = self.stats.meters["download"]
-        sized = _Sized(self.files_q, self.read_bar, self.transform_bar)
+        sized = _Sized(self.files_q, self.read_bar, self.transform_bar, count=len(sources))
         files_out = MeteredPut(sized, meter, from_work=True, size=lambda f: f.size)
         with meter.working():
             stats = await download_stage(
@@ -351,17 +351,25 @@ class _Sized:
     transform bars' totals as soon as the stage knows it (``expect``: Content-Length, object
     or local size) and is corrected to the staged size when the file is put (a size not
     known before, e.g. chunked transfer, joins then). A source's size counts once however
-    often it is told (retries); a file the read stage skips leaves the totals (``_admit``)."""
+    often it is told (retries); a file the read stage skips leaves the totals (``_admit``).
+    Once every one of the ``count`` sources has a size the totals are final (``settle``),
+    before the downloads end."""
 
-    def __init__(self, queue: BoundedQueue[StagedFile], *bars: StageProgress) -> None:
-        self._queue, self._bars = queue, bars
+    def __init__(self, queue: BoundedQueue[StagedFile], *bars: StageProgress, count: int) -> None:
+        self._queue, self._bars, self._count = queue, bars, count
         self._known: dict[int, int] = {}  # source index -> bytes in the totals
         self._lock = threading.Lock()  # objects tell their size from a download thread
+        self._settled = False
 
     def expect(self, src: Source, nbytes: int) -> None:
         with self._lock:
             change = nbytes - self._known.get(src.index, 0)
             self._known[src.index] = nbytes
+            settle = not self._settled and len(self._known) >= self._count
+            self._settled |= settle
+        if settle:  # every size is known: the total is final with this one
+            for bar in self._bars:
+                bar.settle()
         if change:
             for bar in self._bars:
                 bar.expect(change)

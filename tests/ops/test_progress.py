@@ -288,13 +288,13 @@ def test_bars_leave_out_the_files_a_rerun_skips(tmp_path: Path) -> None:
 
 class _Watched(Progress):
     """Real bars that set ``known`` once the read bar's total reaches ``want`` bytes, and
-    remember whether the transform bar had counted anything by then."""
+    remember whether the total was final (``settle``) by then."""
 
     def __init__(self, want: int) -> None:
         super().__init__("off")
         self.want = want
         self.known = asyncio.Event()
-        self.totals_when_first_put: list[int] = []
+        self.final_when_known: bool | None = None
 
     def stage(self, name: str, unit: str, total: int | None = None, *, by_bytes: bool = False) -> StageProgress:
         sp = super().stage(name, unit, total, by_bytes=by_bytes)
@@ -304,37 +304,42 @@ class _Watched(Progress):
 
             def expect_and_watch(nbytes: int) -> None:
                 expect(nbytes)
-                if (bar.total or 0) >= watched.want:
+                if (bar.total or 0) >= watched.want and not watched.known.is_set():
+                    watched.final_when_known = bar.final
                     watched.known.set()
 
             sp.expect = expect_and_watch  # type: ignore[method-assign]  # a real bar, watched
         return sp
 
 
-@pytest.mark.parametrize("rerun", [False, True])
-def test_totals_come_from_content_length_before_any_download_ends(tmp_path: Path, rerun: bool) -> None:
+@pytest.mark.parametrize(("rerun", "chunked"), [(False, False), (False, True), (True, True)])
+def test_totals_come_from_content_length_before_any_download_ends(tmp_path: Path, rerun: bool, chunked: bool) -> None:
     """Every body is held by the server until the read bar's total equals the sum of the
-    Content-Lengths: the total is known while no download has ended (none could). A file sent
-    chunked (no Content-Length) joins when staged; the final count equals the total. On a
-    rerun, the unchanged files (304) leave the total and the changed one is counted once."""
+    Content-Lengths: the total is known while no download has ended (none could), and final
+    then when every file has one. A file sent chunked (no Content-Length) joins when staged;
+    the final count equals the total. On a rerun, the unchanged files (304) leave the total
+    and the changed one is counted once."""
     paths = _sources(tmp_path / "data", "csv.gz")
     sizes = [p.stat().st_size for p in paths]
+    finals: list[bool | None] = []
 
     async def run_once(srv: ScriptedServer, release_after: int, sampled: bool) -> tuple[Run, bool]:
         watched = _Watched(release_after)
-        gates = [Gate(watched.known, chunked=(k == 2)) for k in range(len(paths))]
+        gates = [Gate(watched.known, chunked=chunked and k == 2) for k in range(len(paths))]
         srv.scripts = {p.name: [gate] for p, gate in zip(paths, gates, strict=True)}
         if sampled:  # the planner samples the first source's head first (not a rerun: it has a staged copy)
             srv.scripts[paths[0].name].insert(0, Mutate(paths[0].read_bytes()))  # same bytes: served as is
         run = _job_run(tmp_path, [srv.url(p.name) for p in paths])
         run.progress = watched
         await run.execute()
+        finals.append(watched.final_when_known)
         return run, watched.known.is_set() and not any(g.timed_out for g in gates)
 
     async def main() -> None:
         async with ScriptedServer(tmp_path / "data") as srv:
-            run, known = await run_once(srv, sizes[0] + sizes[1], sampled=True)  # the chunked one cannot be known early
-            assert known
+            early = sum(sizes) - (sizes[2] if chunked else 0)  # the chunked one cannot be known early
+            run, known = await run_once(srv, early, sampled=True)
+            assert known and finals == [not chunked]
             for bar in (run.read_bar, run.transform_bar):
                 assert (bar.nbytes, bar.total, bar.final) == (sum(sizes), sum(sizes), True), bar.stage
             if not rerun:
