@@ -19,10 +19,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from etl import __version__
 from etl.core.config import JobConfig
+
+if TYPE_CHECKING:
+    from etl.core.records import Source
 from etl.core.errors import ConfigError, ETLError, ExitCode
 from etl.ops.logs import setup_logging
 
@@ -264,7 +267,7 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     from etl.run.commits import Commits
 
     sources = expand_sources(cfg)
-    plan = Commits(cfg, "dry-run", full_refresh).plan(sources)
+    plan = ask_servers(cfg, sources, Commits(cfg, "dry-run", full_refresh).plan(sources))
     print(
         f"job {cfg.job.name}: {len(sources)} sources -> {cfg.output.path} "
         f"(mode {cfg.output.mode}, {cfg.output.table_format or cfg.output.format}){' [full refresh]' if full_refresh else ''}"
@@ -276,6 +279,40 @@ def dry_run(cfg: JobConfig, full_refresh: bool) -> int:
     ask = f", {asked} to ask the server (skipped if not modified)" if asked else ""
     print(f"{len(sources) - skipped - asked} to process, {skipped} to skip{ask}; state in {cfg.job_state_dir}")
     return ExitCode.OK
+
+
+def ask_servers(cfg: JobConfig, sources: list[Source], plan: list[str]) -> list[str]:
+    """Where the plan says a conditional GET decides, ask now with a conditional HEAD and
+    the same validators, so the dry run says what the run will do."""
+    from etl.download.http import ask_not_modified
+    from etl.download.source_state import SourceState, conditional_headers
+
+    state_file = cfg.job_state_dir / "sources.json"
+    asked = [i for i, what in enumerate(plan) if what.startswith("conditional GET")]
+    if not asked or not state_file.exists():  # no state file: nothing to ask with (and nothing written)
+        return plan
+    state = SourceState.load(state_file)
+    asks = []
+    for i in asked:
+        src = sources[i]
+        asks.append(
+            (src, conditional_headers(state.entries.get(state.ident(src.url)), cfg.staging_dir / src.name, src))
+        )
+    answers = asyncio.run(ask_not_modified(cfg.download, [(s, v) for s, v in asks if v]))
+    answer = iter(answers)
+    out = list(plan)
+    for i, (_, validators) in zip(asked, asks):
+        got = next(answer) if validators else False  # no validators: the run sends a plain GET
+        how = plan[i].split("; ", 1)[1].split(" if not modified")[0]  # "skip" or "resume (...)"
+        if got is True:
+            out[i] = f"{how} (server: not modified)"
+        elif got is False:
+            out[i] = (
+                "fetch; skip if the content is unchanged, else process"
+                if not validators
+                else "fetch and process (server: modified)"
+            )
+    return out
 
 
 def load_and_check(path: Path, overrides: list[str]) -> JobConfig:

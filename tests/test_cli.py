@@ -324,6 +324,25 @@ def test_dry_run_predicts_skips_with_a_planned_chunk_size(tmp_path: Path, data: 
     assert {p: (tmp_path / "out" / p).read_bytes() for p in layout(tmp_path / "out")} == before
 
 
+def test_dry_run_asks_http_servers_and_predicts_what_the_run_does(tmp_path: Path, data: Path) -> None:
+    base, stop = serve_folder_in_thread(data)
+    try:
+        cfg = write(tmp_path, job_toml([f"{base}/t{k}.csv" for k in range(4)]))
+        first = run(cfg, "run", "--dry-run")
+        assert first.returncode == 0 and "0 to skip" in first.stdout and "server:" not in first.stdout
+        assert not (tmp_path / "state").exists()  # a dry run writes nothing, not even state
+        assert run(cfg).returncode == 0
+        write_trips_csv(data / "t2.csv", rows=50, seed=9, start_id=90_000)  # new content, new ETag
+        plan = run(cfg, "run", "--dry-run").stdout
+        assert plan.count("skip (server: not modified)") == 3 and plan.count("(server: modified)") == 1
+        assert "1 to process, 3 to skip" in plan and "to ask the server" not in plan
+        assert run(cfg).returncode == 0  # the run does what the dry run said
+        got = statuses(last_report(tmp_path / "state"))
+        assert got == {"t0.csv": "unchanged", "t1.csv": "unchanged", "t2.csv": "processed", "t3.csv": "unchanged"}
+    finally:
+        stop()
+
+
 def test_schema_and_validate_explain(tmp_path: Path, data: Path) -> None:
     schema = subprocess.run([sys.executable, RUN_PY, "schema"], check=True, capture_output=True, text=True)
     doc = json.loads(schema.stdout)

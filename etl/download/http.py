@@ -68,3 +68,21 @@ async def fetch_head(cfg: DownloadConfig, src: Source, limit: int) -> bytes:
             if len(head) >= limit:
                 break
         return bytes(head[:limit])
+
+
+async def ask_not_modified(cfg: DownloadConfig, asks: list[tuple[Source, dict[str, str]]]) -> list[bool | None]:
+    """A conditional HEAD per ``(source, validators)``, as the run's conditional GET would
+    ask: True for a 304 (the run reuses its copy), False for a 2xx (the run downloads),
+    None when the server cannot tell (an error, no HEAD support, a failed request)."""
+    async with client_session(cfg, force_close=True) as session:  # see check_sources
+
+        async def ask(src: Source, validators: dict[str, str]) -> bool | None:
+            headers = {**cfg.headers, **dict(src.headers), "Accept-Encoding": "identity", **validators}
+            try:
+                async with session.head(src.url, headers=headers, allow_redirects=True) as resp:
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+            return True if status == 304 else False if 200 <= status < 300 else None
+
+        return await asyncio.gather(*(ask(s, v) for s, v in asks))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.core import durable
+from etl.core.records import Source
 from etl.core.redact import state_secret, url_key
 
 log = logging.getLogger("etl.download")  # the download stage's logger: messages stay under its name
@@ -72,3 +73,26 @@ class SourceState:
                 sort_keys=True,
                 mode=durable.PRIVATE_MODE,
             )
+
+
+def conditional_headers(entry: dict[str, Any] | None, staged: Path, src: Source) -> dict[str, str]:
+    """``If-None-Match``/``If-Modified-Since`` for a conditional request of ``src``, from
+    its remembered ``entry``; none (a plain GET) when there is no entry, the staged copy a
+    304 would reuse is gone or has another size, or an expected checksum changed."""
+    if not entry:
+        return {}
+    try:
+        if staged.stat().st_size != entry.get("size"):
+            return {}
+    except FileNotFoundError:
+        return {}
+    for algo in ("sha256", "md5"):
+        wanted = getattr(src, algo)
+        if wanted and entry.get(algo) != wanted:
+            return {}  # the expected checksum changed: the old copy cannot be trusted
+    headers = {}
+    if entry.get("etag"):
+        headers["If-None-Match"] = entry["etag"]
+    if entry.get("last_modified"):
+        headers["If-Modified-Since"] = entry["last_modified"]
+    return headers

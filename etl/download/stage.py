@@ -86,7 +86,7 @@ from etl.download.checksums import (
 )
 from etl.download.http import client_session
 from etl.download.objects import stage_object
-from etl.download.source_state import SourceState
+from etl.download.source_state import SourceState, conditional_headers
 
 log = logging.getLogger("etl.download")
 
@@ -580,24 +580,9 @@ class _Transfer:
     # ----------------------------------------------------------- incremental
 
     def _conditional_headers(self) -> dict[str, str]:
-        entry = self.f.state.entries.get(self.ident)
-        if self.f.full_refresh or not entry:
+        if self.f.full_refresh:
             return {}
-        try:
-            if self.final.stat().st_size != entry.get("size"):
-                return {}
-        except FileNotFoundError:
-            return {}
-        for algo in ("sha256", "md5"):
-            wanted = getattr(self.src, algo)
-            if wanted and entry.get(algo) != wanted:
-                return {}  # the expected checksum changed: the old copy cannot be trusted
-        headers = {}
-        if entry.get("etag"):
-            headers["If-None-Match"] = entry["etag"]
-        if entry.get("last_modified"):
-            headers["If-Modified-Since"] = entry["last_modified"]
-        return headers
+        return conditional_headers(self.f.state.entries.get(self.ident), self.final, self.src)
 
     def _not_modified(self) -> StagedFile:
         self.f.stats.not_modified += 1
