@@ -55,10 +55,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -71,6 +72,11 @@ from etl.core.parts import file_name
 # Files open at once: more lets more partitions interleave without closing files early;
 # each costs a file handle and a Parquet writer's metadata (its buffered rows stay on disk).
 MAX_OPEN_FILES = 32
+# Most bytes of rows in one row group (values, plus 4 offset bytes per string): a row group of
+# very wide rows (131,072 rows of 20 KB is 2.6 GB) is cut sooner, at a row where this is
+# reached, so encoding holds at most this much plus one spooled piece. Larger groups read
+# faster; this is about 4 times the rows of a typical 131,072-row group of 100-byte rows.
+ROW_GROUP_MAX_BYTES = 64 << 20
 
 Load = Callable[[int, int], pa.Table]
 """``load(start, rows)``: rows ``start`` to ``start + rows`` of one piece (a spool file
@@ -327,19 +333,8 @@ class FileCutter:
 
     def _write(self, p: _Partition, job: _Job) -> None:
         assert job.segments is not None
-        tables = [s.load(s.start, s.rows) for s in job.segments]
-        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-        del tables
-        if p.file is None:
-            self._begin_file(p, table.schema)
-        if not table.schema.equals(p.schema, check_metadata=False):
-            table = _conform(table, p.schema, p.relpath)
-        table = _dictionaries_by_rows(table)
-        try:
-            p.writer.write_table(table, **({"row_group_size": table.num_rows} if self._parquet else {}))
-        except (pa.ArrowException, OSError) as e:
-            raise OutputError(f"cannot write {self.out.format}: {e}", item=p.relpath) from e
-        del table
+        for group in _groups_within_bytes(job.segments, ROW_GROUP_MAX_BYTES):
+            self._write_group(p, group)
         # The encoder's buffers (~20-30 MiB, measured) go back to the OS now: the allocator
         # (mimalloc) otherwise keeps them in this thread's heap while it waits for the next result
         pa.default_memory_pool().release_unused()
@@ -358,6 +353,21 @@ class FileCutter:
         assert p.file is not None
         if p.file.tell() >= self.out.target_file_size:
             self._close_file(p)
+
+    def _write_group(self, p: _Partition, tables: list[pa.Table]) -> None:
+        """Encode ``tables`` (consecutive rows) as one row group of the partition's file."""
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        tables.clear()
+        if p.file is None:
+            self._begin_file(p, table.schema)
+        if not table.schema.equals(p.schema, check_metadata=False):
+            table = _conform(table, p.schema, p.relpath)
+        table = _dictionaries_by_rows(table)
+        try:
+            p.writer.write_table(table, **({"row_group_size": table.num_rows} if self._parquet else {}))
+        except (pa.ArrowException, OSError) as e:
+            raise OutputError(f"cannot write {self.out.format}: {e}", item=p.relpath) from e
+        del table
 
     @property
     def _parquet(self) -> bool:
@@ -416,3 +426,60 @@ def _dictionaries_by_rows(table: pa.Table) -> pa.Table:
             dense = table.column(i).cast(f.type.value_type).combine_chunks()
             table = table.set_column(i, f, pc.dictionary_encode(dense).cast(f.type))
     return table
+
+
+def _groups_within_bytes(segments: list[_Segment], limit: int) -> Iterator[list[pa.Table]]:
+    """A row-group job's rows, loaded one segment at a time, as consecutive groups of at
+    most ``limit`` bytes (``row_bytes``; a single row larger than that is a group of its
+    own). Cuts depend only on the rows, never on where segments begin, so the output stays
+    the same whatever the chunk size. Rows are measured only once the loaded segments'
+    ``nbytes`` (never less than ``row_bytes``) passes the limit: usual rows never are."""
+    pending: list[pa.Table] = []
+    loose = 0  # nbytes of pending: an upper bound of its row_bytes
+    for seg in segments:
+        pending.append(seg.load(seg.start, seg.rows))
+        loose += pending[-1].nbytes
+        if loose <= limit:
+            continue
+        table = pa.concat_tables(pending, promote_options="permissive")
+        pending = []
+        sizes = np.cumsum(row_bytes(table))
+        start, base = 0, 0
+        while start < table.num_rows:
+            end = int(np.searchsorted(sizes, base + limit, side="right"))
+            if end == table.num_rows:  # the rest may still grow with the next segment
+                break
+            end = max(end, start + 1)
+            yield [table.slice(start, end - start)]
+            base, start = int(sizes[end - 1]), end
+        if start < table.num_rows:
+            pending = [table.slice(start)]
+            loose = int(sizes[-1]) - base
+        else:
+            loose = 0
+    if pending:
+        yield pending
+
+
+def row_bytes(table: pa.Table) -> np.ndarray:
+    """Bytes of each row: fixed-width values, string and binary lengths plus a 4-byte
+    offset, dictionary indices, a column of any other type at its average per row; never
+    more in sum than the table's ``nbytes`` (booleans count nothing)."""
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        t = column.type
+        if pa.types.is_dictionary(t):
+            total += t.index_type.bit_width // 8
+        elif (
+            pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t) or pa.types.is_large_binary(t)
+        ):
+            lengths = pc.fill_null(pc.binary_length(column), 0)
+            total += lengths.to_numpy(zero_copy_only=False).astype(np.int64) + 4
+        elif pa.types.is_boolean(t):
+            continue  # a bit each: counted as nothing, so the sum stays below nbytes
+        else:
+            try:
+                total += t.bit_width // 8
+            except ValueError:  # nested or variable types: their share, spread evenly
+                total += column.nbytes // max(table.num_rows, 1)
+    return total

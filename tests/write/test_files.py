@@ -108,6 +108,33 @@ def test_bytes_depend_on_the_rows_only_not_on_chunks_or_their_arrival_order(tmp_
     assert all(r == results[0] for r in results[1:])
 
 
+def wide_frame(rows: int, seed: int, start: int) -> pd.DataFrame:
+    """Rows of 0.2-3 KB (a free-text column of varying length)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(200, 3_000, rows)
+    return pd.DataFrame({"id": np.arange(start, start + rows, dtype="int64"), "text": ["x" * int(n) for n in sizes]})
+
+
+def test_very_wide_rows_cut_row_groups_by_bytes_at_the_same_rows_whatever_the_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = 96 << 10
+    monkeypatch.setattr(files, "ROW_GROUP_MAX_BYTES", limit)
+    sources = [wide_frame(700, 0, 0), wide_frame(300, 1, 700)]
+    results = []
+    for n, (rows, shuffle) in enumerate([(700, None), (64, 1), (333, 2), (1, 3)]):
+        out = OutputConfig(path=tmp_path / f"out{n}", target_file_size="1GiB", row_group_size=100_000)
+        results.append(cut(out, chunked(sources, rows), shuffle=shuffle))
+    assert all(r == results[0] for r in results[1:])  # the same bytes, cut at the same rows
+    (name,) = results[0]
+    pf = pq.ParquetFile(tmp_path / "out0" / name)
+    assert pf.metadata.num_row_groups > 10  # not one 100,000-row group: 1,000 rows of ~1.6 KB
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.read_row_group(g)
+        assert int(files.row_bytes(group).sum()) <= limit
+    assert pf.read().column("id").to_pylist() == list(range(1_000))
+
+
 def test_more_partitions_than_open_files_close_the_least_recent_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
