@@ -49,6 +49,11 @@ REJECTS_DIR = "_rejected"  # readers (pyarrow, Spark) skip folders starting with
 SPOOL_DIR = "_spool"  # in a run's temp folder: the workers' pieces, until publish
 APPEND_LIST = ".append-parts"  # in a run's temp folder: the parts an append publish is moving
 _INDEXED_NAME = re.compile(r"^(part|rejected)-\d{5}-")
+# Most bytes of rows in one row group (values, plus 4 offset bytes per string): a row group of
+# very wide rows (131,072 rows of 20 KB is 2.6 GB) is cut sooner, at a row where this is
+# reached, so encoding holds at most this much plus one spooled piece. Larger groups read
+# faster; this is about 4 times the rows of a typical 131,072-row group of 100-byte rows.
+ROW_GROUP_MAX_BYTES = 64 << 20
 PIECE_EXT = "arrow"  # a chunk's rows of one partition, as the workers hand them over
 _PIECE_NAME = re.compile(r"^part-(\d{5})-(\d{6})((?:-h[01]+)?)\.arrow$")
 

@@ -67,16 +67,11 @@ import pyarrow.parquet as pq
 
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
-from etl.core.parts import file_name
+from etl.core.parts import ROW_GROUP_MAX_BYTES, file_name
 
 # Files open at once: more lets more partitions interleave without closing files early;
 # each costs a file handle and a Parquet writer's metadata (its buffered rows stay on disk).
 MAX_OPEN_FILES = 32
-# Most bytes of rows in one row group (values, plus 4 offset bytes per string): a row group of
-# very wide rows (131,072 rows of 20 KB is 2.6 GB) is cut sooner, at a row where this is
-# reached, so encoding holds at most this much plus one spooled piece. Larger groups read
-# faster; this is about 4 times the rows of a typical 131,072-row group of 100-byte rows.
-ROW_GROUP_MAX_BYTES = 64 << 20
 
 Load = Callable[[int, int], pa.Table]
 """``load(start, rows)``: rows ``start`` to ``start + rows`` of one piece (a spool file
