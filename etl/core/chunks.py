@@ -32,7 +32,7 @@ import codecs
 import csv
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import numpy as np
@@ -149,13 +149,7 @@ def parse_csv_chunk(
     read, parse, convert = csv_options(cfg, columns=chunk.columns)
     bad: list[tuple[int, str, str]] = []  # (record number within the chunk, reason, raw text)
     if on_error != "fail":
-
-        def skip(row: pacsv.InvalidRow) -> str:
-            reason = f"expected {row.expected_columns} fields as in the header, got {row.actual_columns}"
-            bad.append((row.number or 0, reason, row.text))
-            return "skip"
-
-        parse.invalid_row_handler = skip
+        parse.invalid_row_handler = _rejecter(bad)
     try:
         try:
             table = pacsv.read_csv(
@@ -190,6 +184,18 @@ def parse_csv_chunk(
     return _frame(chunk, table, bad)
 
 
+def _rejecter(bad: list[tuple[int, str, str]]) -> Callable[[pacsv.InvalidRow], str]:
+    """pyarrow's invalid-row handler: a row with the wrong number of fields is noted in
+    ``bad`` (record number within the chunk, reason, raw text) and skipped."""
+
+    def skip(row: pacsv.InvalidRow) -> str:
+        reason = f"expected {row.expected_columns} fields as in the header, got {row.actual_columns}"
+        bad.append((row.number or 0, reason, row.text))
+        return "skip"
+
+    return skip
+
+
 def _typed_parse(
     chunk: Chunk, cfg: ReadConfig, on_error: str, types: Mapping[str, pa.DataType]
 ) -> tuple[pd.DataFrame, pd.DataFrame | None] | None:
@@ -206,15 +212,9 @@ def _typed_parse(
         return None
     read, parse, convert = csv_options(cfg, columns=chunk.columns)
     convert.column_types = column_types
-    bad: list[tuple[int, str, str]] = []
+    bad: list[tuple[int, str, str]] = []  # (record number within the chunk, reason, raw text)
     if on_error != "fail":
-
-        def skip(row: pacsv.InvalidRow) -> str:
-            reason = f"expected {row.expected_columns} fields as in the header, got {row.actual_columns}"
-            bad.append((row.number or 0, reason, row.text))
-            return "skip"
-
-        parse.invalid_row_handler = skip
+        parse.invalid_row_handler = _rejecter(bad)
     try:
         table = pacsv.read_csv(
             pa.py_buffer(chunk.data), read_options=read, parse_options=parse, convert_options=convert
