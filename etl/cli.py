@@ -191,7 +191,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return bench_command(args)
     if args.command == "serve":
-        from etl.core.config import parse_size
+        from etl.core.units import parse_size
         from etl.ops.serve import run_forever
 
         bandwidth = parse_size(args.bandwidth) if args.bandwidth else None

@@ -1,13 +1,10 @@
 """The typed job model: one class per section of the job file, validated once at start-up.
 
-``load_job(path, overrides)`` is the only entry point:
-
-1. parse the TOML file (``tomllib``);
-2. apply ``--set key.path=value`` overrides to the raw tables;
-3. resolve ``${ENV_VAR}`` (and ``${ENV_VAR:-default}``) in every string;
-4. validate into ``JobConfig``; unknown keys, wrong types and missing keys raise
-   ``ConfigError`` naming the key path (``transform.steps[2].expr``) and the file;
-5. resolve relative paths against the job file's folder.
+``load_job(path, overrides)`` is the only entry point: ``etl.core.jobfile`` reads the
+TOML, applies the ``ETL__…`` and ``--set`` overrides, resolves ``${ENV_VAR}`` and turns
+validation errors into one ``ConfigError`` naming the key path and the file; then relative
+paths resolve against the job file's folder. Sizes and shares (``"64MiB"``, ``"5%"``) are
+parsed by ``etl.core.units``.
 
 Every model forbids unknown keys. Every model is plain, picklable data: the transform
 stage sends ``TransformConfig`` to worker processes.
@@ -15,24 +12,17 @@ stage sends ``TransformConfig`` to worker processes.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from etl.core.errors import ConfigError
-
-_UNION_TAG = re.compile(r"^(constrained-\w+|int|float|str|bool|none|(literal|list|dict|function-\w+)\[.*\])$")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+from etl.core import jobfile
+from etl.core.units import parse_share, parse_size
 
 
 class Model(BaseModel):
@@ -372,27 +362,6 @@ class OutputConfig(Model):
 
 # ----------------------------------------------------------------------- resources
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(text: str) -> int:
-    """``"4GiB"`` → 4294967296. Raises ValueError naming the value."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"expected a size like '512MiB' or '4GiB', got {text!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
-
 
 class ResourcesConfig(Model):
     memory_limit: str = "auto"
@@ -418,16 +387,6 @@ class ResourcesConfig(Model):
 ColumnCheckName = Literal["not_null", "unique", "accepted_values", "min", "max"]
 RunCheckName = Literal["min_rows", "max_rows", "max_rejected", "max_drop", "not_empty"]
 CheckValue = bool | int | float | str
-
-
-def _share(v: Any) -> Any:
-    """``"50%"`` → 0.5; a plain number is already a share (0.5)."""
-    if isinstance(v, str) and v.strip().endswith("%"):
-        try:
-            return float(v.strip()[:-1]) / 100
-        except ValueError:
-            raise ValueError(f"expected a share like '5%' or 0.05, got {v!r}") from None
-    return v
 
 
 class ColumnChecks(Model):
@@ -507,7 +466,7 @@ class ChecksConfig(Model):
     warn: list[RunCheckName] = []
     """Run checks that only warn: logged and reported, and the run still publishes."""
 
-    _parse_shares = field_validator("max_rejected", "max_drop", mode="before")(_share)
+    _parse_shares = field_validator("max_rejected", "max_drop", mode="before")(parse_share)
 
     @property
     def row_checks(self) -> bool:
@@ -552,11 +511,8 @@ class JobConfig(Model):
 
 # --------------------------------------------------------------------------- loading
 
-ENV_PREFIX = "ETL__"
-"""``ETL__TRANSFORM__WORKERS=4`` overrides ``transform.workers`` (``__`` between key parts)."""
 LOADER_KEYS = frozenset({"base_dir", "file"})
 """Keys the loader sets itself; never written in a job file, left out of the JSON Schema."""
-SUGGEST_CUTOFF = 0.6  # difflib similarity for "did you mean": lower suggests noise, higher misses typos
 
 
 def load_job(
@@ -577,284 +533,25 @@ def load_job_explained(
     raised as one ``ConfigError``."""
     path = Path(path)
     environ = os.environ if environ is None else environ
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("job file not found", file=str(path)) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"not valid TOML: {e}", file=str(path)) from None
-    origins: dict[str, str] = {}
-    problems: list[tuple[str, str]] = []
-    for origin, item in [*env_overrides(environ), *(("--set", o) for o in overrides or [])]:
-        try:
-            origins[apply_override(raw, item, file=str(path))] = origin
-        except ConfigError as e:
-            problems.append((e.item, f"{e.message} ({origin})"))
-    raw = _resolve_env(raw, "", environ, problems)
+    raw, origins, problems = jobfile.read_raw(path, overrides or [], environ, tags=STEP_OPS)
     base = path.resolve().parent
     raw["base_dir"] = str(base)
     raw["file"] = str(path)
     if isinstance(raw.get("transform", {}), dict):
         raw.setdefault("transform", {})["base_dir"] = str(base)
-    try:
-        cfg = JobConfig.model_validate(raw)
-    except ValidationError as e:
-        problems += _problems(e.errors(), origins, {k for k, _ in problems})
-    if problems:
-        key, message = problems[0]
-        raise ConfigError(message, key=key, file=str(path), problems=problems)
+    cfg = jobfile.validate(JobConfig, raw, path, origins, problems, hidden=LOADER_KEYS, tags=STEP_OPS)
     return _resolve_paths(cfg, base), origins
-
-
-def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``(origin, "key.path=value")`` for every ``ETL__…`` variable, sorted by name.
-
-    ``ETL__DOWNLOAD__TIMEOUT__READ=5`` is ``download.timeout.read=5``; a part made of
-    digits is a list index (``ETL__TRANSFORM__STEPS__0__EXPR``); names are lower-cased."""
-    out = []
-    for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
-            continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        key = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".")
-        out.append((f"environment {name}", f"{key}={environ[name]}"))
-    return out
-
-
-def apply_override(raw: dict[str, Any], item: str, *, file: str = "") -> str:
-    """Apply one ``key.path=value`` (``transform.steps[0].expr=...``); value parsed as TOML.
-    Returns the key path, written the way error messages write it."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key.path=value, got {item!r}", file=file)
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word is a string: --set output.format=csv
-    parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        index: int | str = int(part) if part.isdigit() else part
-        if isinstance(node, list):
-            if not isinstance(index, int) or index >= len(node):
-                raise ConfigError(f"--set: no list item {part!r}", key=key, file=file)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"--set: {part!r} is inside a value, not a table", key=key, file=file)
-        if last:
-            node[index] = value
-        else:
-            if isinstance(node, dict) and index not in node:
-                node[index] = {}
-            node = node[index]
-    return key_path(tuple(int(p) if p.isdigit() else p for p in parts))
-
-
-def key_path(loc: tuple[Any, ...]) -> str:
-    """Pydantic's ``loc`` as a job-file key path: ``transform.steps[2].expr``."""
-    out = ""
-    prev: Any = None
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(prev, int) and part in STEP_OPS:
-            pass  # the discriminated union adds the step's op to the path; the user never wrote it
-        elif _UNION_TAG.match(part):
-            pass  # likewise for a plain union's member type ("constrained-int", "literal['auto']")
-        else:
-            out += f".{part}" if out else str(part)
-        prev = part
-    return out
-
-
-def _problems(errors: list[ErrorDetails], origins: dict[str, str], known: set[str]) -> list[tuple[str, str]]:
-    """Every validation error as (key path, message), each once, unknown keys first.
-
-    A misspelt key shows up twice (unknown + missing); the missing one is dropped when the
-    unknown one's suggestion names it. Keys already reported (an unset ``${VAR}``) are not
-    repeated. A key set by an override says which one."""
-    out: list[tuple[str, str]] = []
-    suggested: set[str] = set()
-    for err in sorted(errors, key=lambda err: err["type"] != "extra_forbidden"):
-        key = key_path(err["loc"])
-        if err["type"] == "missing" and key in suggested or key in known:
-            continue
-        message = _message(err)
-        if err["type"] == "extra_forbidden":
-            names = sorted(_field_names(err["loc"][:-1]) - LOADER_KEYS)
-            match = difflib.get_close_matches(str(err["loc"][-1]), names, n=1, cutoff=SUGGEST_CUTOFF)
-            if match:
-                message += f"; did you mean {match[0]!r}?"
-                suggested.add(key.rpartition(".")[0] + "." + match[0] if "." in key else match[0])
-            elif names:
-                message += f"; known keys here: {', '.join(names)}"
-        origin = next((o for k, o in reversed(origins.items()) if key == k or key.startswith((k + ".", k + "["))), None)
-        by = f" (set by {origin})" if origin else ""
-        same = next((i for i, (k, _) in enumerate(out) if k == key), None)
-        if same is not None:  # one line per key: a union's members each add an error
-            out[same] = (key, f"{out[same][1].removesuffix(by)}, or {message}{by}")
-            continue
-        out.append((key, message + by))
-    return out
-
-
-def _message(err: ErrorDetails) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key"
-    if err["type"] == "missing":
-        return "required key is missing"
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    message = f"{err['msg']}{shown}"
-    ctx = err.get("ctx") or {}
-    if err["type"] == "union_tag_invalid":
-        choices, got = [str(t).strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")], ctx.get("tag")
-        message = f"unknown op {got!r} (one of: {', '.join(choices)})"
-    elif err["type"] == "literal_error":
-        choices, got = re.findall(r"'([^']*)'", str(ctx.get("expected", ""))), value
-    else:
-        return message
-    match = difflib.get_close_matches(str(got), choices, n=1, cutoff=SUGGEST_CUTOFF)
-    return f"{message}; did you mean {match[0]!r}?" if match else message
-
-
-def _models(tp: Any) -> list[type[BaseModel]]:
-    """The models a field's annotation can hold (through Annotated, unions, Optional)."""
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return [tp]
-    if get_origin(tp) in (Union, UnionType):
-        return [m for a in get_args(tp) for m in _models(a)]
-    return []
-
-
-def _field_names(loc: tuple[Any, ...]) -> set[str]:
-    """The keys allowed at ``loc`` (a pydantic location, tags included)."""
-    types: list[Any] = [JobConfig]
-    for part in loc:
-        models = [m for t in types for m in _models(t)]
-        if isinstance(part, int):
-            types = [get_args(t)[0] for t in types for t in _unwrap_list(t)]
-        elif fields := [f for m in models for n, f in m.model_fields.items() if part in (n, f.alias)]:
-            types = [f.annotation for f in fields]
-        elif part in STEP_OPS:
-            types = [
-                m for m in models if "op" in m.model_fields and get_args(m.model_fields["op"].annotation) == (part,)
-            ]
-        # else: a plain union's member tag; the same types go on
-    return {f.alias or name for t in types for m in _models(t) for name, f in m.model_fields.items()}
-
-
-def _unwrap_list(tp: Any) -> list[Any]:
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    if get_origin(tp) is list:
-        return [tp]
-    if get_origin(tp) in (Union, UnionType):
-        return [x for a in get_args(tp) for x in _unwrap_list(a)]
-    return []
-
-
-def _resolve_env(node: Any, where: str, environ: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
-    if isinstance(node, dict):
-        return {k: _resolve_env(v, f"{where}.{k}" if where else k, environ, problems) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve_env(v, f"{where}[{i}]", environ, problems) for i, v in enumerate(node)]
-    if isinstance(node, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in environ:
-                return environ[name]
-            if default is not None:
-                return default
-            problems.append((where, f"environment variable ${{{name}}} is not set"))
-            return m.group(0)
-
-        return _ENV_REF.sub(sub, node)
-    return node
-
-
-def env_references(path: Path) -> list[tuple[str, str, bool]]:
-    """``(key path, VAR, has a default)`` for every ``${VAR}`` in a job file's strings."""
-    found: list[tuple[str, str, bool]] = []
-
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{where}.{k}" if where else k)
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{where}[{i}]")
-        elif isinstance(node, str):
-            found.extend((where, m.group(1), m.group(2) is not None) for m in _ENV_REF.finditer(node))
-
-    walk(tomllib.loads(path.read_text(encoding="utf-8")), "")
-    return found
 
 
 def json_schema() -> dict[str, Any]:
     """The job file's JSON Schema (every key with its description), for editors."""
-    schema = JobConfig.model_json_schema()
-    for props in [schema["properties"], *(d.get("properties", {}) for d in schema.get("$defs", {}).values())]:
-        for key in LOADER_KEYS:
-            props.pop(key, None)
-    schema["required"] = [k for k in schema.get("required", []) if k not in LOADER_KEYS]
-    defs = schema.get("$defs", {})
-    for props in [schema["properties"], *(d.get("properties", {}) for d in defs.values())]:
-        for prop in props.values():
-            if isinstance(prop.get("default"), dict):
-                for key in LOADER_KEYS:
-                    prop["default"].pop(key, None)
-            if "description" in prop:
-                continue
-            if "const" in prop:  # a step's op
-                prop["description"] = f"The step: {prop['const']!r}."
-            elif "$ref" in prop:  # a section: its class docstring
-                prop["description"] = defs[prop["$ref"].rsplit("/", 1)[-1]].get("description", "")
-    schema["title"] = "cronetl job file"
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return schema
+    return jobfile.json_schema(JobConfig, hidden=LOADER_KEYS, title="cronetl job file")
 
 
 def explain(cfg: JobConfig, origins: dict[str, str], path: Path) -> list[str]:
     """Every resolved setting with where it came from: ``default``, ``job file``,
     ``environment ETL__…`` or ``--set``. Header values are redacted."""
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    data = cfg.model_dump(
-        mode="json", by_alias=True, exclude={"base_dir": True, "file": True, "transform": {"base_dir"}}
-    )
-    lines: list[str] = []
-
-    def in_file(parts: list[str | int]) -> bool:
-        node: Any = raw
-        for p in parts:
-            if isinstance(node, dict) and p in node or isinstance(node, list) and isinstance(p, int) and p < len(node):
-                node = node[p]  # type: ignore[index]  # guarded above: p is a key of the dict or an index of the list
-            else:
-                return False
-        return True
-
-    def walk(node: Any, parts: list[str | int]) -> None:
-        if isinstance(node, dict) and node and not (parts and parts[-1] in ("headers", "params", "columns", "values")):
-            for k, v in node.items():
-                walk(v, [*parts, k])
-            return
-        if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
-            for i, v in enumerate(node):
-                walk(v, [*parts, i])
-            return
-        key = key_path(tuple(parts))
-        origin = next(
-            (o for k, o in reversed(origins.items()) if key == k or key.startswith((k + ".", k + "["))),
-            "job file" if in_file(parts) else "default",
-        )
-        shown = {k: "***" for k in node} if parts[-1] == "headers" and isinstance(node, dict) else node
-        lines.append(f"{key} = {json.dumps(shown, ensure_ascii=False)}    # {origin}")
-
-    walk(data, [])
-    return lines
+    return jobfile.explain(cfg, origins, path, exclude={"base_dir": True, "file": True, "transform": {"base_dir"}})
 
 
 def _resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:

@@ -20,8 +20,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from etl.core.config import ENV_PREFIX, JobConfig, env_references
+from etl.core.config import JobConfig
 from etl.core.errors import ConfigError
+from etl.core.jobfile import ENV_PREFIX, env_references
 
 MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "@reboot")
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")

@@ -35,8 +35,9 @@ from typing import Any
 
 import psutil
 
-from etl.core.config import JobConfig, parse_size
+from etl.core.config import JobConfig
 from etl.core.machine import Machine, machine
+from etl.core.units import parse_size
 
 log = logging.getLogger("etl.resources")
 

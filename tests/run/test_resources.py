@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from etl.core.config import JobConfig, parse_size
+from etl.core.config import JobConfig
 from etl.core.machine import Machine
+from etl.core.units import parse_size
 from etl.ops.datagen import generate
 from etl.run.resources import PLAN_SHARE, CostModel, Probe, memory_budget, plan_for
 
