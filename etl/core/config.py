@@ -288,7 +288,10 @@ class TransformConfig(Model):
     max_attempts: int = Field(default=3, ge=1)
     """Attempts per chunk when its worker crashes or times out."""
     chunk_timeout: float | None = Field(default=None, gt=0)
-    """Seconds one chunk may run before its worker is killed and the chunk retried."""
+    """Seconds one chunk may run. The process executor kills its worker and retries the
+    chunk, Dask abandons the attempt and retries it; a thread cannot be stopped, so under
+    ``thread`` and ``serial`` the run fails at once naming the chunk (exit 1) and leaves
+    the thread behind (the process still exits)."""
     stall_timeout: float = Field(default=60.0, gt=0)
     """Seconds with chunks in flight, no worker on any of them and no attempt started or
     ended, before the watchdog resubmits them (each a failed attempt: past ``max_attempts``

@@ -18,12 +18,18 @@ between workers, so no death can stall or wedge the others (see ``ProcessExecuto
 A pool that cannot start workers at all (``MAX_START_FAILURES`` in a row: the fork server
 killed again and again) fails every chunk queued or in flight with one error (exit 1)
 naming them all, the first ``MAX_NAMED_CHUNKS`` and a count, so none waits for a worker.
+
+The thread (and serial) executor cannot kill a thread: a chunk past ``chunk_timeout``
+fails the run at once with a ``ChunkTimeout`` that is not retryable (exit 1, naming the
+chunk), and its thread, a daemon, is left behind, so the process still exits promptly
+(see ``ThreadExecutor``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import multiprocessing
 import os
@@ -31,6 +37,7 @@ import queue
 import select
 import signal
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +68,9 @@ WORKER_EXIT_GRACE = 3.0
 # Chunks a broken pool's error names one by one; beyond, a count: enough to find them in
 # the log, short enough that the error stays one readable line.
 MAX_NAMED_CHUNKS = 10
+# Seconds close() waits for a thread past its chunk's chunk_timeout deadline before leaving
+# it behind: enough for a chunk that was just finishing; a thread that is done stops at once.
+THREAD_STOP_GRACE = 1.0
 
 
 @dataclass
@@ -143,32 +153,147 @@ class Executor(ABC):
 
 
 class ThreadExecutor(Executor):
-    """``serial`` is this with one thread: the same code path, the reference output."""
+    """Chunks on threads of this process; ``serial`` is this with one thread (the reference).
 
-    def __init__(self, spec: WorkerSpec, workers: int) -> None:
+    ``timeout`` (``transform.chunk_timeout``): a thread cannot be killed, so a chunk that
+    runs past it cannot be stopped or retried in this process. Its attempt fails at once
+    with a ``ChunkTimeout`` that is not retryable (the run fails, exit 1, naming the chunk),
+    and the thread is abandoned: the threads are daemons that ``close()`` does not wait for
+    past a chunk's deadline, so a chunk stuck for good never keeps the run's process from
+    exiting. The clock starts when a thread takes the chunk, not while it is queued.
+    """
+
+    def __init__(self, spec: WorkerSpec, workers: int, timeout: float | None = None) -> None:
         self.workers = workers
+        self._timeout = timeout
         init_worker(spec)
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="transform")
-        self._running = 0
-        self._lock = threading.Lock()
+        # Unbounded by type, bounded in use: the dispatcher submits at most in_flight chunks.
+        self._tasks: queue.SimpleQueue[_ThreadTask | None] = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [_ChunkThread(self._tasks, n) for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     async def run(self, chunk: Chunk) -> ChunkResult:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_chunk, chunk)
-
-    def _run_chunk(self, chunk: Chunk) -> ChunkResult:
-        with self._lock:
-            self._running += 1
+        if self._closed:
+            raise RuntimeError("the thread executor is closed")
+        loop = asyncio.get_running_loop()
+        future: concurrent.futures.Future[ChunkResult] = concurrent.futures.Future()
+        running = asyncio.wrap_future(future)
+        if self._timeout is None:
+            self._tasks.put(_ThreadTask(chunk, future, None))
+            return await running
+        timeout = self._timeout
+        holder: _ChunkThread | None = None
         try:
-            return run_chunk(chunk)
-        finally:
-            with self._lock:
-                self._running -= 1
+            async with asyncio.timeout(None) as deadline:
+
+                def arm() -> None:  # on the loop, as a thread takes the chunk
+                    if not running.done():  # still awaited: the ``with`` has not ended
+                        deadline.reschedule(loop.time() + timeout)
+
+                self._tasks.put(_ThreadTask(chunk, future, functools.partial(loop.call_soon_threadsafe, arm)))
+                return await running
+        except TimeoutError:
+            if not deadline.expired():  # a step's own TimeoutError
+                raise
+            holder = next((t for t in self._threads if t.holding is chunk), None)
+            if holder is not None:
+                holder.abandoned = True
+        log.warning(
+            "%s: still running after transform.chunk_timeout = %ss; its thread %s is left behind",
+            chunk.label,
+            timeout,
+            holder.name if holder is not None else "?",
+            extra={"stage": "transform", "source": chunk.source_name},
+        )
+        error = ChunkTimeout(
+            f"chunk ran longer than transform.chunk_timeout = {timeout}s; the thread executor cannot "
+            "interrupt a running chunk, so it is not retried and the run stops (its thread is left "
+            'behind). With transform.executor = "process" a chunk past the timeout is killed and '
+            "retried (as two halves after an out-of-memory kill)",
+            item=chunk.label,
+            signal="timeout (a thread cannot be stopped)",
+        )
+        error.retryable = False
+        raise error
 
     def busy(self) -> int:
-        return self._running
+        return sum(thread.holding is not None for thread in self._threads)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Abandon queued chunks and stop the threads: wait for a running chunk (until its
+        ``chunk_timeout`` deadline, if one is set), never for one past it."""
+        if self._closed:
+            return
+        self._closed = True
+        while True:  # chunks no thread took: abandoned
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task.future.cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            if thread.abandoned:
+                continue
+            if self._timeout is None:
+                thread.join()
+                continue
+            started = thread.started
+            deadline = (started if started is not None else time.monotonic()) + self._timeout
+            thread.join(max(0.0, deadline - time.monotonic()) + THREAD_STOP_GRACE)
+            if thread.is_alive():
+                thread.abandoned = True
+                log.warning(
+                    "transform thread %s is still on a chunk past transform.chunk_timeout; left behind",
+                    thread.name,
+                    extra={"stage": "transform"},
+                )
+
+
+@dataclass
+class _ThreadTask:
+    chunk: Chunk
+    future: concurrent.futures.Future[ChunkResult]
+    started: Callable[[], object] | None
+    """Called (on the thread) as a thread takes the chunk: starts its ``chunk_timeout`` clock."""
+
+
+class _ChunkThread(threading.Thread):
+    """One of the thread executor's threads: a daemon, so one left on a stuck chunk never
+    holds the process at exit (``concurrent.futures``' pool joins its threads at exit)."""
+
+    def __init__(self, tasks: queue.SimpleQueue[_ThreadTask | None], number: int) -> None:
+        super().__init__(name=f"transform-{number}", daemon=True)
+        self.tasks = tasks
+        self.holding: Chunk | None = None
+        """The chunk this thread is on now (the watchdog's ``busy``)."""
+        self.started: float | None = None
+        """``time.monotonic()`` when it took that chunk."""
+        self.abandoned = False
+        """Its chunk ran past ``chunk_timeout``: nobody waits for this thread any more."""
+
+    def run(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            if not task.future.set_running_or_notify_cancel():
+                continue  # abandoned before it started (the run is stopping)
+            self.started, self.holding = time.monotonic(), task.chunk
+            if task.started is not None:
+                try:
+                    task.started()
+                except RuntimeError:  # the loop is closed: nobody awaits the chunk
+                    pass
+            try:
+                result = run_chunk(task.chunk)
+            except BaseException as e:  # every outcome reaches the awaiting chunk
+                _settle(task.future, error=e)
+            else:
+                _settle(task.future, result=result)
+            finally:
+                self.holding = self.started = None
 
 
 def mp_context() -> multiprocessing.context.BaseContext:

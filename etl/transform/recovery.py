@@ -12,6 +12,8 @@ one attempt and reports a dead, killed or timed-out worker as ``WorkerCrashed`` 
   pieces of a chunk are leaves of one binary tree, so no name is a prefix of another and
   sorting the names still gives the serial row order. The pieces' results are merged into
   the chunk's one ``ChunkResult`` (dead-letter rows into its one ``rejected-…`` file).
+* a ``ChunkTimeout`` that is not ``retryable`` (the thread executor's: the chunk's thread
+  is still running it and cannot be stopped) fails the run at once, whatever ``on_error``.
 * other crashes, timeouts and pieces too small to split are retried as they are, up to
   ``max_attempts`` attempts per piece; then ``on_error = "fail"`` fails the run with the
   piece's source file, row range and signal, while ``"quarantine"`` sets the piece aside
@@ -95,6 +97,8 @@ class ChunkRunner:
                 result = await (running if self.watchdog is None else self.watchdog.watch(running, chunk))
             except WorkerCrashed as e:
                 e.attempts = attempt
+                if not e.retryable:  # the thread executor's timeout: the chunk is still running
+                    raise
                 if type(e) is WorkerCrashed and e.signal == OOM_KILL and chunk.rows >= 2 * MIN_SPLIT_ROWS:
                     halves = await asyncio.to_thread(split_chunk, chunk)
                     if halves is not None:

@@ -73,9 +73,9 @@ log = logging.getLogger("etl.transform")
 def make_executor(cfg: TransformConfig, spec: WorkerSpec, workers: int, budget: int | None = None) -> Executor:
     """``budget``: the run's memory budget in bytes; a local Dask cluster splits it among its workers."""
     if cfg.executor == "serial":
-        return ThreadExecutor(spec, 1)
+        return ThreadExecutor(spec, 1, cfg.chunk_timeout)
     if cfg.executor == "thread":
-        return ThreadExecutor(spec, workers)
+        return ThreadExecutor(spec, workers, cfg.chunk_timeout)
     if cfg.executor == "process":
         return ProcessExecutor(spec, workers, cfg.chunk_timeout)
     from etl.transform.distributed import (

@@ -9,6 +9,8 @@ import os
 import random
 import signal
 import struct
+import subprocess
+import sys
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -81,8 +83,18 @@ def pid(df):
 
 
 def slow_on(df, trip_id, seconds):
-    if (df["trip_id"] == trip_id).any():
+    if trip_id == "*" or (df["trip_id"] == trip_id).any():
         threading.Event().wait(seconds)
+    return df
+
+
+RELEASE = threading.Event()
+
+
+def block_on(df, trip_id):
+    """Blocks on the chunk holding trip_id until RELEASE is set: in a run's process, for good."""
+    if (df["trip_id"] == trip_id).any():
+        RELEASE.wait()
     return df
 '''
 
@@ -597,3 +609,97 @@ def test_thread_executor_a_slow_chunk_is_no_stall_the_watchdog_leaves_it(tmp_pat
 
 def published(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------- the thread executor's chunk_timeout (issue 21)
+#
+# A thread cannot be killed: a chunk past chunk_timeout fails the run at once (not retried,
+# not set aside) and its thread is left behind, so the process still exits.
+
+BLOCKED_TRIP = "250"  # in chunk 3 of trips.csv at chunk_rows = 80
+
+
+def hook_module() -> Any:
+    import importlib
+
+    return importlib.import_module(HOOK_MODULE)  # the executor's init_worker put its folder on sys.path
+
+
+@pytest.mark.parametrize("on_error", ["fail", "quarantine"])
+async def test_thread_executor_chunk_past_the_timeout_fails_at_once_and_close_does_not_wait(
+    tmp_path: Path, trips: Path, on_error: str
+) -> None:
+    make_job(tmp_path, hook_step("block_on", f'trip_id = "{BLOCKED_TRIP}"') + STEPS, executor="thread")
+    cfg = load_job(tmp_path / "job-thread.toml", [f"transform.on_error={on_error}"])
+    chunks = chunks_of(trips, cfg)
+    ex = ThreadExecutor(spec_of(cfg), 2, 0.5)
+    hooks = hook_module()
+    try:
+        runner = ChunkRunner(ex, cfg.transform, TransformStats(), cfg.read)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(runner.run(c) for c in chunks), return_exceptions=True), HANG_GUARD
+        )
+        blocked = [c for c, o in zip(chunks, outcomes, strict=True) if isinstance(o, BaseException)]
+        assert len(blocked) == 1  # every other chunk has its result
+        error = outcomes[chunks.index(blocked[0])]
+        assert isinstance(error, ChunkTimeout) and not error.retryable
+        assert error.item == blocked[0].label and error.attempts == 1  # not retried, not set aside
+        assert "thread executor cannot interrupt" in error.message and 'executor = "process"' in error.message
+        assert ex.busy() == 1  # the thread is still on it
+        await asyncio.wait_for(asyncio.to_thread(ex.close), HANG_GUARD)  # returns with the thread left behind
+    finally:
+        hooks.RELEASE.set()  # let the left-behind thread end, for the next tests
+        ex.close()
+    for thread in ex._threads:
+        thread.join(HANG_GUARD)
+    hooks.RELEASE.clear()
+
+
+async def test_thread_executor_timeout_starts_when_a_thread_takes_the_chunk(tmp_path: Path, trips: Path) -> None:
+    """One thread, 5 chunks of 0.4 s each: each runs well within chunk_timeout = 1.5 s, so
+    none times out, though the last one ends 2 s after it was submitted."""
+    cfg = make_job(tmp_path, hook_step("slow_on", "trip_id = TRIP, seconds = 0.4").replace("TRIP", '"*"') + STEPS)
+    chunks = chunks_of(trips, cfg)
+    assert len(chunks) >= 5
+    ex = ThreadExecutor(spec_of(cfg), 1, 1.5)
+    try:
+        results = await asyncio.wait_for(run_all(ex, chunks), HANG_GUARD)
+    finally:
+        ex.close()
+    assert sum(r.rows_in for r in results) == 400
+
+
+def test_thread_run_past_chunk_timeout_exits_1_naming_the_chunk_and_the_process_ends(
+    tmp_path: Path, trips: Path
+) -> None:
+    """A real ``run.py`` on threads whose step blocks for good on one chunk: it exits 1
+    within seconds (not waiting for the thread), the error names the chunk and says why it
+    was not retried, and the output of the run before is untouched. 3 runs."""
+    ok = make_job(tmp_path, executor="serial")
+    blocked = make_job(tmp_path, hook_step("block_on", f'trip_id = "{BLOCKED_TRIP}"') + STEPS, executor="thread")
+    assert ok.output.path == blocked.output.path
+    chunk = next(c for c in chunks_of(trips, blocked) if f"\n{BLOCKED_TRIP},".encode() in c.data)
+    root = Path(__file__).resolve().parents[2]
+
+    def run(job: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(root / "run.py"), "--config", str(tmp_path / job), "--quiet", *extra],
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD,  # a hang fails the test here
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    first = run("job-serial.toml")
+    assert first.returncode == ExitCode.OK, first.stderr
+    before = published(tmp_path / "out")
+    assert before
+    for _ in range(ROUNDS):
+        proc = run("job-thread.toml", "--set", "transform.chunk_timeout=1", "--set", "transform.max_attempts=3")
+        assert proc.returncode == ExitCode.FAILED, proc.stderr
+        assert chunk.label in proc.stderr  # source file, chunk number, lines
+        assert "chunk_timeout = 1.0s" in proc.stderr and "thread executor cannot interrupt" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "retrying" not in proc.stderr  # not retried
+        assert published(tmp_path / "out") == before
