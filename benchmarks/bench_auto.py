@@ -14,7 +14,7 @@ the reference machine, and ``--auto`` starts from what a plain run plans.
 1. Generates (once) or reuses the job's dataset in ``--data-dir`` and points the job at it
    through the ``BENCH_*`` variables (local files by default; ``--http`` serves them).
 2. Runs the full grid of the ``--vary`` candidates, then ``--auto`` over the same candidates,
-   each with ``etl.ops.bench.Bench`` in this process (every run is still its own ``run.py``
+   each with ``etl.ops.bench_runs.Bench`` in this process (every run is still its own ``run.py``
    process, after one unmeasured warm-up per search: a plain run, whose plan is auto's
    start). Grid points whose settings do not fit the budget are flagged.
 3. Prints a Markdown table: points and runs of each search, the grid's best point, the
@@ -44,21 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.common import REPO, Server, machine
 from benchmarks.run_transform import dataset
 from etl.core.errors import ETLError, ExitCode
-from etl.ops.bench import (
-    AUTO_MIN_GAIN,
-    Bench,
-    Interrupted,
-    PointResult,
-    auto_search,
-    grid,
-    ladders,
-    memory_line,
-    parse_vary,
-    point_key,
-    ranked,
-    recommended,
-    write_outputs,
-)
+from etl.ops.bench import memory_line, ranked, recommended, write_outputs
+from etl.ops.bench_runs import Bench, Interrupted, PointResult, grid, parse_vary, point_key
+from etl.ops.bench_search import AUTO_MIN_GAIN, auto_search, ladders
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VARY = ["transform.workers=1,2,3", "read.chunk_rows=25000,50000,100000,200000", "download.concurrency=2,8"]
