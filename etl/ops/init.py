@@ -223,7 +223,7 @@ def _jsonl_head(text: bytes, source: str) -> Head:
 
 
 def _loosen(t: pa.DataType) -> pa.DataType:
-    """The JSON Lines reader's rule (``etl.read.formats``): timestamps and nulls pyarrow
+    """The JSON Lines reader's rule (``etl.read.readers``): timestamps and nulls pyarrow
     infers become strings, as later rows may hold any text."""
     return pa.string() if pa.types.is_null(t) or pa.types.is_timestamp(t) else t
 

@@ -1,4 +1,4 @@
-"""Bytes in and out of Arrow: staged files become chunks; tables become output file bytes.
+"""Staged files become chunks: the reader picked by format, exact chunks, clear errors.
 
 Reading (``read_chunks``, called from the parent's reader thread pool)
     In: a ``StagedFile`` (CSV, JSON Lines or Parquet; CSV/JSONL may be ``.gz``, ``.zst``,
@@ -13,103 +13,30 @@ Reading (``read_chunks``, called from the parent's reader thread pool)
     Every failure raises ``DataError`` naming the source, the chunk, the line when it can
     be found, and what pyarrow reported.
 
-IPC (``encode_ipc``/``decode_ipc``): how chunks cross the process boundary.
+The readers themselves are ``etl.read.readers`` (one per format), the decompressed stream
+and the byte count each chunk carries ``etl.read.streams``; this module picks the reader,
+cuts exact chunks and turns a reader's failure into the ``DataError``.
 
-(Output files are encoded in the workers: ``etl.core.parts``.)
+(Chunks cross the process boundary as Arrow IPC: ``etl.core.chunks``. Output files are
+encoded in the workers: ``etl.core.parts``.)
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
-import json
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
-from isal import igzip
-from isal.igzip_lib import IsalError
 
-from etl.core.chunks import csv_options, encode_ipc, text_encoding, undecodable
+from etl.core.chunks import encode_ipc, text_encoding
 from etl.core.config import ReadConfig
 from etl.core.errors import DataError
 from etl.core.records import Chunk, StagedFile
 from etl.read.csv_cut import split_csv, splittable
-from etl.read.long_lines import Aside, LongLines
-
-CSV_BLOCK_BYTES = 4 << 20
-"""Bytes pyarrow parses per CSV block: bigger means fewer round trips and more memory per
-reader thread; one CSV row (embedded newlines included) must fit in a block."""
-JSON_BLOCK_BYTES = 8 << 20
-"""Bytes per JSON Lines block. The first block is also the sample the file's schema is
-inferred from, so bigger means fewer "type changed later in the file" errors."""
-
-# What a broken compressed stream raises: pyarrow's streams, ISA-L's gzip, Python's file objects.
-# (isal's stubs declare IsalError as an instance, ``IsalError: Exception``; it is a class.)
-STREAM_ERRORS: tuple[type[Exception], ...] = (
-    pa.ArrowException,
-    OSError,
-    EOFError,
-    cast("type[Exception]", IsalError),
-)
-
-COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
-
-BatchSource = Callable[[StagedFile, ReadConfig, int | None, "Consumed"], Iterator[pa.RecordBatch]]
-Found = tuple[int, str]  # (1-based data row, what is wrong with it)
-Locator = Callable[[StagedFile, ReadConfig, int | None, int, Exception], Found | None]
-
-
-# ------------------------------------------------------------------------------ IPC
-
-
-class Consumed:
-    """How far into the file as stored a reader has got: each chunk's ``source_bytes``.
-
-    Compressed files count compressed bytes: the position of the raw file under the
-    decompressor. That is known at once, never goes back, and sums exactly to the size on
-    disk, the total the progress bars get from staged sizes and Content-Length. The other
-    choice, the decompressed share scaled, needs the decompressed size, which gzip records
-    only at the end of the file and modulo 4 GiB (zstd and bz2 not at all). The position
-    runs ahead of a chunk by the decompressor's read-ahead (a few hundred KiB), so a chunk
-    may be counted a little early, never twice; the last chunk of a file is read when the
-    raw file is at its end, so a file's chunks add up to its size. Parquet counts the share
-    of its rows read (its footer is read first, so the position says nothing)."""
-
-    def __init__(self, size: int, aside: Aside | None = None) -> None:
-        self.size = size
-        self.aside = aside
-        """Where lines too long are noted (JSON Lines, reader-parsed CSV): see ``etl.read.long_lines``."""
-        self.counted = 0
-        self._raw: BinaryIO | None = None
-        self._at: int | None = None
-
-    def watch(self, raw: BinaryIO) -> None:
-        """The raw file the decompressor reads (a second pass's replaces the first's)."""
-        self._raw, self._at = raw, None
-
-    def reach(self, position: int) -> None:
-        """Set the position directly (Parquet: the share of rows read)."""
-        self._at = position
-
-    def take(self) -> int:
-        """Bytes consumed since the last call."""
-        if self._at is not None:
-            position = self._at
-        elif self._raw is None or self._raw.closed:
-            position = self.size  # the stream is done with (or was never opened): all of it
-        else:
-            position = self._raw.tell()
-        n = max(min(position, self.size) - self.counted, 0)
-        self.counted += n
-        return n
+from etl.read.long_lines import Aside
+from etl.read.readers import BATCH_SOURCES, JSON_BLOCK_BYTES, LOCATORS, BatchSource
+from etl.read.streams import STREAM_ERRORS, Consumed, file_size, is_blank, open_stream, where
 
 
 def read_chunks(
@@ -138,13 +65,13 @@ def read_chunks(
     and handed on as a chunk of its own that holds only its line and first bytes
     (``Chunk.set_aside``), for the worker to reject; otherwise it fails the file.
     """
-    read_batches = _BATCH_SOURCES.get(staged.source.format)
+    read_batches = BATCH_SOURCES.get(staged.source.format)
     if read_batches is None:
         raise DataError(
-            f"unknown input format {staged.source.format!r}; expected one of {', '.join(sorted(_BATCH_SOURCES))}",
+            f"unknown input format {staged.source.format!r}; expected one of {', '.join(sorted(BATCH_SOURCES))}",
             item=staged.source.name,
         )
-    size = _file_size(staged)
+    size = file_size(staged)
     if size == 0:
         return
     consumed = Consumed(size)
@@ -199,10 +126,10 @@ def _set_aside_chunks(staged: StagedFile, consumed: Consumed, schema: pa.Schema 
 
 def _text_chunks(staged: StagedFile, cfg: ReadConfig, consumed: Consumed, set_aside: bool) -> Iterator[Chunk]:
     try:
-        with _open_stream(staged, consumed) as stream:
+        with open_stream(staged, consumed) as stream:
             yield from split_csv(stream, staged, cfg, set_aside=set_aside)
     except STREAM_ERRORS as e:
-        raise DataError(f"cannot read csv file {_where(staged)}: {e}", item=staged.source.name) from e
+        raise DataError(f"cannot read csv file {where(staged)}: {e}", item=staged.source.name) from e
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -269,7 +196,7 @@ def _check_record_sizes(staged: StagedFile, cfg: ReadConfig, batch: pa.RecordBat
         return
     row = before + int(pc.index(sizes, pc.max(sizes)).as_py()) + 1
     raise _long_line(staged, cfg) or DataError(
-        f"cannot read {staged.source.format} file {_where(staged)}: data row {row} holds "
+        f"cannot read {staged.source.format} file {where(staged)}: data row {row} holds "
         f"{pc.max(sizes).as_py()} bytes of text, more than read.max_record_bytes ({cfg.max_record_bytes}); "
         "raise it if records this long are real",
         item=f"{staged.source.name}[chunk {(row - 1) // cfg.chunk_rows}]",
@@ -293,22 +220,22 @@ def _guarded(
             delivered += batch.num_rows
             yield batch
     except STREAM_ERRORS + (UnicodeError,) as e:  # UnicodeError: read.encoding
-        if delivered == 0 and _is_blank(staged):
+        if delivered == 0 and is_blank(staged):
             return  # a compressed empty file, or only blank lines: no rows, not an error
         raise _read_error(staged, cfg, block_size, delivered, e) from e
 
 
 def _read_error(staged: StagedFile, cfg: ReadConfig, block_size: int | None, delivered: int, e: Exception) -> DataError:
     src = staged.source
-    where = _where(staged)
+    place = where(staged)
     if _straddles(e):  # even at max_record_bytes: the locators would read that record whole
         return _long_line(staged, cfg) or DataError(
-            f"cannot read {src.format} file {where}: a record at or after data row {delivered + 1} is longer "
+            f"cannot read {src.format} file {place}: a record at or after data row {delivered + 1} is longer "
             f"than read.max_record_bytes ({cfg.max_record_bytes} bytes); raise it if records this long are real"
             + ("; otherwise a quoted field never closes" if src.format == "csv" else ""),
             item=f"{src.name}[chunk {delivered // cfg.chunk_rows}]",
         )
-    locate = _LOCATORS.get(src.format)
+    locate = LOCATORS.get(src.format)
     found = locate(staged, cfg, block_size, delivered, e) if locate else None
     row, detail = (
         (found[0], f"{found[1]} (pyarrow: {e})")
@@ -316,7 +243,7 @@ def _read_error(staged: StagedFile, cfg: ReadConfig, block_size: int | None, del
         else (delivered + 1, f"{e} (at or after data row {delivered + 1})")
     )
     return DataError(
-        f"cannot read {src.format} file {where}: {detail}",
+        f"cannot read {src.format} file {place}: {detail}",
         item=f"{src.name}[chunk {(row - 1) // cfg.chunk_rows}]",
     )
 
@@ -327,7 +254,7 @@ def _long_line(staged: StagedFile, cfg: ReadConfig) -> DataError | None:
     if not _by_lines(staged, cfg):
         return None
     try:
-        with _open_stream(staged, None, cfg, Aside(False, header=staged.source.format == "csv")) as stream:
+        with open_stream(staged, None, cfg, Aside(False, header=staged.source.format == "csv")) as stream:
             while stream.read(JSON_BLOCK_BYTES):
                 pass
     except DataError as e:
@@ -335,290 +262,3 @@ def _long_line(staged: StagedFile, cfg: ReadConfig) -> DataError | None:
     except STREAM_ERRORS:
         return None
     return None
-
-
-def _where(staged: StagedFile) -> str:
-    src = staged.source
-    return src.url if src.url == str(staged.path) else f"{src.url} (staged as {staged.path})"
-
-
-def _file_size(staged: StagedFile) -> int:
-    try:
-        return staged.path.stat().st_size
-    except OSError as e:
-        raise DataError(f"cannot open staged file {staged.path}: {e.strerror}", item=staged.source.name) from e
-
-
-def _compression(staged: StagedFile) -> str | None:
-    for name in (staged.path.name, staged.source.name):
-        codec = COMPRESSION_BY_SUFFIX.get(Path(name).suffix.lower())
-        if codec:
-            return codec
-    return None
-
-
-def _open_stream(
-    staged: StagedFile, consumed: Consumed | None = None, cfg: ReadConfig | None = None, aside: Aside | None = None
-) -> BinaryIO:
-    """The file's decompressed bytes; gzip through ISA-L (pyarrow's zlib is ~3.5x slower).
-    ``consumed`` watches the raw file under the decompressor. With ``cfg`` and an ``aside``
-    (``consumed``'s unless given), lines longer than ``read.max_record_bytes`` are taken out
-    (``etl.read.long_lines``)."""
-    codec = _compression(staged)
-    if codec is None:
-        stream: BinaryIO = open(staged.path, "rb")
-        raw = stream
-    elif codec == "gzip":
-        stream = cast(BinaryIO, igzip.open(staged.path, "rb"))  # type: ignore[no-untyped-call]  # isal's igzip.open has no annotations
-        raw = cast(BinaryIO, stream.fileobj)  # type: ignore[attr-defined]  # GzipFile's raw file; not in the BinaryIO protocol
-    else:
-        raw = open(staged.path, "rb")
-        stream = io.BufferedReader(pa.input_stream(raw, compression=codec))  # closes ``raw`` when closed
-    if consumed is not None:
-        consumed.watch(raw)
-        aside = aside or consumed.aside
-    if cfg is not None and aside is not None:
-        encoding = text_encoding(cfg.encoding) if staged.source.format == "csv" else "utf-8"
-        stream = cast(BinaryIO, LongLines(stream, staged, cfg.max_record_bytes, aside, encoding))
-    return stream
-
-
-def _is_blank(staged: StagedFile) -> bool:
-    """True when the decompressed file holds only whitespace (error path only)."""
-    try:
-        with _open_stream(staged) as stream:
-            while block := stream.read(1 << 20):
-                if block.strip():
-                    return False
-    except STREAM_ERRORS:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------- CSV
-
-
-def _csv_batches(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
-) -> Iterator[pa.RecordBatch]:
-    read, parse, convert = csv_options(cfg, block_size=block_size or CSV_BLOCK_BYTES)
-    with (
-        _open_stream(staged, consumed, cfg) as stream,
-        pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert) as reader,
-    ):
-        reader.schema.names  # noqa: B018 - raises UnicodeError here for a header that is not valid text
-        yield from reader
-
-
-def _locate_csv_error(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, skip: int, error: Exception
-) -> Found | None:
-    """Find the first record after the ``skip`` already read whose field count differs
-    from the header's (error path only: pyarrow does not number the rows it rejects)."""
-    if isinstance(error, UnicodeError) or "invalid UTF8" in str(error):
-        return _locate_bad_text(staged, cfg.encoding)
-    if "CSV parse error" not in str(error):
-        return None  # not a row-shape problem: counting fields would blame the wrong row
-    try:
-        with _open_stream(staged) as stream:
-            text = io.TextIOWrapper(stream, encoding=cfg.encoding, errors="replace", newline="")
-            records = csv.reader(text, delimiter=cfg.delimiter)
-            width = len(next(records, []))
-            rows = 0
-            for record in records:
-                if not record:
-                    continue  # pyarrow skips empty lines too
-                rows += 1
-                if rows > skip and len(record) != width:
-                    return rows, (
-                        f"line {records.line_num} (data row {rows}): expected {width} fields "
-                        f"as in the header, got {len(record)}: "
-                        f"{cfg.delimiter.join(record)[:80]!r}"
-                    )
-    except STREAM_ERRORS + (csv.Error, LookupError):
-        return None
-    return None
-
-
-def _locate_bad_text(staged: StagedFile, encoding: str) -> Found | None:
-    """The first line that is not valid ``encoding`` text (error path only; read in blocks)."""
-    decoder = codecs.getincrementaldecoder(text_encoding(encoding))()
-    line, offset = 1, 0
-    try:
-        with _open_stream(staged) as stream:
-            while block := stream.read(1 << 20):
-                try:
-                    decoder.decode(block)
-                except UnicodeError as e:
-                    start = min(max(getattr(e, "start", 0), 0), len(block))
-                    where = undecodable(block[: start + 4], encoding, line) or f"line {line}: not {encoding} text"
-                    row = line + block.count(b"\n", 0, start) - 1  # the header is line 1
-                    return max(row, 1), f"{where} (byte {offset + start} of the decompressed file)"
-                line += block.count(b"\n")
-                offset += len(block)
-    except STREAM_ERRORS:
-        return None
-    return None
-
-
-# ---------------------------------------------------------------------- JSON Lines
-
-
-def _jsonl_batches(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
-) -> Iterator[pa.RecordBatch]:
-    read = pajson.ReadOptions(block_size=block_size or JSON_BLOCK_BYTES)
-    aside = consumed.aside
-    if aside is not None:
-        noted = Aside(aside.set_aside, header=False)
-        try:
-            schema = _jsonl_schema(staged, read, cfg, noted)
-        except pa.ArrowInvalid:
-            if not noted.found or not _nothing_but_long_lines(staged, cfg, consumed):
-                raise
-            return  # every line was set aside (noted in ``consumed.aside``): no rows, no schema
-    else:
-        schema = _jsonl_schema(staged, read)
-    parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
-    with (
-        _open_stream(staged, consumed, cfg) as stream,
-        pajson.open_json(stream, read_options=read, parse_options=parse) as reader,
-    ):
-        yield from reader
-
-
-def _nothing_but_long_lines(staged: StagedFile, cfg: ReadConfig, consumed: Consumed) -> bool:
-    """Read the file through ``consumed``'s line filter: True when only blank text is left
-    (every record was set aside, and noted there)."""
-    with _open_stream(staged, consumed, cfg) as stream:
-        while block := stream.read(JSON_BLOCK_BYTES):
-            if block.strip():
-                return False
-    return True
-
-
-def _jsonl_schema(
-    staged: StagedFile, read: pajson.ReadOptions, cfg: ReadConfig | None = None, aside: Aside | None = None
-) -> pa.Schema:
-    """The schema pyarrow infers from the first block, loosened (see ``_loosen``); with an
-    ``aside``, from the lines not too long."""
-    with _open_stream(staged, None, cfg, aside) as stream, pajson.open_json(stream, read_options=read) as first:
-        return pa.schema([f.with_type(_loosen(f.type)) for f in first.schema])
-
-
-def _loosen(t: pa.DataType) -> pa.DataType:
-    """Null and inferred timestamp types become string: later rows may hold any text."""
-    if pa.types.is_null(t) or pa.types.is_timestamp(t):
-        return pa.string()
-    if pa.types.is_list(t):
-        return pa.list_(_loosen(t.value_type))
-    if pa.types.is_struct(t):
-        return pa.struct([f.with_type(_loosen(f.type)) for f in t])
-    return t
-
-
-def _locate_json_error(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, skip: int, error: Exception
-) -> Found | None:
-    """Find the first bad line after the ``skip`` records already read (error path only).
-
-    pyarrow numbers rows within a block, not the file, so the file is re-read here:
-    records up to ``skip`` are passed over unparsed, then each line is checked.
-    """
-    read = pajson.ReadOptions(block_size=block_size or JSON_BLOCK_BYTES)
-    try:
-        schema: pa.Schema | None = _jsonl_schema(staged, read)
-    except (pa.ArrowException, OSError):
-        schema = None  # the first block itself is broken: check the syntax only
-    try:
-        with _open_stream(staged) as stream:
-            records = 0
-            for number, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                records += 1
-                if records > skip and (problem := _json_line_problem(line, schema)):
-                    return records, f"line {number}: {problem}"
-    except STREAM_ERRORS:
-        return None  # e.g. broken compression: pyarrow's message is all there is
-    return None
-
-
-def _json_line_problem(line: bytes, schema: pa.Schema | None) -> str | None:
-    try:
-        record = json.loads(line)
-    except ValueError as e:
-        return f"not valid JSON ({e})"
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {line.strip()[:80]!r}"
-    if schema is None:
-        return None
-    for key, value in record.items():
-        index = schema.get_field_index(key)
-        if index < 0:
-            return (
-                f"field {key!r} is not in the schema inferred from the file's first block "
-                f"(fields: {', '.join(schema.names)})"
-            )
-        field = schema.field(index)
-        if not _fits(value, field.type):
-            return (
-                f"field {key!r} holds {value!r}, but the file's first block made it "
-                f"{field.type}; every row must fit the types inferred from that block"
-            )
-    return None
-
-
-def _fits(value: Any, t: pa.DataType) -> bool:
-    """Whether pyarrow's JSON reader can put this parsed JSON value into type ``t``."""
-    if value is None:
-        return True
-    if pa.types.is_boolean(t):
-        return isinstance(value, bool)
-    if pa.types.is_integer(t):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if pa.types.is_floating(t):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if pa.types.is_string(t):
-        return isinstance(value, str)
-    if pa.types.is_list(t):
-        return isinstance(value, list) and all(_fits(v, t.value_type) for v in value)
-    if pa.types.is_struct(t):
-        return isinstance(value, dict)
-    return True  # a type not inferred by the JSON reader: do not guess
-
-
-# -------------------------------------------------------------------------- Parquet
-
-
-def _parquet_batches(
-    staged: StagedFile, cfg: ReadConfig, block_size: int | None, consumed: Consumed
-) -> Iterator[pa.RecordBatch]:
-    if _compression(staged):
-        raise DataError(
-            f"{staged.path.name}: Parquet compresses inside the file; an outer "
-            f"{_compression(staged)} layer is not supported, decompress it first",
-            item=staged.source.name,
-        )
-    with pq.ParquetFile(staged.path) as f:
-        total, read = max(f.metadata.num_rows, 1), 0
-        consumed.reach(0)
-        for batch in f.iter_batches(batch_size=cfg.chunk_rows):
-            read += batch.num_rows
-            consumed.reach(consumed.size * read // total)
-            yield batch
-
-
-_BATCH_SOURCES: dict[str, BatchSource] = {
-    "csv": _csv_batches,
-    "jsonl": _jsonl_batches,
-    "parquet": _parquet_batches,
-}
-
-_LOCATORS: dict[str, Locator] = {
-    "csv": _locate_csv_error,
-    "jsonl": _locate_json_error,
-}
-
-
-# ------------------------------------------------------------------------- encoding

@@ -11,7 +11,7 @@ the file is read on. Memory stays at about ``max_record_bytes`` plus one read. T
 costs a copy of every byte, so it runs only with ``transform.on_error = "skip" |
 "quarantine"``; under ``fail`` pyarrow finds the long record (a block it straddles, or
 ``_check_record_sizes``) and the file is read through ``LongLines`` once more, without
-``set_aside``, to fail naming the line (``formats._long_line``).
+``set_aside``, to fail naming the line (``etl.read.formats``).
 
 Limits: a record is a line here. That is exact for JSON Lines (a JSON string cannot hold a
 raw newline); for CSV a quoted field spanning lines, each shorter than the limit, is still

@@ -17,7 +17,8 @@ import psutil
 from etl.core.chunks import record_end
 from etl.core.config import ReadConfig
 from etl.core.records import Chunk, Source, StagedFile
-from etl.read.formats import COMPRESSION_BY_SUFFIX, read_chunks
+from etl.read.formats import read_chunks
+from etl.read.streams import COMPRESSION_BY_SUFFIX
 
 MAX_SAMPLE_RATIO = 16  # text kept per compressed byte of the head: CSV gzips 5-10x; more is a bomb's padding
 MIN_SAMPLE_TEXT = 1 << 20  # ... but at least this much text, so that a tiny head still gives whole records
