@@ -157,7 +157,9 @@ class WorkerCrashed(ETLError):
 
 
 class ChunkTimeout(WorkerCrashed):
-    """A chunk ran longer than ``transform.chunk_timeout``; its worker was killed."""
+    """A chunk ran longer than ``transform.chunk_timeout``; its worker was killed (process),
+    or the attempt abandoned (Dask). The thread executor's is not ``retryable``: a thread
+    cannot be stopped, so the run fails at once."""
 
 
 class OutputError(ETLError):
