@@ -30,12 +30,17 @@ writer threads, the forkserver, transform workers) every ``SAMPLE_INTERVAL_S`` f
 every process seen; a process that exits loses at most its last interval, when it is idle).
 It is the run's only sampler: each sample's tree RSS is handed to its ``listeners`` (the
 memory guard, etl/memguard.py), so /proc is scanned once per interval, off the event loop.
+On Linux a sample reads only the tree: each process's children from
+``/proc/<pid>/task/<tid>/children`` and its CPU and RSS from one ``/proc/<pid>/stat`` (about
+0.3 ms a tick for a default run's tree); elsewhere, psutil, which finds children by reading
+every process on the machine (about 2 ms a tick with 77 processes, more on a busy host).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -217,15 +222,8 @@ class TreeSampler:
     def sample(self) -> int:
         """Take one sample (blocking: /proc reads); the tree's RSS in bytes."""
         rss = 0
-        for proc in [self._root, *self._children()]:
-            try:
-                with proc.oneshot():
-                    key = (proc.pid, proc.create_time())
-                    rss += proc.memory_info().rss
-                    t = proc.cpu_times()
-                    cpu = t.user + t.system
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue  # exited between the listing and the read
+        for key, cpu, mem in self._read_tree():
+            rss += mem
             if not self._started:
                 self._first_cpu[key] = cpu
             self._last_cpu[key] = cpu
@@ -233,6 +231,28 @@ class TreeSampler:
         self.samples += 1
         self.peak_rss = max(self.peak_rss, rss)
         return rss
+
+    def _read_tree(self) -> Iterator[tuple[tuple[int, float], float, int]]:
+        """((pid, start time), CPU seconds, RSS bytes) of each process in the tree."""
+        if _PROC_CHILDREN:
+            todo = [self._root.pid]
+            while todo:
+                pid = todo.pop()
+                stat = _proc_stat(pid)
+                if stat is None:
+                    continue  # exited since its parent listed it
+                yield stat
+                todo += _proc_children(pid)
+            return
+        for proc in [self._root, *self._children()]:
+            try:
+                with proc.oneshot():
+                    key = (proc.pid, proc.create_time())
+                    mem = proc.memory_info().rss
+                    t = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue  # exited between the listing and the read
+            yield key, t.user + t.system, mem
 
     def _children(self) -> list[psutil.Process]:
         try:
@@ -260,6 +280,41 @@ class TreeSampler:
             self._task.cancel()
             self._task = None
             self.sample()
+
+
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+"""Linux with CONFIG_PROC_CHILDREN: a process's children can be listed without a scan."""
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _proc_stat(pid: int) -> tuple[tuple[int, float], float, int] | None:
+    """((pid, start time in ticks), user + system CPU seconds, RSS bytes) from one read of
+    ``/proc/<pid>/stat``; None if the process has gone (a zombie still tells its final CPU)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()  # the name may hold spaces and ")"
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return (pid, float(fields[19])), cpu, int(fields[21]) * _PAGE  # starttime, rss pages
+
+
+def _proc_children(pid: int) -> list[int]:
+    """The process's children, whichever of its threads started them."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    children: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            continue  # the thread ended since the listing
+    return children
 
 
 # ----------------------------------------------------------------------- the run

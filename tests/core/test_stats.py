@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from etl.core import stats
 from etl.core.config import load_job
 from etl.core.stats import MEMORY_LIMIT_SHARE, STAGES, TreeSampler, bottleneck, bottleneck_line
 from etl.ops.report import format_summary
@@ -167,6 +169,45 @@ def test_tree_sampler_counts_child_processes(tmp_path: Path) -> None:
         sampler.sample()
         own = psutil.Process().memory_info().rss
         assert sampler.peak_rss >= own + (200 << 20) * 0.9
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("children_file", [True, False], ids=["proc-children", "psutil"])
+def test_tree_sampler_counts_grandchildren_cpu(monkeypatch: pytest.MonkeyPatch, children_file: bool) -> None:
+    """Both ways of walking the tree (Linux's children files, psutil's scan) find a
+    grandchild started by a thread other than the main one and count its CPU seconds."""
+    if children_file and not stats._PROC_CHILDREN:
+        pytest.skip("no /proc/<pid>/task/<tid>/children on this kernel")
+    monkeypatch.setattr(stats, "_PROC_CHILDREN", children_file)
+    burn = (
+        "import sys, time\n"
+        "print('ready', flush=True); sys.stdin.readline(); t = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\n"
+        "print('done', flush=True); sys.stdin.read()"
+    )
+    # The child starts the grandchild from a thread, so it hangs off that thread's children file.
+    middle = (
+        "import subprocess, sys, threading\n"
+        "def start():\n"
+        f"    global g; g = subprocess.Popen([sys.executable, '-c', {burn!r}], stdin=subprocess.PIPE)\n"
+        "t = threading.Thread(target=start); t.start(); t.join()\n"
+        "sys.stdin.readline(); g.stdin.write(b'go\\n'); g.stdin.flush(); sys.stdin.read(); g.kill(); g.wait()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", middle], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"ready\n"  # the grandchild's, through the inherited stdout
+        sampler = TreeSampler()
+        sampler.sample()
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"done\n"
+        sampler.sample()
+        grandchild = psutil.Process(child.pid).children()[0]
+        assert {os.getpid(), child.pid, grandchild.pid} <= {pid for pid, _ in sampler._last_cpu}
+        assert sampler.cpu_seconds >= 0.25  # the grandchild's busy loop, counted since the first sample
     finally:
         child.kill()
         child.wait()
