@@ -70,6 +70,7 @@ class OutputWriter:
         self.tmp = adopt if adopt is not None else _sibling(self.target, "tmp", run_id)
         self._written: set[str] = set() if adopt is None else _files_under(adopt)
         self._lock = threading.Lock()
+        self._rows: dict[str, int] = {}  # rows of each piece spooled by ``write``: not mapped again to count them
         self._finished = False
         if self.target.exists() and not self.target.is_dir():
             raise OutputError("output path exists and is not a folder", item=str(self.target))
@@ -101,8 +102,11 @@ class OutputWriter:
         if part.relpath.endswith(f".{PIECE_EXT}"):
             piece_key(part.relpath)  # a ValueError for a name that is not a piece's
             relpath = f"{SPOOL_DIR}/{self._final_relpath(part.relpath, run_id=False)}"
-        else:
-            relpath = self._final_relpath(part.relpath)
+            self._store(relpath, part.data)
+            with self._lock:
+                self._rows[relpath] = part.rows
+            return relpath
+        relpath = self._final_relpath(part.relpath)
         self._store(relpath, part.data)
         return relpath
 
@@ -176,7 +180,9 @@ class OutputWriter:
                 raise OutputError(f"cannot read a spooled chunk back: {e}", item=str(path)) from e
             return table.slice(start, rows)
 
-        return folder, load().num_rows, load
+        with self._lock:
+            rows = self._rows.pop(relpath, None)
+        return folder, load().num_rows if rows is None else rows, load  # an adopted piece: counted
 
     def write_rejects(self, part: Part) -> str:
         """Write dead-letter rows under ``_rejected/`` (published with the rest)."""
@@ -209,6 +215,7 @@ class OutputWriter:
         (self.tmp / relpath).unlink(missing_ok=True)
         with self._lock:
             self._written.discard(relpath)
+            self._rows.pop(relpath, None)
 
     def publish(self) -> list[str]:
         """Make the run's output visible; returns the published relpaths, sorted.

@@ -72,6 +72,7 @@ class ObjectOutputWriter(OutputWriter):
         self.tmp = Path(f"{self.url}/{self.prefix}")
         self._objects: dict[str, tuple[int, int]] = {}  # relpath -> (rows, bytes)
         self._lock = threading.Lock()
+        self._rows: dict[str, int] = {}  # rows of each spooled piece (see OutputWriter)
         self._finished = False
         self._written: set[str] = set()
         self.local = Path(tempfile.mkdtemp(prefix="etl-out-"))  # spool and files being cut
@@ -87,6 +88,8 @@ class ObjectOutputWriter(OutputWriter):
                 (self.local / spooled).write_bytes(part.data)
             except OSError as e:
                 raise OutputError(f"cannot spool a chunk: {e}", item=str(self.local / spooled)) from e
+            with self._lock:
+                self._rows[spooled] = part.rows
             return spooled
         self._put(relpath, part.data, part.rows)
         return relpath
