@@ -30,6 +30,18 @@ Contract (the same as every executor in ``etl.transform.stage``):
   the scheduler which of this job's tasks a worker is processing; with none, after
   ``transform.stall_timeout`` the attempt is cancelled and retried, and past ``max_attempts``
   the run fails naming the chunk (``tests/transform/test_distributed.py`` runs it end to end).
+* **Frozen workers** (issue 21: SIGSTOPped, swapped out, a GIL held for good): the process
+  is there and its sockets accept, but it runs nothing and never answers. The scheduler
+  notices only when its heartbeats stop for ``distributed.scheduler.worker-ttl``: a
+  LocalCluster's is ``LOCAL_WORKER_TTL``, after which the scheduler has its nanny restart
+  it and the chunks it held fail as "worker died" and are retried; a remote cluster keeps
+  its own (Dask's default is 5 minutes). Until then a worker whose last heartbeat is
+  ``STALE_AFTER`` behind the freshest worker's gets no new chunk (scatter is told which
+  workers to use, and the task follows its data), and ``busy()`` does not count what it
+  holds, so the stall watchdog can resubmit it.
+* **Failed runs are quiet**: every attempt's outcome is retrieved even when its awaiter was
+  cancelled, and the client loop logs an exception nothing retrieved (distributed's own
+  tasks at shutdown) as one line (debug for a closed connection), never as a traceback.
 
 The client lives on its own event loop in a thread: scatter, gather and (de)serialising
 results stay off the pipeline's loop, and ``close()`` can stop everything synchronously.
@@ -42,6 +54,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar, cast
@@ -76,6 +89,17 @@ LOCAL_ALLOWED_FAILURES = 0
 # Scatter and gather talk to workers directly: chunk bytes never pass through the scheduler
 # (needs the client to reach the workers' ports, as it does inside one network).
 DIRECT_TO_WORKERS = True
+# Seconds without a heartbeat before a LocalCluster's scheduler restarts a worker (Dask's
+# default is 5 minutes): shorter finds a frozen worker sooner, but may restart one whose
+# event loop a long GIL-holding step keeps from heartbeating (its chunk is then retried).
+LOCAL_WORKER_TTL = 15.0
+# Seconds a worker's last heartbeat may lag the freshest worker's before it counts as frozen
+# (no new chunks, its tasks not "busy"): Dask heartbeats every 0.5-2 s up to 200 workers, so
+# this is several missed beats; shorter would shun a worker for one slow beat.
+STALE_AFTER = 5.0
+# Seconds one look at the workers' heartbeats serves every attempt starting meanwhile: one
+# scheduler call per second at most, however many chunks start.
+FRESH_CACHE = 1.0
 
 _SPECS: dict[str, WorkerSpec] = {}  # in each worker process: job token -> that job's spec
 
@@ -140,7 +164,10 @@ class DaskExecutor(Executor):
         self._cluster: LocalCluster | None = None
         self._attempts: set[asyncio.Task[Any]] = set()
         self._keys: set[object] = set()  # this job's tasks on the cluster now (for busy())
+        self._fresh: tuple[float, list[str] | None] = (-FRESH_CACHE, None)  # (when, workers heard from)
+        self._fresh_lock: asyncio.Lock | None = None
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(_quiet_exception)
         self._thread = threading.Thread(target=self._loop.run_forever, name="dask-client", daemon=True)
         self._thread.start()
         try:
@@ -231,8 +258,29 @@ class DaskExecutor(Executor):
     async def _processing(self) -> int:
         assert self._client is not None
         ours = set(self._keys)
+        fresh = set(await self._workers_heard_from(refresh=True) or ())
         processing = await cast(Awaitable[dict[str, list[object]]], self._client.processing())  # type: ignore[no-untyped-call]  # Client.processing() has no annotations
-        return sum(key in ours for keys in processing.values() for key in keys)
+        # A frozen worker's tasks are not progress: the watchdog may resubmit them.
+        return sum(key in ours for worker, keys in processing.items() if worker in fresh for key in keys)
+
+    async def _workers_heard_from(self, refresh: bool = False) -> list[str] | None:
+        """Workers whose last heartbeat is within ``STALE_AFTER`` of the freshest worker's
+        (relative, so a remote scheduler's clock need not match ours); None with no workers."""
+        if self._fresh_lock is None:
+            self._fresh_lock = asyncio.Lock()
+        async with self._fresh_lock:
+            when, workers = self._fresh
+            if refresh or time.monotonic() - when >= FRESH_CACHE:
+                scheduler = self._client.scheduler if self._client is not None else None
+                assert scheduler is not None
+                # Client.scheduler_info() of an asynchronous client is a cache without workers;
+                # its docstring points here for worker information on demand.
+                info = await scheduler.identity(n_workers=-1)
+                seen = {address: float(w["last_seen"]) for address, w in info["workers"].items()}
+                newest = max(seen.values(), default=0.0)
+                workers = [a for a, last in seen.items() if newest - last <= STALE_AFTER] or None
+                self._fresh = (time.monotonic(), workers)
+            return workers
 
     # ------------------------------------------------------------------ chunks
 
@@ -246,9 +294,13 @@ class DaskExecutor(Executor):
         me = asyncio.current_task()
         assert me is not None
         self._attempts.add(me)
+        me.add_done_callback(_retrieve)  # an awaiter cancelled meanwhile never reads the outcome
         data = task = None
         try:
-            data = await client.scatter(chunk, hash=False, direct=DIRECT_TO_WORKERS)  # type: ignore[no-untyped-call]  # Client.scatter() has no annotations
+            # Only to workers heard from lately: a frozen one would take the chunk and never
+            # answer. The task then runs where its data is.
+            workers = await self._workers_heard_from()
+            data = await client.scatter(chunk, workers=workers, hash=False, direct=DIRECT_TO_WORKERS)  # type: ignore[no-untyped-call]  # Client.scatter() has no annotations
             task = client.submit(run_remote, self._token, data, pure=False)
             self._keys.add(task.key)
             return await asyncio.wait_for(task, self._timeout)
@@ -293,6 +345,26 @@ class DaskExecutor(Executor):
                     future.release()
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark an attempt's exception as retrieved (its awaiter has it, or was cancelled)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _quiet_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The client loop's handler for exceptions nothing awaited (distributed's own tasks,
+    mostly at shutdown): one line, no traceback. A closed connection (the sends of a scatter
+    whose attempt was abandoned, to a worker frozen or gone) is expected: debug only."""
+    error = context.get("exception")
+    log.log(
+        logging.DEBUG if isinstance(error, OSError) else logging.WARNING,
+        "dask: %s%s",
+        context.get("message", "unhandled error"),
+        f": {type(error).__name__}: {error}" if error is not None else "",
+        extra={"stage": "transform", "source": ""},
+    )
+
+
 # A Dask worker process alone holds ~150 MiB; below this floor it would pause or be
 # restarted by its nanny on every chunk, so a tiny budget is raised to it.
 DASK_WORKER_MIN_MEMORY = 384 << 20
@@ -317,5 +389,5 @@ async def _local_cluster(workers: int, budget: int | None) -> LocalCluster:
             # The scheduler always serves HTTP (health, metrics); a free port, not 8787,
             # so runs side by side never collide. No dashboard (it needs bokeh).
             dashboard_address="127.0.0.1:0",
-            scheduler_kwargs={"dashboard": False},
+            scheduler_kwargs={"dashboard": False, "worker_ttl": LOCAL_WORKER_TTL},
         )

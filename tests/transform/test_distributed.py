@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -218,7 +220,7 @@ def step(df, marker):
 '''
 
 HANG_GUARD = 120.0  # seconds: far above a run's few seconds; only a hang reaches it
-ROUNDS = 3
+ROUNDS = int(os.environ.get("ETL_TEST_ROUNDS", "3"))
 
 
 def vanishing_job(root: Path, write_job: JobWriter, workers: int, marker: Path) -> tuple[Path, str]:
@@ -273,3 +275,130 @@ def test_a_chunk_no_worker_is_left_to_run_fails_the_run_naming_it(trips_dir: Pat
         assert "transform.stall_timeout" in error.message and "no worker was on it" in error.message
         assert "attempt 2 of transform.max_attempts = 2" in error.message
         assert tree_hashes(root / "out-dask") == before  # the failed run published nothing
+
+
+# --------------------------------------------- a frozen worker (issue 21, item 4)
+#
+# A worker SIGSTOPped while it holds a chunk: its process and sockets are there, so Dask
+# sees nothing wrong until its heartbeats are missed for the scheduler's worker-ttl. The
+# LocalCluster's is LOCAL_WORKER_TTL (Dask's default, 5 minutes, is past FROZEN_GUARD, so
+# a run waiting for it fails here as a hang).
+
+STOPPER = '''
+import os, signal
+
+def step(df, marker, pids):
+    """The first chunk a Dask worker gets freezes that worker (SIGSTOP to itself)."""
+    from distributed import get_worker
+    try:
+        get_worker()
+    except ValueError:  # not a Dask worker: e.g. etl.run.resources measuring a chunk beforehand
+        return df
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return df
+    with open(pids, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return df
+'''
+
+FROZEN_GUARD = 150.0  # seconds: 2 x LOCAL_WORKER_TTL and a restart, with room; below Dask's 5 minutes
+
+
+def thaw_and_kill(pids: Path) -> None:
+    """Leave no stopped worker behind: SIGCONT and SIGKILL each pid the step wrote, if it
+    is still that stopped process (the nanny normally killed it already)."""
+    import psutil
+
+    if not pids.exists():
+        return
+    for pid in {int(line) for line in pids.read_text().split()}:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_STOPPED:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def frozen_runs(
+    root: Path, write_job: JobWriter, *settings: str
+) -> tuple[list[subprocess.CompletedProcess[str]], dict[str, str]]:
+    """ROUNDS real ``run.py`` runs whose step SIGSTOPs its own Dask worker on its first chunk
+    (``settings``: ``--set`` overrides); each a subprocess, so a hang fails at FROZEN_GUARD.
+    Returns the finished processes and the output of the run before them (serial)."""
+    (root / "stopper.py").write_text(STOPPER)
+    marker, pids = root / "stopped.marker", root / "stopped.pids"
+    step = f'{{op = "python", function = "stopper:step", params = {{marker = "{marker}", pids = "{pids}"}}}},'
+    text = job_text('["data/trips-0.csv"]', "dask", out="out-dask").replace(
+        "steps = [\n", "steps = [\n  " + step + "\n"
+    )
+    job = write_job(text, "frozen.toml")
+    marker.touch()  # the reference run, into the same output: the step lets every chunk through
+    run(write_job(text.replace('"dask"', '"serial"'), "serial.toml"))
+    before = tree_hashes(root / "out-dask")
+    repo = Path(__file__).resolve().parents[2]
+    args = [a for setting in settings for a in ("--set", setting)]
+    procs: list[subprocess.CompletedProcess[str]] = []
+    for _ in range(ROUNDS):
+        marker.unlink()
+        try:
+            procs.append(
+                subprocess.run(
+                    [sys.executable, str(repo / "run.py"), "--config", str(job), "--quiet", "--full-refresh", *args],
+                    capture_output=True,
+                    text=True,
+                    timeout=FROZEN_GUARD,  # a hang fails the test here
+                    stdin=subprocess.DEVNULL,
+                    check=False,
+                )
+            )
+        finally:
+            thaw_and_kill(pids)
+        assert marker.exists()  # a worker did freeze mid-chunk
+    return procs, before
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param((), id="worker-ttl"),  # only the scheduler's worker-ttl notices (no chunk_timeout)
+        # The timed-out chunks' retries must not be scattered to the frozen worker, which is
+        # still registered; busy() must not count its tasks, so the watchdog resubmits them.
+        pytest.param(("transform.chunk_timeout=3", "transform.stall_timeout=2"), id="chunk-timeout"),
+    ],
+)
+def test_a_frozen_dask_worker_costs_retries_not_the_run(
+    trips_dir: Path, write_job: JobWriter, settings: tuple[str, ...]
+) -> None:
+    """A real run with 2 workers, one SIGSTOPped mid-chunk: exit 0 with the serial run's
+    output (before Dask's default 5-minute TTL) and no traceback. 3 runs each."""
+    from etl.core.errors import ExitCode
+
+    root = trips_dir.parent
+    procs, want = frozen_runs(root, write_job, *settings)
+    for proc in procs:
+        assert proc.returncode == ExitCode.OK, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+    assert tree_hashes(root / "out-dask") == want
+
+
+def test_a_run_whose_only_dask_worker_froze_fails_naming_the_chunk_without_a_traceback(
+    trips_dir: Path, write_job: JobWriter
+) -> None:
+    """1 worker, SIGSTOPped mid-chunk, chunk_timeout = 2: the attempts time out, the watchdog
+    gives up on them, the run exits 1 naming the chunk; no traceback (distributed's abandoned
+    sends fail at shutdown), the earlier output untouched. 3 runs."""
+    from etl.core.errors import ExitCode
+
+    root = trips_dir.parent
+    settings = ("transform.workers=1", "transform.chunk_timeout=2", "transform.stall_timeout=2")
+    procs, before = frozen_runs(root, write_job, *settings, "transform.max_attempts=2")
+    for proc in procs:
+        assert proc.returncode == ExitCode.FAILED, proc.stderr
+        assert "trips-0.csv[chunk " in proc.stderr
+        assert "Traceback" not in proc.stderr and "never retrieved" not in proc.stderr, proc.stderr
+    assert tree_hashes(root / "out-dask") == before
