@@ -268,3 +268,21 @@ def test_profile_shape_sorts_samples_by_process_and_stage(tmp_path: Path) -> Non
         ("workers", "start-up imports"): 5,
         ("parent", "imports"): 10,
     }
+
+
+def test_parent_cpu_splits_the_tree_and_accounts_the_parent(tmp_path: Path) -> None:
+    """benchmarks/parent_cpu.py: a real default run of the wide job; the parent's own CPU
+    is part of the tree's, and the instrumented run finds the Parquet encoding and the
+    parent's threads (the figures themselves are what it prints, never asserted)."""
+    from benchmarks.parent_cpu import main as parent_cpu
+
+    argv = ["--rows", str(ROWS), "--files", "1", "--repeat", "1", "--sections"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--results", str(tmp_path / "results"), "--name", "p"]
+    assert parent_cpu(argv) == 0
+    out = json.loads((tmp_path / "results" / "p.json").read_text())
+    (median,) = out["medians"]
+    assert 0 < median["parent_cpu"] < median["tree_cpu"]
+    (sections,) = out["sections"].values()
+    assert sections["write: Parquet encode (ParquetWriter.write_table)"] > 0
+    assert sections["thread: main"] > 0 and sections["total (process)"] >= sections["thread: main"]
+    assert "| tree CPU s | CPU-s / M rows |" in (tmp_path / "results" / "p.md").read_text()
