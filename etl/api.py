@@ -31,6 +31,7 @@ from etl.core.config import JobConfig, load_job
 from etl.core.errors import ETLError, ExitCode, Interrupted, LockHeld
 from etl.ops.progress import Mode
 from etl.ops.report import RunReport, config_hash, write_metrics, write_report
+from etl.run.allocators import use_lean_allocators
 from etl.run.pipeline import RunOptions, RunSummary, validate_job
 from etl.run.pipeline import run_job as run_pipeline
 from etl.run.state import JobLock
@@ -79,6 +80,7 @@ def run_job(
     ``overrides`` are ``key.path=value`` strings, as ``--set`` takes; with a ``JobConfig``
     they must be empty (apply them when loading it). ``progress``: ``off``, ``bar`` (tqdm
     bars) or ``log`` (plain periodic lines; ``etl.ops.progress``)."""
+    use_lean_allocators()  # for the worker processes, and this one's if pyarrow is not loaded yet
     try:
         if isinstance(job, JobConfig):
             if overrides:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from etl.core.records import Source
 from etl.core.errors import ConfigError, ETLError, ExitCode
 from etl.ops.logs import setup_logging
+from etl.run.allocators import use_lean_allocators
 
 log = logging.getLogger("etl")
 
@@ -150,6 +151,7 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line; ``prog`` is the name usage lines show (default: how we were started)."""
+    use_lean_allocators()  # before anything imports pyarrow, which picks its allocator once
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0]) or "etl"
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):

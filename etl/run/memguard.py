@@ -4,7 +4,10 @@
 (``etl.core.stats.TreeSampler``, every ``SAMPLE_INTERVAL_S``); above the high watermark the
 transform dispatcher takes no new chunk (``GatedChunks``) until the tree is below the low
 watermark, except that a chunk is always admitted when none is in flight, so the run can
-never stall. The budget comes from ``etl.run.resources``'s plan.
+never stall; the dispatcher is also woken when a result is out (``ReleasingPut``), so one
+chunk at a time runs back to back, not one per sample. Above the low watermark the guard
+first gives back what the allocators hold free (``etl.run.allocators.release_free_memory``,
+at most every ``TRIM_INTERVAL_S``). The budget comes from ``etl.run.resources``'s plan.
 
 A chunk far bigger than planned (``solo_bytes``: one record of tens of MiB, or rows much
 wider than the probe's) runs alone: the dispatcher waits until no other chunk is in flight
@@ -27,12 +30,15 @@ from typing import Any
 
 from etl.core.queues import BoundedQueue
 from etl.core.records import Chunk, ChunkResult
+from etl.run.allocators import release_free_memory
 from etl.run.resources import gib
 
 log = logging.getLogger("etl.resources")  # the planner's logger: records keep their name
 
 HIGH_WATERMARK = 0.90  # share of the budget above which the guard admits no new chunk
 LOW_WATERMARK = 0.75  # the guard admits again below this share: the gap stops it flapping every sample
+TRIM_INTERVAL_S = 0.5  # above the low watermark, free memory is given back at most this often: each
+# trim takes 5-30 ms with threads' allocations waiting; more often holds the tree lower but costs CPU
 
 
 class MemoryGuard:
@@ -52,11 +58,17 @@ class MemoryGuard:
         self.pauses = 0
         self.paused_s = 0.0
         self.forced = 0
+        self.trims = 0
+        self.trimmed_at = -TRIM_INTERVAL_S
         self._tick = asyncio.Condition()
 
     async def observe(self, rss: int) -> None:
         """One sample of the tree's RSS (bytes): pause or resume, wake waiting admits."""
         self.rss, self.peak, self.samples = rss, max(self.peak, rss), self.samples + 1
+        now = time.perf_counter()
+        if rss > self.low and now - self.trimmed_at >= TRIM_INTERVAL_S:
+            self.trimmed_at, self.trims = now, self.trims + 1
+            release_free_memory()  # what the allocators hold free is budget the chunks can use
         if not self.paused and rss > self.high:
             self.paused = True
             self.pauses += 1
@@ -91,8 +103,14 @@ class MemoryGuard:
                     extra={"stage": "transform"},
                 )
 
+    async def released(self) -> None:
+        """A chunk's result is out: wake admits waiting for no chunk to be in flight now,
+        not at the next sample (one chunk at a time would otherwise run one per sample)."""
+        async with self._tick:
+            self._tick.notify_all()
+
     async def alone(self, busy: Callable[[], int]) -> None:
-        """Return once no chunk is in flight (checked at every sample of the tree's RSS)."""
+        """Return once no chunk is in flight (checked at every sample and every result)."""
         async with self._tick:
             await self._tick.wait_for(lambda: busy() <= 0)
 
@@ -107,7 +125,23 @@ class MemoryGuard:
             "pauses": self.pauses,
             "paused_seconds": round(self.paused_s, 3),  # chunks held back: the dispatcher waited this long
             "forced_admits": self.forced,
+            "trims": self.trims,  # free memory given back to the OS above the low watermark
         }
+
+
+class ReleasingPut:
+    """The results queue as the transform stage sees it: every put tells the guard a chunk
+    is done (``MemoryGuard.released``), so a held-back dispatcher moves on at once."""
+
+    def __init__(self, results: Any, guard: MemoryGuard) -> None:
+        self._results, self._guard = results, guard
+
+    async def put(self, item: ChunkResult) -> None:
+        await self._results.put(item)
+        await self._guard.released()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._results, name)  # close, abort, stats: the queue's own
 
 
 class GatedChunks:

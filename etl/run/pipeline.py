@@ -45,9 +45,10 @@ from etl.ops.progress import Mode, Progress, StageProgress
 from etl.read.csv_cut import MAX_CHUNK_BYTES
 from etl.read.sample import can_sample_head, sample_chunk, sample_from_head
 from etl.read.stage import read_stage
+from etl.run.allocators import release_free_memory
 from etl.run.checks import Gate, previous_output_rows
 from etl.run.commits import Commits
-from etl.run.memguard import GatedChunks, MemoryGuard
+from etl.run.memguard import GatedChunks, MemoryGuard, ReleasingPut
 from etl.run.resources import (
     FALLBACK_CHUNK_BYTES_PER_ROW,
     FALLBACK_READER_BYTES,
@@ -149,6 +150,7 @@ class Run:
             self.stats.stop()
             raise
         self.cfg = cfg
+        release_free_memory()  # the probe's freed frames would otherwise stay in this process's heap
         workers, in_flight = plan.workers, plan.in_flight
         summary.workers, summary.plan = workers, plan.as_dict()
         self.guard = MemoryGuard(plan.budget, plan.solo_chunk_bytes)
@@ -315,7 +317,7 @@ class Run:
         results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
         stats = await transform_stage(
             GatedChunks(self.chunks_q, self.results_q, self.guard),
-            results_in,
+            ReleasingPut(results_in, self.guard),
             MeteredExecutor(executor, meter),
             self.cfg.transform,
             in_flight,
@@ -384,11 +386,12 @@ class _Sized:
 
 def plan_job(cfg: JobConfig, sources: list[Source]) -> tuple[JobConfig, ResourcePlan]:
     """The resource plan and the job as it will run under it (planned chunk rows, reader
-    threads, executor)."""
+    threads, executor, writer threads)."""
     plan = plan_resources(cfg, lambda c: measure(c, sources))
     read = cfg.read.model_copy(update={"chunk_rows": plan.chunk_rows, "threads": plan.read_threads})
     transform = cfg.transform.model_copy(update={"executor": plan.executor})
-    return cfg.model_copy(update={"read": read, "transform": transform}), plan
+    output = cfg.output.model_copy(update={"writer_threads": plan.writer_threads})
+    return cfg.model_copy(update={"read": read, "transform": transform, "output": output}), plan
 
 
 def validate_job(cfg: JobConfig) -> JobConfig:

@@ -164,6 +164,8 @@ class ResourcePlan:
     cgroup_cpus: float | None
     decision: str
     probe: dict[str, Any] = field(default_factory=dict)
+    writer_threads: int = 2
+    """Threads encoding output row groups: the job's, or one when processes cannot fit."""
     solo_chunk_bytes: int = 0
     """A chunk bigger than this runs with no other in flight (``SOLO_CHUNK_FACTOR`` times the
     planned chunk's bytes): its worker's peak, several times its size, is not in the plan."""
@@ -251,7 +253,14 @@ def in_process_if_small(cfg: JobConfig, budget: int) -> tuple[JobConfig, str]:
         f"budget {gib(budget)} has no room for worker processes (a fork server and one worker need "
         f"{gib(floor)} with this process): transform runs in this process's threads; "
     )
-    return cfg.model_copy(update={"transform": t.model_copy(update={"executor": "thread"})}), note
+    update: dict[str, Any] = {"transform": t.model_copy(update={"executor": "thread"})}
+    if "writer_threads" not in cfg.output.model_fields_set:
+        # Encoding a row group needs ~3x its Arrow bytes (the spooled rows mapped, the
+        # Parquet encoder's dictionaries and pages: 50 MiB for 131,072 rows of the benchmark
+        # job): two at once took a 300 MiB run to 300-330 MiB, one kept it at 255-290.
+        update["output"] = cfg.output.model_copy(update={"writer_threads": 1})
+        note += "one writer thread; "
+    return cfg.model_copy(update=update), note
 
 
 def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> ResourcePlan:
@@ -283,6 +292,7 @@ def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> Resourc
         cgroup_cpus=box.cgroup_cpus,
         decision=_decision(cfg, box, budget, model, chosen, fits),
         probe=asdict(probe),
+        writer_threads=cfg.output.writer_threads,
         solo_chunk_bytes=int(SOLO_CHUNK_FACTOR * CHUNK_SIZE_SLACK * chunk),
     )
 
