@@ -126,7 +126,7 @@ def test_a_wrong_scheduler_address_fails_with_a_clear_error(trips_dir: Path, wri
 
 
 def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, write_job: JobWriter) -> None:
-    from etl.transform.distributed import DaskExecutor
+    from etl.transform.distributed import LOCAL_WORKER_TTL, DaskExecutor
     from etl.transform.worker import WorkerSpec
 
     cfg = load_job(write_job(job_text('["data/trips-*.csv"]', executor="dask")))
@@ -134,10 +134,12 @@ def test_local_cluster_workers_share_the_runs_memory_budget(trips_dir: Path, wri
     try:
         assert executor._cluster is not None
         limits = [w.memory_manager.memory_limit for w in executor._cluster.workers.values()]
+        ttl = executor._cluster.scheduler.worker_ttl
         pids = executor.worker_pids()
     finally:
         executor.close()
     assert limits == [2**30, 2**30]  # the 2 GiB budget split between two workers
+    assert ttl == LOCAL_WORKER_TTL  # a frozen worker is restarted in seconds, not Dask's 5 minutes
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()  # two real worker processes
 
 
