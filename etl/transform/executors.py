@@ -47,7 +47,7 @@ from typing import Any, Protocol, cast
 
 from etl.core.errors import ChunkTimeout, ETLError, RemoteTraceback, WorkerCrashed
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult
-from etl.transform.worker import READY, WorkerSpec, init_worker, run_chunk, serve
+from etl.transform.worker import READY, WorkerSpec, init_worker, recv_message, run_chunk, serve
 
 log = logging.getLogger("etl.transform")
 
@@ -367,7 +367,7 @@ class _Slot(threading.Thread):
                 signal="killed at timeout",
             )
         try:
-            ok, value, text = conn.recv()
+            ok, value, text = recv_message(conn)
         except (EOFError, OSError, ValueError):  # died before or while sending its reply
             raise self._crashed(chunk) from None
         if not ok:

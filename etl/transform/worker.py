@@ -14,8 +14,10 @@ and one reply out at a time, until the parent closes the pipe.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -137,6 +139,42 @@ READY = "ready"
 
 Reply = tuple[bool, Any, str]
 """What a worker sends back per chunk: (ok, ``ChunkResult`` or the exception, traceback text)."""
+
+
+def recv_message(conn: Connection) -> Any:
+    """``conn.recv()``, read straight into one buffer of the message's size.
+
+    ``Connection.recv`` reads a large message in socket-buffer-sized pieces, each one a
+    fresh allocation of the bytes still to come, and copies them into a BytesIO before
+    unpickling: for the results of a default wide run (6 MiB each) that cost the parent
+    0.10-0.12 CPU-s per 132 MiB, against 0.03 here (issue 15). The parent's slots read
+    results with it. Same wire format as
+    ``Connection.send`` (a 4-byte size, or -1 then an 8-byte size); EOFError at end of file,
+    OSError when the pipe fails or is closed, as ``Connection.recv``."""
+    fd = conn.fileno()
+    (size,) = struct.unpack("!i", _read_exact(fd, 4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", _read_exact(fd, 8))
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError("end of file in the middle of a message")
+        got += n
+    del view  # a live export would keep the buffer from being released
+    return pickle.loads(buf)
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        piece = os.read(fd, n - len(data))
+        if not piece:
+            raise EOFError
+        data += piece
+    return data
 
 
 def serve(conn: Connection, spec: WorkerSpec) -> None:

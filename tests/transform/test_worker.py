@@ -5,9 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import os
 import signal
+import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +22,7 @@ from etl.core.errors import StepError
 from etl.core.parts import ipc_to_table
 from etl.core.records import Chunk, ChunkResult, Part, Source, StagedFile
 from etl.read.formats import read_chunks
-from etl.transform.worker import WorkerSpec, current_spec, init_worker, run_chunk
+from etl.transform.worker import WorkerSpec, current_spec, init_worker, recv_message, run_chunk
 from tests.conftest import write_trips_csv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -308,3 +312,37 @@ def test_init_worker_ignore_sigint_in_a_fresh_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True", str(cfg.transform.base_dir)]
     assert signal.getsignal(signal.SIGINT) is before  # this process untouched
+
+
+def test_recv_message_reads_what_connection_send_wrote() -> None:
+    """The worker pipe's reader: every message ``Connection.send`` writes (a small one, one
+    past the 16 KiB where the header goes separately, 8 MiB of bytes in parts, as results
+    carry them) comes back equal, in order, over a real socket pair."""
+    ours, theirs = multiprocessing.Pipe()
+    messages = [
+        "ready",
+        (True, b"x" * 20_000, ""),
+        (True, [Part(f"m={i}/part-00000-000000.arrow", os.urandom(1 << 20) * 2, 7) for i in range(4)], ""),
+    ]
+    sender = threading.Thread(target=lambda: [theirs.send(m) for m in messages])  # 8 MiB blocks until read
+    sender.start()
+    try:
+        assert [recv_message(ours) for _ in messages] == messages
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", struct.pack("!i", 1000) + b"y" * 10, b"\x00\x00"], ids=["nothing", "half a body", "half a header"]
+)
+def test_recv_message_end_of_file_is_eof_error(sent: bytes) -> None:
+    """A worker (or parent) that dies before or in the middle of a message: EOFError, which
+    the slot turns into WorkerCrashed and the worker loop into a clean exit."""
+    ours, theirs = multiprocessing.Pipe()
+    os.write(theirs.fileno(), sent)
+    theirs.close()
+    with pytest.raises(EOFError):
+        recv_message(ours)
+    ours.close()
