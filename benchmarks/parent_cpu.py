@@ -83,6 +83,8 @@ if __name__ == "__main__":
     wrap(executors._Slot, "run", "thread: _Slot (pipe to a worker)")
     wrap(mc.Connection, "send", "pipe: send a chunk (Connection.send)")
     wrap(mc.Connection, "recv", "pipe: receive a result (Connection.recv)")
+    if hasattr(executors, "recv_message"):  # the slots' reader since 6aa7d01
+        wrap(executors, "recv_message", "pipe: receive a result (recv_message)")
     sys.argv[0] = os.path.join(root, "run.py")
     try:
         code = etl.cli.main()
