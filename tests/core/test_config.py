@@ -9,30 +9,7 @@ import pytest
 
 from etl.core.config import JobConfig, LookupStep, json_schema, load_job
 from etl.core.errors import ConfigError
-
-BASE = """
-[job]
-name = "trips"
-
-[sources]
-urls = ["data/*.csv"]
-
-[transform]
-steps = [
-  {op = "filter", expr = "fare > 0"},
-  {op = "derive", columns = {tip_ratio = "tip / fare"}},
-  {op = "lookup", path = "zones.csv", on = "zone"},
-]
-
-[output]
-path = "out"
-"""
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "job.toml"
-    p.write_text(text)
-    return p
+from tests.core.jobs import BASE, write
 
 
 def test_valid_job_resolves_relative_paths_against_job_folder(tmp_path: Path) -> None:

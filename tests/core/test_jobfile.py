@@ -11,30 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from etl.core import jobfile
 from etl.core.config import explain, load_job, load_job_explained
 from etl.core.errors import ConfigError, ExitCode
-
-BASE = """
-[job]
-name = "trips"
-
-[sources]
-urls = ["data/*.csv"]
-
-[transform]
-steps = [
-  {op = "filter", expr = "fare > 0"},
-  {op = "derive", columns = {tip_ratio = "tip / fare"}},
-  {op = "lookup", path = "zones.csv", on = "zone"},
-]
-
-[output]
-path = "out"
-"""
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "job.toml"
-    p.write_text(text)
-    return p
+from tests.core.jobs import BASE, write
 
 
 @pytest.mark.parametrize(

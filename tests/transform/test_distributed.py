@@ -20,25 +20,35 @@ from etl.run.pipeline import RunOptions, run_job
 from tests.conftest import JobWriter
 from tests.run.test_pipeline import job_text
 
-KILLER = '''
-import os, threading
+FIRST_DASK_CHUNK = '''
+import os, signal, threading
 
-def step(df, marker, fifo):
-    """The first chunk a Dask worker gets tells the test its pid, then waits to be killed."""
+def first_dask_chunk(marker):
+    """True in the first chunk any Dask worker of the run gets, once per run."""
     from distributed import get_worker
     try:
         get_worker()
     except ValueError:  # not a Dask worker: e.g. etl.run.resources measuring a chunk beforehand
-        return df
+        return False
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        return df
-    with open(fifo, "w") as f:
-        f.write(str(os.getpid()))
-    threading.Event().wait(30)  # SIGKILL arrives long before
+        return False
+    return True
+'''
+
+KILLER = (
+    FIRST_DASK_CHUNK
+    + '''
+def step(df, marker, fifo):
+    """The first chunk a Dask worker gets tells the test its pid, then waits to be killed."""
+    if first_dask_chunk(marker):
+        with open(fifo, "w") as f:
+            f.write(str(os.getpid()))
+        threading.Event().wait(30)  # SIGKILL arrives long before
     return df
 '''
+)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -286,25 +296,18 @@ def test_a_chunk_no_worker_is_left_to_run_fails_the_run_naming_it(trips_dir: Pat
 # LocalCluster's is LOCAL_WORKER_TTL (Dask's default, 5 minutes, is past FROZEN_GUARD, so
 # a run waiting for it fails here as a hang).
 
-STOPPER = '''
-import os, signal
-
+STOPPER = (
+    FIRST_DASK_CHUNK
+    + '''
 def step(df, marker, pids):
     """The first chunk a Dask worker gets freezes that worker (SIGSTOP to itself)."""
-    from distributed import get_worker
-    try:
-        get_worker()
-    except ValueError:  # not a Dask worker: e.g. etl.run.resources measuring a chunk beforehand
-        return df
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return df
-    with open(pids, "a") as f:
-        f.write(f"{os.getpid()}\\n")
-    os.kill(os.getpid(), signal.SIGSTOP)
+    if first_dask_chunk(marker):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        os.kill(os.getpid(), signal.SIGSTOP)
     return df
 '''
+)
 
 FROZEN_GUARD = 150.0  # seconds: 2 x LOCAL_WORKER_TTL and a restart, with room; below Dask's 5 minutes
 
