@@ -49,7 +49,7 @@ MIN_CHUNK_ROWS = 10_000  # smallest chunk the planner picks: smaller means many 
 MIN_CHUNK_BYTES = 4 << 20  # ... unless its rows are wide: chunks are halved below MIN_CHUNK_ROWS while they
 # hold at least this much (20 KB rows: down to ~200 rows); smaller means more per-chunk overhead
 ALLOCATOR_SLACK = 1.25  # measured per-row peaks scaled to bigger chunks, plus allocator fragmentation
-IN_PARENT_SLACK = 1.5  # thread executors are measured in the parent, whose allocator (mimalloc) reuses what
+IN_PARENT_SLACK = 1.5  # thread executors are measured in the parent, whose allocator reuses what
 # the sample read left behind: measured 1.3x under the run's own peak over HTTP at 300 MiB, so scaled up
 SOLO_CHUNK_FACTOR = 2.0  # a chunk this many times the planned size runs alone (etl.run.memguard): a long
 # record; lower sends more chunks alone (slower), higher lets a big one run beside workers at their peak
