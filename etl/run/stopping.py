@@ -20,8 +20,8 @@ from etl.core.errors import Interrupted
 
 log = logging.getLogger("etl")
 
-LAST_WORDS_SECONDS = 2.0  # after the grace, at most this long for the last log line and report:
-# a disk that hangs cannot keep a stopped run alive
+LAST_WORDS_SECONDS = 5.0  # after the grace, at most this long for the last log line and report:
+# a disk that hangs cannot keep a stopped run alive; 2 s once lost the report on a busy host
 
 
 async def run_with_signals(coro: Any, stop: GracefulStop) -> Any:
