@@ -7,7 +7,7 @@ Runs the memory benchmark's job (benchmarks/jobs/transform.toml, served over HTT
 nginx, or ``--server etl``: this tool's file server) at default settings (its ``executor`` and ``workers`` lines dropped,
 so the plan chooses them, as a job written for a small box would) at each budget in turn (300 MiB, 1 GiB, 300 MiB, ...), the process tree
 sampled every 50 ms from the moment the command starts (planning and the probe included).
-Checks: at 300 MiB the tree's peak is at or below 300 MiB, and the run is at least 40% as
+Checks: at 300 MiB every run's tree peak is at or below 300 MiB, and the run is at least 40% as
 fast as at 1 GiB. Medians are printed and written to ``benchmarks/results/memory_budget.md``.
 """
 
@@ -75,6 +75,9 @@ def run_once(budget: str, data: Path, server: Server | NginxServer, files: int, 
         "rows": check_output(out)["rows"],
         "own_peak": report["memory"]["peak_rss_bytes"],
         "decision": report["plan"]["decision"],
+        "estimated_peak": report["plan"]["estimated_peak"],
+        "probe": report["plan"]["probe"],
+        "guard": report["memory"],
     }
 
 
@@ -111,21 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/memory_budget.py --rows {args.rows} --files {args.files} --repeat {args.repeat}` "
         f"(served by {args.server}) "
         f"on {m['cores']} cores, {m['memory_gib']} GiB ({m['cpu']}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"medians of {args.repeat}; tree sampled every {SAMPLE_SECONDS * 1000:.0f} ms from the command's start.",
+        f"medians of {args.repeat} (each run in brackets); tree sampled every {SAMPLE_SECONDS * 1000:.0f} ms from the command's start.",
         "",
         "| budget | peak RSS MiB (whole tree) | run's own sampled peak MiB | wall s | rows/s | CPU s | plan |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for b in budgets:
         d = med[b]
+        peaks = ", ".join(f"{r['peak'] / 2**20:.0f}" for r in runs[b])
+        walls = ", ".join(f"{r['wall']:.1f}" for r in runs[b])
         lines.append(
-            f"| {b} | {d['peak'] / 2**20:,.0f} | {d['own_peak'] / 2**20:,.0f} | {d['wall']:.1f} | "
+            f"| {b} | {d['peak'] / 2**20:,.0f} ({peaks}) | {d['own_peak'] / 2**20:,.0f} | {d['wall']:.1f} ({walls}) | "
             f"{args.rows / d['wall']:,.0f} | {d['cpu']:.1f} | {runs[b][-1]['decision']} |"
         )
     checks = []
     if "300MiB" in med and "1GiB" in med:
         small, big = med["300MiB"], med["1GiB"]
-        checks.append((f"300 MiB: peak {small['peak'] / 2**20:.0f} MiB <= 300 MiB", small["peak"] <= 300 << 20))
+        worst = max(r["peak"] for r in runs["300MiB"])  # the issue: every run, not the median
+        checks.append((f"300 MiB: every run's peak <= 300 MiB (highest {worst / 2**20:.0f} MiB)", worst <= 300 << 20))
         share = big["wall"] / small["wall"]
         checks.append((f"300 MiB runs at {share:.0%} of the 1 GiB speed (>= {SPEED_SHARE:.0%})", share >= SPEED_SHARE))
     lines += ["", *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]]

@@ -37,6 +37,7 @@ import psutil
 
 from etl.core.config import JobConfig
 from etl.core.machine import Machine, machine
+from etl.core.parts import ROW_GROUP_MAX_BYTES
 from etl.core.units import parse_size
 
 log = logging.getLogger("etl.resources")
@@ -54,6 +55,9 @@ IN_PARENT_SLACK = 1.5  # thread executors are measured in the parent, whose allo
 SOLO_CHUNK_FACTOR = 2.0  # a chunk this many times the planned size runs alone (etl.run.memguard): a long
 # record; lower sends more chunks alone (slower), higher lets a big one run beside workers at their peak
 CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
+ENCODE_FACTOR = 3.0  # a writer thread encoding a Parquet row group holds ~3x its Arrow bytes (its rows
+# mapped from the spool, the encoder's dictionaries and pages): measured +34 MiB of encoder and the
+# mapped rows for a 131,072-row, 15 MiB group of the benchmark job; lower lets the plan pass the budget
 PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
 # estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
 MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
@@ -181,6 +185,7 @@ class CostModel:
         self.probe = probe
         self.threads = cfg.transform.executor in ("thread", "serial")
         self.writers = cfg.output.writer_threads
+        self.row_group_rows = cfg.output.row_group_size
 
     def held(self, rows: int) -> int:
         """Rows a chunk of ``rows`` rows really holds: wide rows reach the chunk's byte cap
@@ -204,6 +209,22 @@ class CostModel:
     def worker(self, rows: int) -> int:
         return self.probe.worker_base + self.work(rows)
 
+    def encode(self) -> int:
+        """The writer threads' encode: each holds one row group (``output.row_group_size``
+        rows of the result's Arrow bytes per row, at most ``ROW_GROUP_MAX_BYTES``) times
+        ``ENCODE_FACTOR`` while it encodes it, whatever the chunk size.
+
+        Counted in the worst case of the in-parent executors (thread, serial) only. Their
+        budgets are the small ones (``in_process_if_small``), where this fixed cost (45 MiB
+        for one writer of the benchmark job) is most of what ``PLAN_SHARE`` leaves for the
+        estimate's misses: uncounted, the 300 MiB run peaked at 270-304 MiB against a worst
+        case of 232; counted, the plan halves the chunks and the run peaks at ~240. A process
+        plan has at least ``PROCESS_FLOOR`` parents' worth of budget, whose headroom (above
+        100 MiB) has so far held the encode (1 GiB: 906 MiB against a worst case of 818);
+        counting it there too would shrink the default plans of every job."""
+        group = min(self.probe.per_row("result_bytes") * self.row_group_rows, ROW_GROUP_MAX_BYTES)
+        return int(self.writers * ENCODE_FACTOR * group)
+
     def total(self, lay: Layout) -> int:
         c, r = self.chunk(lay.chunk_rows), self.result(lay.chunk_rows)
         readers = lay.readers * (self.probe.reader_bytes + 2 * c)  # pending table + its IPC copy
@@ -211,8 +232,8 @@ class CostModel:
         # The dispatcher keeps each in-flight chunk for retries; the pool pickles a copy to send.
         in_flight = (lay.in_flight + lay.workers) * c + (lay.in_flight + lay.workers + self.writers) * r
         parent = self.probe.parent_base + readers + queued + in_flight
-        if self.threads:
-            return parent + lay.workers * self.work(lay.chunk_rows)
+        if self.threads:  # the encode beside the chunks in the parent: see ``encode``
+            return parent + self.encode() + lay.workers * self.work(lay.chunk_rows)
         return parent + self.probe.servers + lay.workers * self.worker(lay.chunk_rows)
 
 
@@ -342,15 +363,18 @@ def _decision(cfg: JobConfig, box: Machine, budget: int, model: CostModel, lay: 
     each = model.work(lay.chunk_rows) if model.threads else model.worker(lay.chunk_rows)
     held = model.held(lay.chunk_rows)
     capped = f" (wide rows: {held:,} in {gib(model.probe.chunk_cap_bytes)} of text)" if held < lay.chunk_rows else ""
+    plural = "s" if model.writers > 1 else ""
+    writers = f", {model.writers} writer{plural} encoding {gib(model.encode())}" if model.threads else ""
     text = (
         f"transform: {lay.workers} workers ({box.cpus} CPUs usable; budget {gib(budget)} allows "
         f"{allows} at {gib(each)} each), chunk {lay.chunk_rows:,} rows{capped}, queues {lay.queue}, "
-        f"in flight {lay.in_flight}, {lay.readers} readers; worst case {gib(model.total(lay))}"
+        f"in flight {lay.in_flight}, {lay.readers} readers{writers}; worst case {gib(model.total(lay))}"
     )
     if not fits:
         text += (
             f"; does not fit {gib(target)} ({PLAN_SHARE:.0%} of the budget): lower "
-            "transform.workers or read.chunk_rows, or raise resources.memory_limit; "
+            f"transform.workers{', output.writer_threads' if model.threads else ''} or read.chunk_rows, "
+            "or raise resources.memory_limit; "
             "the memory guard will hold chunks back"
         )
     return text

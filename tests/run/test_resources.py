@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -18,7 +19,7 @@ from etl.core.config import JobConfig
 from etl.core.machine import Machine
 from etl.core.units import parse_size
 from etl.ops.datagen import generate
-from etl.run.resources import PLAN_SHARE, CostModel, Probe, in_process_if_small, memory_budget, plan_for
+from etl.run.resources import PLAN_SHARE, CostModel, Layout, Probe, in_process_if_small, memory_budget, plan_for
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "cgroup"
@@ -109,6 +110,52 @@ def test_a_budget_with_no_room_for_processes_runs_threads_and_one_writer() -> No
     assert (mine.transform.executor, mine.output.writer_threads) == ("thread", 3)  # set in the job: kept
     roomy, note = in_process_if_small(job(), 8 << 30)
     assert (roomy.transform.executor, roomy.output.writer_threads, note) == ("process", 2, "")
+
+
+def measured_probe() -> Probe:
+    """What the probe measured in the parent for the benchmark job (4 M rows over HTTP) at 300 MiB."""
+    rows = 49_673
+    return Probe(
+        rows=rows,
+        chunk_bytes=4_748_108,
+        reader_bytes=13_228_032,
+        parent_base=151_248_896,
+        worker_base=0,
+        worker_work=21_180_416,
+        result_bytes=5_985_568,  # 120 B a row: a 131,072-row group is 15 MiB of Arrow
+        measured="trips-000.csv (first 4096 KiB)",
+        chunk_cap_bytes=32 * MiB,
+    )
+
+
+def test_in_parent_plan_leaves_room_for_each_writer_threads_row_group_encode() -> None:
+    """The 300 MiB run peaked at the plan's worst case plus one row group's encode (232 +
+    45 MiB; measured 270-304 MiB): the plan counts the encode, per writer thread."""
+    p, budget = measured_probe(), 300 * MiB
+
+    def threads(**output: int) -> JobConfig:  # what in_process_if_small makes of a small budget
+        return job(transform={"executor": "thread"}, output={"path": "out", "writer_threads": 1, **output})
+
+    model = CostModel(threads(), p)
+    group = p.per_row("result_bytes") * threads().output.row_group_size
+    assert model.encode() == int(3 * group) and 40 * MiB < model.encode() < 50 * MiB
+    plan = plan_for(threads(), box(2), budget, p)
+    assert plan.fits and plan.estimated_peak <= budget * PLAN_SHARE
+    lay = Layout(plan.workers, plan.chunk_rows, plan.chunks_queue_items, plan.in_flight, plan.read_threads)
+    assert plan.estimated_peak == model.total(lay) >= p.parent_base + model.encode()
+    assert "1 writer encoding 45 MiB" in plan.decision
+    # the next bigger chunks, the plan before the encode was counted, pass the share with it
+    bigger = replace(lay, chunk_rows=plan.chunk_rows * 2)
+    assert model.total(bigger) > budget * PLAN_SHARE >= model.total(bigger) - model.encode()
+    # two writer threads encode two row groups at once: a smaller layout, or a plan that says it does not fit
+    two = plan_for(threads(writer_threads=2), box(2), budget, p)
+    assert not two.fits or two.workers * two.chunk_rows < plan.workers * plan.chunk_rows
+    assert CostModel(threads(writer_threads=2), p).encode() == 2 * model.encode()
+    # smaller row groups encode in less: bigger chunks fit
+    assert plan_for(threads(row_group_size=16_384), box(2), budget, p).chunk_rows > plan.chunk_rows
+    # worker processes' plans are left as they were (see CostModel.encode)
+    procs = job(output={"path": "out", "writer_threads": 1})
+    assert "encoding" not in plan_for(procs, box(2), 1 << 30, p).decision
 
 
 def test_serial_executor_plans_one_worker() -> None:
