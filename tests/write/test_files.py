@@ -108,6 +108,23 @@ def test_bytes_depend_on_the_rows_only_not_on_chunks_or_their_arrival_order(tmp_
     assert all(r == results[0] for r in results[1:])
 
 
+def test_columns_of_mostly_distinct_values_skip_the_dictionary_and_repeated_ones_keep_it(tmp_path: Path) -> None:
+    out = OutputConfig(path=tmp_path / "out", row_group_size=2_000)
+    published = cut(out, chunked([frame(9_000)], 700), shuffle=4)
+
+    meta = pq.ParquetFile(tmp_path / "out" / "part-00000.parquet").metadata
+    assert meta.num_row_groups == 5
+    for g in range(meta.num_row_groups):  # one choice per file, judged on its first row group
+        group = meta.row_group(g)
+        encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+        assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" not in encodings["v"]  # all distinct
+        assert all("RLE_DICTIONARY" in encodings[c] for c in ("k", "s", "cat"))  # 3, 97 and 4 values
+    back = pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pandas()
+    want = frame(9_000)
+    assert back["id"].tolist() == want["id"].tolist() and back["v"].tolist() == want["v"].tolist()
+    assert back["s"].tolist() == want["s"].tolist() and list(published) == ["part-00000.parquet"]
+
+
 def wide_frame(rows: int, seed: int, start: int) -> pd.DataFrame:
     """Rows of 0.2-3 KB (a free-text column of varying length)."""
     rng = np.random.default_rng(seed)
