@@ -46,6 +46,8 @@ from etl.core.records import Chunk
 
 COUNT_BLOCK_BYTES = 1 << 18  # bytes compared per numpy call: fits in L2 so the mask stays in cache
 QUOTE = b'"'
+ZERO = ord("0")
+HEX_SCAN_HITS = 64  # letters x checked one by one before numpy scans the whole chunk (fixed cost ~1 ms)
 REJECT_STEP = "read"  # the dead-letter ``step`` of rows with the wrong number of fields
 
 
@@ -204,7 +206,7 @@ def _typed_parse(
 
     Arrow's CSV reader reads integers written ``0x1F`` as hex; the text path's cast calls
     them bad values, so a chunk holding ``0x`` anywhere keeps its integer columns as text."""
-    hex_text = b"0x" in chunk.data or b"0X" in chunk.data
+    hex_text = has_hex_prefix(chunk.data)
     column_types = {
         name: t for name, t in types.items() if name in chunk.columns and not (hex_text and pa.types.is_integer(t))
     }
@@ -222,6 +224,26 @@ def _typed_parse(
     except (pa.ArrowException, UnicodeError):
         return None
     return _frame(chunk, table, bad)
+
+
+def has_hex_prefix(data: bytes) -> bool:
+    """Whether ``data`` holds ``0x`` or ``0X``. Searched by its rare byte (``x``, by memchr)
+    rather than by ``in``, which stops at every ``0`` (18 ms per 10 MB chunk of numbers,
+    against 0.3 ms); numpy takes over when ``x`` is frequent (free text)."""
+    for letter in (b"x", b"X"):
+        pos = data.find(letter, 1)
+        for _ in range(HEX_SCAN_HITS):
+            if pos < 0:
+                break
+            if data[pos - 1] == ZERO:
+                return True
+            pos = data.find(letter, pos + 1)
+        if pos >= 0:  # many letters: scan the rest at once
+            view = np.frombuffer(data, dtype=np.uint8)
+            at = np.flatnonzero(view[1:] == letter[0])  # the index of the byte before each letter
+            if bool((view[at] == ZERO).any()):
+                return True
+    return False
 
 
 def _frame(chunk: Chunk, table: pa.Table, bad: list[tuple[int, str, str]]) -> tuple[pd.DataFrame, pd.DataFrame | None]:

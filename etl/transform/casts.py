@@ -55,6 +55,20 @@ _FIELDS = {
     "%M": (2, "minute"),
     "%S": (2, "second"),
 }
+# Calendar tables for ``_strptime_fixed``, per year (0-9999, as %Y has four digits) and
+# month, at ``year * 12 + month - 1``: days from 1970-01-01 to the month's first day, and
+# the month's length (year 0 does not exist in Python: its months have no days).
+_YEARS = np.arange(10_000)
+_LEAP = (_YEARS % 4 == 0) & ((_YEARS % 100 != 0) | (_YEARS % 400 == 0))
+_MONTH_LENGTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[None, :] + np.outer(
+    _LEAP, np.arange(12) == 1
+)
+_MONTH_LENGTH[0] = 0
+_MONTH_START = (
+    (365 * (_YEARS - 1) + (_YEARS - 1) // 4 - (_YEARS - 1) // 100 + (_YEARS - 1) // 400 - 719_162)[:, None]
+    + np.concatenate((np.zeros((10_000, 1), dtype=np.int64), np.cumsum(_MONTH_LENGTH, axis=1)[:, :-1]), axis=1)
+).ravel()
+_MONTH_LENGTH = _MONTH_LENGTH.ravel()
 _TRUE = pa.array(["true", "t", "yes", "y", "1"])
 _FALSE = pa.array(["false", "f", "no", "n", "0"])
 
@@ -84,7 +98,7 @@ def cast_column(
     nulls where values were bad, and a numpy mask of those bad values."""
     arr = to_arrow(series).combine_chunks()
     present = arr.is_valid()
-    if pa.types.is_string(arr.type) and kind not in ("string", "category"):
+    if pa.types.is_string(arr.type) and kind not in ("string", "category") and not _trimmed(arr):
         arr = pc.utf8_trim_whitespace(arr)
         arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)  # blank is null
         present = arr.is_valid()
@@ -104,6 +118,33 @@ def cast_column(
         out = result.to_pandas(types_mapper=lambda _: _MASKED[kind])
         return pd.Series(out.array, index=series.index, name=series.name), bad
     return pd.Series(pd.arrays.ArrowExtensionArray(result), index=series.index, name=series.name), bad
+
+
+def _trimmed(text: pa.Array) -> bool:
+    """Whether trimming and blanking ``text`` would leave it as it is: no value is blank and
+    none starts or ends with a byte that may belong to whitespace. Any byte up to space or
+    from DEL up counts as one (a UTF-8 lead or continuation byte may be a Unicode space), so
+    this is conservative. Checked on the Arrow buffers: ~1 ms per 100k values, where the
+    trim and the blank test copy the column (~10 ms)."""
+    offsets, data = _string_buffers(text)
+    lengths = np.diff(offsets)
+    if not (lengths > 0).all() and (_valid_mask(text) & (lengths == 0)).any():
+        return False  # a blank value
+    filled = lengths > 0  # values (and any null slot holding bytes, checked too: harmless)
+    first = data[offsets[:-1][filled]]
+    last = data[offsets[1:][filled] - 1]
+    space = np.uint8(ord(" "))
+    outside = np.uint8(0x7E)  # above it: DEL and every non-ASCII byte
+    return not ((first <= space).any() or (first > outside).any() or (last <= space).any() or (last > outside).any())
+
+
+def _string_buffers(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's value offsets (``len + 1`` of them, into ``data``) and its data bytes, as numpy views."""
+    _, offsets_buf, data_buf = text.buffers()
+    offset_type = np.int64 if pa.types.is_large_string(text.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[text.offset : text.offset + len(text) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return offsets, data
 
 
 def _only(text: pa.Array, pattern: str) -> pa.Array:
@@ -187,6 +228,72 @@ def _fits(value: pa.Scalar, target: pa.DataType) -> bool:
     return True
 
 
+def _strptime_fixed(text: pa.Array, fmt: str) -> pa.Array | None:
+    """``_strptime_strict`` for a format of fixed-width fields with each of ``%Y %m %d``
+    (``%H %M %S`` optional) once, read from the text's bytes with numpy: a value that is
+    exactly the format's print of a real time (its width, its literals, digits, each field
+    in range, the day in its month, the year from 1) gets that time, the value
+    ``_strptime_strict`` gives it; any other value, the rare one, goes through
+    ``_strptime_strict`` itself. About 5x cheaper than Arrow's strptime and the print-back
+    check together (measured on 100k values: 13 ms -> 2.5 ms). None when ``fmt`` does not
+    qualify."""
+    pieces = _fixed_pieces(fmt)
+    if pieces is None or not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        return None
+    kinds = [kind for kind, _ in pieces if kind is not None]
+    if len(kinds) != len(set(kinds)) or not {"%Y", "%m", "%d"} <= set(kinds):
+        return None
+    layout = _layout(pieces)
+    width = len(layout)
+    offsets, data = _string_buffers(text)
+    lengths = np.diff(offsets)
+    valid = _valid_mask(text)
+    rows = np.flatnonzero(lengths == width)
+    good = np.zeros(len(text), dtype=bool)
+    micros = np.zeros(len(text), dtype=np.int64)
+    if rows.size:
+        # One row per byte position of the value, one column per value: each step below is
+        # one vector operation on a contiguous row.
+        if rows.size == np.count_nonzero(lengths):  # every non-empty value has ``width`` bytes
+            by_byte = data[offsets[0] : offsets[-1]].reshape(-1, width).T.copy()
+        else:
+            by_byte = data[offsets[rows].astype(np.int64)[None, :] + np.arange(width)[:, None]]
+        digit = np.array([k is not None for k in layout])
+        literal = np.frombuffer("".join("0" * _FIELDS[k][0] if k else lit for k, lit in pieces).encode(), np.uint8)
+        # Digits minus "0" (a non-digit wraps around past 9), literals minus themselves (0 when in place).
+        below = by_byte - literal[:, None]
+        ok = ~(below > np.where(digit, 9, 0).astype(np.uint8)[:, None]).any(axis=0)
+        field = {"%H": 0, "%M": 0, "%S": 0}
+        at = 0
+        for kind, lit in pieces:
+            if kind is None:
+                at += len(lit)
+                continue
+            number = below[at].astype(np.int64)
+            for k in range(1, _FIELDS[kind][0]):
+                number = number * 10 + below[at + k]
+            field[kind] = number
+            at += _FIELDS[kind][0]
+        year, month, day = field["%Y"], field["%m"], field["%d"]
+        known = (month >= 1) & (month <= 12) & (year < 10_000)  # a wrapped non-digit can exceed 9999
+        at_month = np.where(known, year * 12 + month - 1, 0)
+        ok &= known & (day >= 1) & (day <= _MONTH_LENGTH[at_month])
+        ok &= (field["%H"] < 24) & (field["%M"] < 60) & (field["%S"] < 60)
+        seconds = (_MONTH_START[at_month] + day - 1) * 86400 + field["%H"] * 3600 + field["%M"] * 60 + field["%S"]
+        if rows.size == len(text):
+            good, micros = ok & valid, seconds * 1_000_000
+        else:
+            good[rows] = ok & valid[rows]
+            micros[rows] = seconds * 1_000_000
+    rest = valid & ~good
+    if rest.any():
+        at_rest = np.flatnonzero(rest)
+        slow = _strptime_strict(text.take(pa.array(at_rest)), fmt)
+        good[at_rest] = _valid_mask(slow)
+        micros[at_rest] = pc.fill_null(slow.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    return pa.array(micros.view("datetime64[us]"), mask=~good, type=pa.timestamp("us"))
+
+
 def _strptime_strict(text: pa.Array, fmt: str) -> pa.Array:
     """Arrow's strptime, without its roll-over of impossible dates (``2026-02-30`` would
     become 2026-03-02): a value that does not print back as the same text (an impossible
@@ -217,10 +324,7 @@ def _differs_from_print(text: pa.Array, parsed: pa.Array, fmt: str) -> pa.Array:
         return pc.fill_null(pc.not_equal(printed, text), False)
     width = sum(len(lit) if kind is None else _FIELDS[kind][0] for kind, lit in pieces)
     valid = _valid_mask(parsed)
-    _, offsets_buf, data_buf = text.buffers()
-    offset_type = np.int64 if pa.types.is_large_string(text.type) else np.int32
-    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[text.offset : text.offset + len(text) + 1]
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    offsets, data = _string_buffers(text)
     same = np.zeros(len(text), dtype=bool)
     lengths = np.diff(offsets)
     rows = np.flatnonzero(lengths == width)
@@ -293,7 +397,8 @@ def _to_timestamp(arr: pa.Array, fmt: str | None, utc: bool) -> pa.Array:
     aware = pa.timestamp("us", "UTC")
     if pa.types.is_string(arr.type) and fmt and not any(d in fmt for d in _PANDAS_ONLY_DIRECTIVES):
         # Arrow's strptime: about 3x faster than pandas, and no round trip through pandas.
-        result = _strptime_strict(arr, fmt).cast(aware, safe=False)
+        fixed = _strptime_fixed(arr, fmt)
+        result = (_strptime_strict(arr, fmt) if fixed is None else fixed).cast(aware, safe=False)
         result = pc.if_else(pc.greater_equal(result, _FIRST_DAY), result, pa.scalar(None, aware))
     elif pa.types.is_string(arr.type):
         parsed = pd.to_datetime(arr.to_pandas(), format=fmt or "ISO8601", errors="coerce", utc=True)

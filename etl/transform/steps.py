@@ -209,12 +209,16 @@ def _convert_all(df: pd.DataFrame, plan: dict[str, tuple[str, str | None, bool]]
     _need(df, list(plan))
     out = df.copy(deep=False)
     reasons = np.full(len(df), None, dtype=object)
+    seen = np.zeros(len(df), dtype=bool)  # rows with a reason (pd.isna on the reasons costs 1 ms per 100k rows)
     for col, (kind, fmt, utc) in plan.items():
         out[col], bad = cast_column(df[col], kind, fmt, utc=utc)
-        fresh = bad & pd.isna(reasons)  # a row keeps the reason of its first bad value
+        if not bad.any():
+            continue
+        fresh = bad & ~seen  # a row keeps the reason of its first bad value
+        seen |= bad
         shown = f"{kind} (format {fmt!r})" if fmt and kind in ("timestamp", "date") else kind
         reasons[fresh] = [f"column {col!r}: cannot cast {v!r} to {shown}" for v in df[col][fresh].tolist()]
-    return out, (~pd.isna(reasons), reasons)
+    return out, (seen, reasons)
 
 
 # ----------------------------------------------------------------------------- lookup

@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from etl.core.chunks import (
     COUNT_BLOCK_BYTES,
+    HEX_SCAN_HITS,
     count_byte,
     decode_chunk,
     decode_ipc,
     encode_ipc,
+    has_hex_prefix,
     head,
     parse_csv_chunk,
     record_end,
@@ -122,3 +124,19 @@ def test_typed_parse_skips_malformed_rows_like_the_text_parse() -> None:
     text = parse_csv_chunk(chunk, ReadConfig(), "skip")
     assert list(typed[0].index) == list(text[0].index) == [2, 4]
     assert typed[1] is not None and text[1] is not None and typed[1].equals(text[1])
+
+
+@given(st.lists(st.sampled_from([b"0", b"x", b"X", b"a", b",", b"0x", b"\n"]), max_size=40))
+def test_has_hex_prefix_is_a_search_for_0x(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert has_hex_prefix(data) is (b"0x" in data or b"0X" in data)
+
+
+def test_has_hex_prefix_past_many_letters() -> None:
+    """Past ``HEX_SCAN_HITS`` letters numpy scans the rest; a 0x there is found, a text of
+    letters without one is not."""
+    many = b"box,fox\n" * HEX_SCAN_HITS
+    assert not has_hex_prefix(many)
+    assert has_hex_prefix(many + b"1,0x1F\n")
+    assert has_hex_prefix(many.upper() + b"1,0X1F\n")
+    assert not has_hex_prefix(b"x0" + many)

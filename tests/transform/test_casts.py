@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.transform.casts import _differs_from_print, _Problem, cast_column
+from etl.transform.casts import _differs_from_print, _Problem, _strptime_fixed, _strptime_strict, _trimmed, cast_column
 
 ARROW = pd.ArrowDtype
 DTYPES = {
@@ -254,3 +254,99 @@ def test_the_print_check_finds_what_strftime_finds(values: list[str | None], fmt
     printed = pc.strftime(parsed.cast(pa.timestamp("s"), safe=False), format=fmt)
     want = pc.fill_null(pc.not_equal(printed, text_arr), False)
     assert _differs_from_print(text_arr, parsed, fmt).to_pylist() == want.to_pylist()
+
+
+_year = st.sampled_from(["2024", "2023", "2000", "1900", "0001", "9999", "0000", "1970", "1969"])
+_day_field = st.integers(0, 32).map(lambda n: f"{n:02d}")
+_time_field = st.integers(0, 61).map(lambda n: f"{n:02d}")
+_calendar = st.one_of(
+    _stamp,
+    st.builds(
+        lambda y, m, d, h, mi, s: f"{y}-{m}-{d} {h}:{mi}:{s}",
+        _year,
+        st.integers(0, 13).map(lambda n: f"{n:02d}"),
+        _day_field,
+        st.integers(0, 25).map(lambda n: f"{n:02d}"),
+        _time_field,
+        _time_field,
+    ),
+    st.builds(lambda d, m, y: f"{d}/{m}/{y} 23:59", _day_field, st.sampled_from(["01", "02", "04", "12"]), _year),
+    st.builds(lambda y, d: f"{y}02{d}", _year, st.sampled_from(["28", "29", "30"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(_calendar, max_size=12),
+    fmt=st.sampled_from(FORMATS + ("%Y-%m-%d", "%d.%m.%Y")),
+    start=st.integers(0, 3),
+    large=st.booleans(),
+)
+def test_the_fixed_width_parse_gives_what_strptime_and_the_print_check_give(
+    values: list[str | None], fmt: str, start: int, large: bool
+) -> None:
+    """The numpy read of fixed-width text gives the same times, and the same nulls, as
+    Arrow's strptime with the print-back check and pandas (leap days, impossible dates,
+    second 60, hour 24, year 0, unpadded fields, other widths), on sliced arrays too."""
+    text_arr = pa.array(values, pa.large_string() if large else pa.string()).slice(min(start, len(values)))
+    fast = _strptime_fixed(text_arr, fmt)
+    if "%%" in fmt:
+        assert fast is None  # not a format of fields and literals only: the strptime path
+        return
+    assert fast is not None
+    slow = _strptime_strict(text_arr, fmt)
+    assert fast.type == slow.type
+    assert fast.cast(pa.int64()).to_pylist() == slow.cast(pa.int64()).to_pylist()  # year 0 has no Python datetime
+
+
+def test_the_fixed_width_parse_reads_only_formats_of_fields_with_a_date() -> None:
+    text_arr = pa.array(["12:30"])
+    assert _strptime_fixed(text_arr, "%H:%M") is None  # no date: strptime's defaults apply
+    assert _strptime_fixed(text_arr, "%Y-%m-%d %Y") is None  # a field twice
+    assert _strptime_fixed(pa.array(["2024-01-02"]), "%Y-%m-%d") is not None
+
+
+def test_whitespace_blanks_and_impossible_dates_beside_plain_text_are_still_found() -> None:
+    """Plain values take the fast paths; a value with whitespace around it, a blank, a
+    non-ASCII space or an impossible date beside them is trimmed, nulled or flagged as before."""
+    values = ["2024-02-29 10:00:00", " 2024-03-01 10:00:00", "2024-03-02 10:00:00\t", "", None]
+    values += ["\u00a02024-03-03 10:00:00", "2023-02-29 10:00:00", "2024-03-04 10:00:00"]
+    out, bad = cast_column(text(values), "timestamp", "%Y-%m-%d %H:%M:%S")
+    day = dt.datetime(2024, 3, 1, 10)
+    assert out.tolist()[:3] == [pd.Timestamp(dt.datetime(2024, 2, 29, 10)), pd.Timestamp(day)] + [
+        pd.Timestamp(day + dt.timedelta(days=1))
+    ]
+    assert pd.isna(out.iloc[3]) and pd.isna(out.iloc[4]) and pd.isna(out.iloc[6])
+    assert out.iloc[5] == pd.Timestamp(day + dt.timedelta(days=2))
+    assert out.iloc[7] == pd.Timestamp(day + dt.timedelta(days=3))
+    assert bad.tolist() == [False, False, False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("values", "plain"),
+    [
+        (["a", "b c", None], True),
+        ([" a", "b"], False),
+        (["a", "b\n"], False),
+        (["a", ""], False),  # a blank becomes null
+        (["a", "\u00a0b"], False),  # a non-ASCII byte at either end may be a Unicode space
+        (["a", "b\u00e9"], False),
+        ([None, None], True),
+        ([], True),
+    ],
+)
+def test_trimmed_says_when_the_trim_would_change_nothing(values: list[str | None], plain: bool) -> None:
+    arr = pa.array(values, pa.string())
+    assert _trimmed(arr) is plain
+    if plain:
+        assert pc.utf8_trim_whitespace(arr).equals(arr)
+    assert _trimmed(pa.array(["x", *values], pa.string()).slice(1)) is plain
+
+
+def test_every_ascii_byte_the_trim_removes_is_one_the_check_looks_for() -> None:
+    """``_trimmed`` takes bytes up to space and from DEL up as possible whitespace; Arrow's
+    trim removes no other ASCII character."""
+    for code in range(0x21, 0x7F):
+        value = f"{chr(code)}a{chr(code)}"
+        assert pc.utf8_trim_whitespace(pa.array([value])).to_pylist() == [value]
+        assert _trimmed(pa.array([value]))
