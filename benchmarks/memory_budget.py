@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--budgets", default=",".join(BUDGETS))
     p.add_argument("--server", choices=("nginx", "etl"), default=default_server(), help="HTTP server for the trips")
+    p.add_argument("--set", action="append", default=[], help="an extra job setting for every run (key=value)")
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results", type=Path, default=HERE / "results")
     return p.parse_args(argv)
@@ -57,10 +58,18 @@ def default_job(folder: Path) -> Path:
     return path
 
 
-def run_once(budget: str, data: Path, server: Server | NginxServer, files: int, work: Path, job: Path) -> dict:
+def run_once(
+    budget: str,
+    data: Path,
+    server: Server | NginxServer,
+    files: int,
+    work: Path,
+    job: Path,
+    extra: tuple[str, ...] = (),
+) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     out, state = work / "out", work / "state"
-    engine = Engine(f"etl {budget}", "etl", (f'resources.memory_limit="{budget}"',))
+    engine = Engine(f"etl {budget}", "etl", (f'resources.memory_limit="{budget}"', *extra))
     argv, env = command(engine, Paths(data, server.url, files, out, state), workers=0)
     argv[argv.index(str(JOB))] = str(job)
     m = measure(argv, env={**os.environ, **env}, exclude={server.pid})
@@ -89,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-budget-"))
     job = default_job(Path(tempfile.mkdtemp(prefix="bench-budget-job-")))
     runs: dict[str, list[dict]] = {b: [] for b in budgets}
+    load = os.getloadavg()[0]  # a busy host (load above its cores) makes walls and the ratio noisy
     server = serve(data, args.server)
     try:
         for _ in range(args.repeat):
             for b in budgets:
-                r = run_once(b, data, server, args.files, work, job)
+                r = run_once(b, data, server, args.files, work, job, tuple(args.set))
                 runs[b].append(r)
                 print(
                     f"{b:>7}: peak {r['peak'] / 2**20:6.0f} MiB (own sampler {r['own_peak'] / 2**20:4.0f}), "
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/memory_budget.py --rows {args.rows} --files {args.files} --repeat {args.repeat}` "
         f"(served by {args.server}) "
-        f"on {m['cores']} cores, {m['memory_gib']} GiB ({m['cpu']}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"on {m['cores']} cores, {m['memory_gib']} GiB ({m['cpu']}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
         f"medians of {args.repeat} (each run in brackets); tree sampled every {SAMPLE_SECONDS * 1000:.0f} ms from the command's start.",
         "",
         "| budget | peak RSS MiB (whole tree) | run's own sampled peak MiB | wall s | rows/s | CPU s | plan |",
