@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 
+import numpy as np
 import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from etl.core.chunks import (
     COUNT_BLOCK_BYTES,
     HEX_SCAN_HITS,
+    _quotes_before,
     count_byte,
     decode_chunk,
     decode_ipc,
@@ -140,3 +142,12 @@ def test_has_hex_prefix_past_many_letters() -> None:
     assert has_hex_prefix(many + b"1,0x1F\n")
     assert has_hex_prefix(many.upper() + b"1,0X1F\n")
     assert not has_hex_prefix(b"x0" + many)
+
+
+@given(st.binary(max_size=300).map(lambda b: bytes(b'"\na,'[x % 4] for x in b)), st.data())
+def test_quotes_before_counts_the_quotes_before_each_position(text: bytes, data: st.DataObject) -> None:
+    """The bitmap count equals the plain one (the quotes' positions searched), across word ends."""
+    buf = np.frombuffer(text, dtype=np.uint8)
+    positions = np.array(sorted(data.draw(st.sets(st.integers(0, max(len(text) - 1, 0))))) if text else [], np.int64)
+    want = np.searchsorted(np.flatnonzero(buf == ord('"')), positions)
+    assert _quotes_before(buf, positions).tolist() == want.tolist()
