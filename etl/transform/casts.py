@@ -128,14 +128,16 @@ def _trimmed(text: pa.Array) -> bool:
     trim and the blank test copy the column (~10 ms)."""
     offsets, data = _string_buffers(text)
     lengths = np.diff(offsets)
-    if not (lengths > 0).all() and (_valid_mask(text) & (lengths == 0)).any():
+    if (lengths > 0).all():  # the common case: no gather through a mask
+        first, last = data[offsets[:-1]], data[offsets[1:] - 1]
+    elif (_valid_mask(text) & (lengths == 0)).any():
         return False  # a blank value
-    filled = lengths > 0  # values (and any null slot holding bytes, checked too: harmless)
-    first = data[offsets[:-1][filled]]
-    last = data[offsets[1:][filled] - 1]
-    space = np.uint8(ord(" "))
-    outside = np.uint8(0x7E)  # above it: DEL and every non-ASCII byte
-    return not ((first <= space).any() or (first > outside).any() or (last <= space).any() or (last > outside).any())
+    else:
+        filled = lengths > 0  # values (and any null slot holding bytes, checked too: harmless)
+        first, last = data[offsets[:-1][filled]], data[offsets[1:][filled] - 1]
+    # Printable ASCII but space (0x21-0x7E) becomes 0-0x5D; any other byte wraps around above it.
+    visible = np.uint8(0x7E - 0x21)
+    return not ((first - np.uint8(0x21)) > visible).any() and not ((last - np.uint8(0x21)) > visible).any()
 
 
 def _string_buffers(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -263,23 +265,25 @@ def _strptime_fixed(text: pa.Array, fmt: str) -> pa.Array | None:
         # Digits minus "0" (a non-digit wraps around past 9), literals minus themselves (0 when in place).
         below = by_byte - literal[:, None]
         ok = ~(below > np.where(digit, 9, 0).astype(np.uint8)[:, None]).any(axis=0)
-        field = {"%H": 0, "%M": 0, "%S": 0}
+        # Fields in uint16 (up to 9999; a wrapped non-digit may overflow, its row is not ok).
+        field = {"%H": np.zeros(1, np.uint16), "%M": np.zeros(1, np.uint16), "%S": np.zeros(1, np.uint16)}
         at = 0
         for kind, lit in pieces:
             if kind is None:
                 at += len(lit)
                 continue
-            number = below[at].astype(np.int64)
+            number = below[at].astype(np.uint16)
             for k in range(1, _FIELDS[kind][0]):
-                number = number * 10 + below[at + k]
+                number = number * np.uint16(10) + below[at + k]
             field[kind] = number
             at += _FIELDS[kind][0]
         year, month, day = field["%Y"], field["%m"], field["%d"]
-        known = (month >= 1) & (month <= 12) & (year < 10_000)  # a wrapped non-digit can exceed 9999
-        at_month = np.where(known, year * 12 + month - 1, 0)
+        known = (month >= 1) & (month <= 12) & (year < 10_000)
+        at_month = np.where(known, year.astype(np.int32) * 12 + month - 1, 0)
         ok &= known & (day >= 1) & (day <= _MONTH_LENGTH[at_month])
         ok &= (field["%H"] < 24) & (field["%M"] < 60) & (field["%S"] < 60)
-        seconds = (_MONTH_START[at_month] + day - 1) * 86400 + field["%H"] * 3600 + field["%M"] * 60 + field["%S"]
+        hour, minute, second = (field[k].astype(np.int64) for k in ("%H", "%M", "%S"))
+        seconds = (_MONTH_START[at_month] + day - 1) * 86400 + hour * 3600 + minute * 60 + second
         if rows.size == len(text):
             good, micros = ok & valid, seconds * 1_000_000
         else:
