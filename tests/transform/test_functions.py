@@ -11,10 +11,11 @@ import datetime as dt
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from etl.transform.expr import ExprError, compile_expr
-from etl.transform.functions import FUNCTIONS
+from etl.transform.functions import _SPAN_DAYS, FUNCTIONS
 
 A = pd.ArrowDtype
 
@@ -228,3 +229,23 @@ def test_wrong_argument_counts_and_unknown_names_fail_at_compile_time(call: str)
 def test_functions_nest_and_work_in_filters(df: pd.DataFrame) -> None:
     mask = compile_expr('month(pickup) == 1 and contains(lower(strip(name)), "jfk")').mask(df)
     assert mask.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("span_days", [0, 400, _SPAN_DAYS - 1, _SPAN_DAYS, 3_000_000])
+@pytest.mark.parametrize("fmt", ["%Y", "%Y-%m", "%Y-%m-%d"])
+def test_date_prefixes_are_the_texts_of_each_value(span_days: int, fmt: str) -> None:
+    """The ISO-prefix formats give, chunk by chunk, the texts Arrow writes for each value:
+    dates spread over a short span (formatted once per day) or a long one (every value),
+    nulls, an empty and an all-null chunk, years 1 and 9999."""
+    first = dt.datetime(1, 1, 1) if span_days > 1_000_000 else dt.datetime(2024, 2, 27, 13, 5)
+    values = [first + dt.timedelta(days=span_days * k // 6, hours=k) for k in range(7)]
+    ts = pa.timestamp("us")
+    column = pa.chunked_array(
+        [pa.array([*values, None, dt.datetime(9999, 12, 31, 23)][: 9 if span_days > 1_000_000 else 8], ts)]
+        + [pa.array([], ts), pa.array([None, None], ts), pa.array(values[::-1], ts).slice(2)]
+    )
+    got = FUNCTIONS["strftime"].impl(column, fmt)
+    width = {"%Y": 4, "%Y-%m": 7, "%Y-%m-%d": 10}[fmt]
+    want = pc.utf8_slice_codeunits(column.cast(pa.date32()).cast(pa.string()), 0, width)
+    assert got.equals(want)
+    assert [len(c) for c in got.chunks] == [len(c) for c in want.chunks]
