@@ -56,8 +56,10 @@ SOLO_CHUNK_FACTOR = 2.0  # a chunk this many times the planned size runs alone (
 # record; lower sends more chunks alone (slower), higher lets a big one run beside workers at their peak
 CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
 ENCODE_FACTOR = 3.0  # a writer thread encoding a Parquet row group holds ~3x its Arrow bytes (its rows
-# mapped from the spool, the encoder's dictionaries and pages): measured +34 MiB of encoder and the
-# mapped rows for a 131,072-row, 15 MiB group of the benchmark job; lower lets the plan pass the budget
+# mapped from the spool, their concatenated copy, the encoder's dictionaries and pages): measured +34 MiB
+# of encoder and copies beside the mapped rows for a 131,072-row, 15 MiB group of the benchmark job (the
+# encoder alone: 0.9x with a dictionary on every column, 0.65x with b20b47d's choice); lower lets the
+# plan pass the budget, higher gives small budgets smaller chunks
 PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
 # estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
 MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
