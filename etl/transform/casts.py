@@ -113,7 +113,10 @@ def cast_column(
         result = _parse_text(arr, _ARROW[kind])
     else:
         result = _cast_values(arr, _ARROW[kind])
-    bad = pc.and_(present, result.is_null()).to_numpy(zero_copy_only=False)
+    if result.null_count == arr.null_count:  # every conversion keeps a null null: none was bad
+        bad = np.zeros(len(result), dtype=bool)
+    else:
+        bad = pc.and_(present, result.is_null()).to_numpy(zero_copy_only=False)
     if kind in _MASKED:
         out = result.to_pandas(types_mapper=lambda _: _MASKED[kind])
         return pd.Series(out.array, index=series.index, name=series.name), bad

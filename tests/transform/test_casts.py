@@ -350,3 +350,21 @@ def test_every_ascii_byte_the_trim_removes_is_one_the_check_looks_for() -> None:
         value = f"{chr(code)}a{chr(code)}"
         assert pc.utf8_trim_whitespace(pa.array([value])).to_pylist() == [value]
         assert _trimmed(pa.array([value]))
+
+
+_cell = st.one_of(
+    st.none(),
+    st.sampled_from(["", " ", "12", " 7\t", "1.5", "x", "true", "no", "2024-02-29 10:00:00", "2023-02-29 10:00:00"]),
+    st.text(alphabet="0123456789.-: tx", max_size=8),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(_cell, max_size=10), kind=st.sampled_from(sorted(DTYPES)))
+def test_a_value_is_bad_exactly_where_it_was_present_and_came_out_null(values: list[str | None], kind: str) -> None:
+    """The bad-value mask (skipped when the output has no more nulls than the input) is
+    what it means: present in the input (not null, not blank once trimmed) and null out."""
+    out, bad = cast_column(text(values), kind)
+    keeps_blanks = kind in ("string", "category")
+    present = [v is not None and (keeps_blanks or v.strip() != "") for v in values]
+    assert bad.tolist() == [p and bool(pd.isna(o)) for p, o in zip(present, out.tolist())]
