@@ -399,6 +399,15 @@ def _fixed_pieces(fmt: str) -> list[tuple[str | None, str]] | None:
     return pieces if pieces else None
 
 
+def _from_first_day(result: pa.Array) -> pa.Array:
+    """``result`` (timestamp[us, UTC]) with times before 0001-01-01 (year 0, which Python
+    cannot hold) made null; when none is, as it is, known from its minimum alone."""
+    low = pc.min(result.cast(pa.int64())).as_py()
+    if low is None or low >= _FIRST_DAY.value:
+        return result
+    return pc.if_else(pc.greater_equal(result, _FIRST_DAY), result, pa.scalar(None, result.type))
+
+
 def _to_timestamp(arr: pa.Array, fmt: str | None, utc: bool) -> pa.Array:
     """Any text/timestamp/date column to timestamp[us, UTC], then naive unless ``utc``."""
     aware = pa.timestamp("us", "UTC")
@@ -406,7 +415,7 @@ def _to_timestamp(arr: pa.Array, fmt: str | None, utc: bool) -> pa.Array:
         # Arrow's strptime: about 3x faster than pandas, and no round trip through pandas.
         fixed = _strptime_fixed(arr, fmt)
         result = (_strptime_strict(arr, fmt) if fixed is None else fixed).cast(aware, safe=False)
-        result = pc.if_else(pc.greater_equal(result, _FIRST_DAY), result, pa.scalar(None, aware))
+        result = _from_first_day(result)
     elif pa.types.is_string(arr.type):
         parsed = pd.to_datetime(arr.to_pandas(), format=fmt or "ISO8601", errors="coerce", utc=True)
         result = pa.array(parsed, from_pandas=True).cast(aware, safe=False)

@@ -368,3 +368,13 @@ def test_a_value_is_bad_exactly_where_it_was_present_and_came_out_null(values: l
     keeps_blanks = kind in ("string", "category")
     present = [v is not None and (keeps_blanks or v.strip() != "") for v in values]
     assert bad.tolist() == [p and bool(pd.isna(o)) for p, o in zip(present, out.tolist())]
+
+
+def test_year_zero_is_a_bad_value_beside_the_first_day() -> None:
+    """Year 0 parses (Arrow has it; Python has not): it is made null and flagged, whether
+    or not the column also holds 0001-01-01, the first day kept."""
+    out, bad = cast_column(text(["0000-01-01 00:00:00", "0001-01-01 00:00:00", None]), "timestamp", "%Y-%m-%d %H:%M:%S")
+    assert pd.isna(out.iloc[0]) and out.iloc[1] == pd.Timestamp(dt.datetime(1, 1, 1)) and pd.isna(out.iloc[2])
+    assert bad.tolist() == [True, False, False]
+    out, bad = cast_column(text(["0001-01-01 00:00:00"]), "timestamp", "%Y-%m-%d %H:%M:%S")
+    assert out.iloc[0] == pd.Timestamp(dt.datetime(1, 1, 1)) and not bad.any()
