@@ -21,6 +21,7 @@ handlers, so a library caller running jobs in threads leaves it off.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import signal
 from collections.abc import Sequence
@@ -106,10 +107,13 @@ def _run(cfg: JobConfig, opts: RunOptions, metrics_file: Path | None, handle_sig
             write_metrics(metrics_file, report, state)
         return path
 
-    def forced(signum: int, why: str) -> None:  # the watchdog's last words (GracefulStop.force)
+    def forced(signum: int, why: str) -> None:  # at the first signal, and in the watchdog's last words
         name = signal.Signals(signum).name
-        report.finish("interrupted", 128 + signum, error=ETLError(f"stopped by {name}; {why}", stage="run"))
-        save()
+        stopped = copy.copy(report)  # two threads may write it at once: neither touches the run's own
+        stopped.finish("interrupted", 128 + signum, error=ETLError(f"stopped by {name}; {why}", stage="run"))
+        write_report(stopped, state, cfg.job.keep_reports)
+        if metrics_file:
+            write_metrics(metrics_file, stopped, state)
 
     try:
         with JobLock(state):

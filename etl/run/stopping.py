@@ -9,6 +9,7 @@ exits 130 / 143 when stopping takes longer than the grace, or a second signal co
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -16,12 +17,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, Self
 
+import psutil  # here, not in the force path: nothing there may wait on an import
+
 from etl.core.errors import Interrupted
 
 log = logging.getLogger("etl")
 
-LAST_WORDS_SECONDS = 5.0  # after the grace, at most this long for the last log line and report:
-# a disk that hangs cannot keep a stopped run alive; 2 s once lost the report on a busy host
+LAST_WORDS_SECONDS = 5.0  # after the grace, at most this long for the last log line and report
+# (the first signal wrote one already): longer waits out a slow disk, shorter ends a hung one sooner
 
 
 async def run_with_signals(coro: Any, stop: GracefulStop) -> Any:
@@ -54,11 +57,19 @@ class GracefulStop:
     The watchdog is a thread for the same reason, and it stays armed until the ``with``
     block ends, i.e. after ``asyncio.run`` has also waited for its ``to_thread`` work (a
     hung step in the memory probe, a hung disk), which a cancelled task does not wait for.
+
+    ``on_force(signum, why)`` writes the interrupted run's report. It is called twice: as
+    soon as the first signal comes (by its own thread, so the report is on disk during the
+    grace, not only in the last words), and again by the last words with the reason of the
+    forced stop. A clean stop writes its own report after the ``with`` block, which first
+    waits for the early one. If the last words cannot finish within ``LAST_WORDS_SECONDS``,
+    every thread's stack goes to stderr (faulthandler: no locks, no imports) before the exit.
     """
 
     def __init__(self, grace: float, on_force: Callable[[int, str], None] | None = None) -> None:
         self.grace = grace
         self.on_force = on_force
+        self._early: threading.Thread | None = None  # the report written when the first signal came
         self.received: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Future[Any] | None = None
@@ -76,6 +87,8 @@ class GracefulStop:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if self._early is not None:  # the clean stop's report must land after it; the watchdog
+            self._early.join()  # is still armed, so a hung disk cannot keep the run alive
         with self._lock:  # waits for (never returns from) a force already under way
             self._done = True
             if self._timer is not None:
@@ -104,12 +117,25 @@ class GracefulStop:
         self._timer = threading.Timer(self.grace, self.force, args=(signum, late))
         self._timer.daemon = True
         self._timer.start()
+        if self.on_force is not None:
+            stopping = f"stopping (at most {self.grace:g}s, job.stop_grace_seconds)"
+            self._early = threading.Thread(
+                target=self._report_early, args=(signum, stopping), name="etl-stop-report", daemon=True
+            )
+            self._early.start()
         loop, task = self._loop, self._task
         if loop is not None and task is not None:
             try:
                 loop.call_soon_threadsafe(task.cancel)  # a signal handler runs between bytecodes
             except RuntimeError:  # the loop is closed: the run is over already
                 pass
+
+    def _report_early(self, signum: int, why: str) -> None:
+        assert self.on_force is not None
+        try:
+            self.on_force(signum, why)
+        except OSError as e:  # the last words try again
+            log.warning("could not write the run report: %s", e, extra={"stage": "run"})
 
     def force(self, signum: int, why: str) -> None:
         """Log, write the report (at most ``LAST_WORDS_SECONDS``), kill every descendant, exit."""
@@ -132,6 +158,8 @@ class GracefulStop:
             speaker = threading.Thread(target=last_words, name="etl-last-words", daemon=True)
             speaker.start()
             speaker.join(LAST_WORDS_SECONDS)
+            if speaker.is_alive():  # where the last words are stuck, for whoever reads stderr
+                faulthandler.dump_traceback(2, all_threads=True)  # fd 2: no Python object needed
             _kill_descendants()
             os._exit(code)
 
@@ -139,8 +167,6 @@ class GracefulStop:
 def _kill_descendants() -> int:
     """SIGKILL every descendant process, and any that appeared meanwhile; how many. No waiting:
     the process exits right after, before it can react to its workers dying."""
-    import psutil
-
     killed: set[int] = set()
     for _ in range(3):  # a worker forked while a pass ran is caught by the next one
         procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in killed]

@@ -219,7 +219,7 @@ def test_sigterm_on_a_hung_step_kills_the_tree_after_the_grace_and_keeps_the_out
     if case != "process-worker":  # there pebble may end the worker first (SIGKILL after 3 s)
         assert "stopping took longer than 1s (job.stop_grace_seconds): killing child processes" in text
     report = last_report(job_dir)
-    assert report["status"] == "interrupted" and report["exit_code"] == 143
+    assert report["status"] == "interrupted" and report["exit_code"] == 143, read(log) + read(job_dir / "stderr.txt")
     assert (rows_digest(job_dir / "out"), layout(job_dir / "out")) == before  # nothing published
 
     again = subprocess.run(
@@ -248,6 +248,56 @@ def test_a_second_signal_ends_a_hung_run_at_once(job_dir: Path, tag: str) -> Non
     report = last_report(job_dir)
     assert report["status"] == "interrupted" and report["exit_code"] == 130
     assert (rows_digest(job_dir / "out"), layout(job_dir / "out")) == before
+
+
+HUNG_LAST_WORDS = """
+import sys, time
+from pathlib import Path
+from etl.run import stopping
+
+stopping.LAST_WORDS_SECONDS = 0.5
+report = Path(sys.argv[1])
+calls = []
+
+
+def write_report_or_hang(signum, why):
+    calls.append(why)
+    if len(calls) > 1:  # the disk hangs by the time the last words come
+        while True:
+            time.sleep(1)
+    report.write_text(f"{signum} {why}")
+
+
+with stopping.GracefulStop(0.2, write_report_or_hang):
+    Path(sys.argv[2]).write_text("")
+    while True:  # a step that never returns
+        time.sleep(1)
+"""
+
+
+def test_the_report_is_written_when_the_signal_comes_and_hung_last_words_show_where(tmp_path: Path) -> None:
+    report, ready = tmp_path / "report.txt", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUNG_LAST_WORDS, str(report), str(ready)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert report.read_text() == "15 stopping (at most 0.2s, job.stop_grace_seconds)"
+    assert "in write_report_or_hang" in err  # the stuck last words' stack, on stderr
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "inf", '"soon"'])
