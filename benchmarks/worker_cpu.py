@@ -130,6 +130,10 @@ def render(results: dict, meta: dict) -> str:
         f"{meta['rows']:,} rows per chunk (the first records of each job's first file), "
         f"{meta['repeats']} repeats x {meta['rounds']} rounds, medians; CPU-ms per million input rows "
         f"(user + sys of the worker process). Python {meta['python']}, {meta['cpus']} CPUs.",
+        "",
+        "*after* is the working tree the command ran in. decode and the steps are the worker side of "
+        "issue #15 (etl/core/chunks.py, etl/transform/casts.py, steps.py, expr.py, functions.py); "
+        "encode_parts is the write side, shown for scale; run_chunk is all of it, once more.",
     ]
     for job, phases in results.items():
         lines += ["", f"## {job}", ""]
