@@ -268,7 +268,7 @@ def write_report_or_hang(signum, why):
     report.write_text(f"{signum} {why}")
 
 
-with stopping.GracefulStop(0.2, write_report_or_hang):
+with stopping.GracefulStop(1, write_report_or_hang):
     Path(sys.argv[2]).write_text("")
     while True:  # a step that never returns
         time.sleep(1)
@@ -296,7 +296,7 @@ def test_the_report_is_written_when_the_signal_comes_and_hung_last_words_show_wh
     finally:
         proc.kill()
     assert proc.returncode == 143, err
-    assert report.read_text() == "15 stopping (at most 0.2s, job.stop_grace_seconds)"
+    assert report.read_text() == "15 stopping (at most 1s, job.stop_grace_seconds)"
     assert "in write_report_or_hang" in err  # the stuck last words' stack, on stderr
 
 
