@@ -1,8 +1,9 @@
 """Right-sized output files: the workers' pieces cut into files in serial row order.
 
 Workers hand over each chunk's rows per partition folder as Arrow IPC pieces
-(``etl.core.parts.encode_parts``); the writer spools every piece to disk (the run's temp
-folder, ``_spool/``) and registers the chunk here (``chunk_ready``). A ``FileCutter``
+(``etl.core.parts.encode_parts``), written as files into the writer's ``_spool/_incoming/``
+(or as bytes from a Dask worker); the writer moves (or writes) every piece into its spool
+(the run's temp folder, ``_spool/``) and registers the chunk here (``chunk_ready``). A ``FileCutter``
 feeds the pieces into per-partition output files **in serial order** (source, chunk,
 halves), whatever order the chunks arrive in, so every boundary depends only on the rows
 and the config:
@@ -72,6 +73,11 @@ from etl.core.parts import ROW_GROUP_MAX_BYTES, file_name
 # A column keeps Parquet dictionary encoding when its file's first row group has at most this
 # many distinct values per row: above it the dictionary overflows or costs more than it saves.
 DICTIONARY_MAX_DISTINCT = 0.5
+# A column whose first this-many rows have more than this share of distinct values skips the
+# dictionary without counting the whole row group: a larger probe judges more columns exactly,
+# at more hashing (16,384 rows from 5x that many values are ~90% distinct).
+DISTINCT_PROBE_ROWS = 16_384
+DISTINCT_PROBE_SHARE = 0.9
 # Files open at once: more lets more partitions interleave without closing files early;
 # each costs a file handle and a Parquet writer's metadata (its buffered rows stay on disk).
 MAX_OPEN_FILES = 32
@@ -414,16 +420,29 @@ def dictionary_columns(first: pa.Table) -> bool | list[str]:
     10-60% smaller as plain pages; those with few (fares, codes, names) are faster and
     smaller with a dictionary. The first row group depends only on the rows and the
     config, so the choice (and the file) does not depend on chunk boundaries. Nested and
-    dictionary-typed columns keep the writer's default (a dictionary)."""
+    dictionary-typed columns keep the writer's default (a dictionary).
+
+    Counting is hashing, about what the dictionary would have cost on that row group, so a
+    column whose first ``DISTINCT_PROBE_ROWS`` rows are nearly all distinct is judged on
+    them: drawn from few values, that many rows would repeat some."""
     if first.num_rows == 0 or any(pa.types.is_nested(f.type) for f in first.schema):
         return True
     names = []
     for name, column in zip(first.column_names, first.columns):
-        if pa.types.is_dictionary(column.type):
-            names.append(name)
-        elif pc.count_distinct(column, mode="all").as_py() <= DICTIONARY_MAX_DISTINCT * first.num_rows:
+        if pa.types.is_dictionary(column.type) or _few_distinct(column):
             names.append(name)
     return names
+
+
+def _few_distinct(column: pa.ChunkedArray) -> bool:
+    head = column.slice(0, DISTINCT_PROBE_ROWS)
+    if len(head) < len(column) and _distinct(head) > DISTINCT_PROBE_SHARE * len(head):
+        return False
+    return _distinct(column) <= DICTIONARY_MAX_DISTINCT * len(column)
+
+
+def _distinct(column: pa.ChunkedArray) -> int:
+    return int(pc.count_distinct(column, mode="all").as_py())
 
 
 def _conform(table: pa.Table, schema: pa.Schema, relpath: str) -> pa.Table:

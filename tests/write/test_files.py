@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -123,6 +124,20 @@ def test_columns_of_mostly_distinct_values_skip_the_dictionary_and_repeated_ones
     want = frame(9_000)
     assert back["id"].tolist() == want["id"].tolist() and back["v"].tolist() == want["v"].tolist()
     assert back["s"].tolist() == want["s"].tolist() and list(published) == ["part-00000.parquet"]
+
+
+def test_the_dictionary_choice_on_a_large_first_row_group_counts_what_the_probe_cannot_settle() -> None:
+    rows = 4 * files.DISTINCT_PROBE_ROWS
+    rng = np.random.default_rng(5)
+    first = pa.table(
+        {
+            "id": np.arange(rows),  # all distinct: settled on the probe's rows
+            "code": rng.integers(0, 10, rows),  # 10 values
+            "sku": rng.integers(0, rows // 4, rows),  # ~23% distinct: the probe's rows look unique-ish
+            "amount": rng.random(rows),
+        }
+    )
+    assert files.dictionary_columns(first) == ["code", "sku"]
 
 
 def wide_frame(rows: int, seed: int, start: int) -> pd.DataFrame:
