@@ -12,6 +12,7 @@ Names (every rule in one place)::
     [col=value/...]part-<source:05d>-<chunk:06d>[-h<half path>].arrow   a chunk's piece
     [col=value/...]part-<file:05d>.<parquet|csv>                         an output file
     _rejected/rejected-<source:05d>-<chunk:06d>.jsonl
+    _spool/_incoming/<random>.arrow     a worker's piece, until the writer moves it into _spool/
 
 Sorting a folder's pieces gives the serial row order: source, then chunk, then the halves
 of a chunk that was split after its worker was killed (``split_name``); sorting its output
@@ -27,8 +28,11 @@ left out of the files, as pyarrow and Spark do.
 from __future__ import annotations
 
 import json
+import os
 import re
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -47,6 +51,7 @@ _HIVE_UNSAFE = frozenset(chr(c) for c in range(0x20)) | set("\"#%'*/:=?\\\x7f{[]
 _MAX_NAME_BYTES = 255  # longest file or folder name on common filesystems
 REJECTS_DIR = "_rejected"  # readers (pyarrow, Spark) skip folders starting with "_"
 SPOOL_DIR = "_spool"  # in a run's temp folder: the workers' pieces, until publish
+INCOMING_DIR = "_incoming"  # in the spool: pieces workers wrote, until the writer moves them in
 APPEND_LIST = ".append-parts"  # in a run's temp folder: the parts an append publish is moving
 _INDEXED_NAME = re.compile(r"^(part|rejected)-\d{5}-")
 # Most bytes of rows in one row group (values, plus 4 offset bytes per string): a row group of
@@ -111,9 +116,16 @@ def encode_parts(
     source_index: int,
     chunk_index: int,
     label: str = "",
+    spool: Path | None = None,
 ) -> list[Part]:
     """One transformed chunk as pieces for the writer (Arrow IPC, one per partition
     folder); an empty frame gives none.
+
+    With ``spool`` (the writer's ``incoming`` folder, on this machine) each piece is
+    written there as a file and the ``Part`` only names it: the rows then never travel
+    through the worker's pipe and the parent's memory, and the writer moves the file into
+    its spool (``Part.file``). Without it (a Dask worker, maybe on another machine) the
+    bytes travel in ``Part.data``.
 
     With ``out.partition_by``, rows go to hive folders (``col=value/``, in the order
     given, values percent-encoded as Hive does, null and "" as ``HIVE_NULL``) and the
@@ -126,13 +138,38 @@ def encode_parts(
     table = _to_arrow(df, label)
     name = part_name(source_index, chunk_index)
     if not out.partition_by:
-        return [Part(name, table_to_ipc(table), table.num_rows)]
+        return [_piece(name, table, spool)]
     _check_partition_columns(table, out.partition_by, label)
     parts = []
     for folder, rows in _partitions(table, out.partition_by, label):
-        piece = table.take(rows).drop_columns(out.partition_by)
-        parts.append(Part(f"{folder}/{name}", table_to_ipc(piece), piece.num_rows))
+        parts.append(_piece(f"{folder}/{name}", table.take(rows).drop_columns(out.partition_by), spool))
     return parts
+
+
+def _piece(relpath: str, table: pa.Table, spool: Path | None) -> Part:
+    if spool is None:
+        return Part(relpath, table_to_ipc(table), table.num_rows)
+    path = spool / f"{uuid.uuid4().hex}.{PIECE_EXT}"  # unique: a retried chunk never meets its first try
+    try:
+        size = write_ipc_file(table, path)
+    except OSError as e:
+        raise OutputError(f"cannot spool a chunk's rows: {e}", item=str(path)) from e
+    return Part(relpath, b"", table.num_rows, file=str(path), size=size)
+
+
+def write_ipc_file(table: pa.Table, path: Path) -> int:
+    """``table`` written to ``path`` as ``table_to_ipc`` would encode it, and fsynced (the
+    writer commits a chunk only once its pieces are durable); returns the bytes written."""
+    with pa.OSFile(str(path), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as stream:
+            stream.write_table(table)
+        size = cast(int, sink.tell())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
 
 
 def table_to_ipc(table: pa.Table) -> bytes:

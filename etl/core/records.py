@@ -116,6 +116,16 @@ class Part:
     relpath: str
     data: bytes = field(repr=False)
     rows: int
+    file: str = ""
+    """A worker's piece already on disk: the file in the writer's ``incoming`` folder that
+    holds it (``data`` is then empty), which the writer moves into its spool."""
+    size: int = 0
+    """Bytes of ``file``; 0 when the bytes are in ``data``."""
+
+    @property
+    def nbytes(self) -> int:
+        """The part's bytes, in memory or in its file."""
+        return self.size if self.file else len(self.data)
 
 
 RESULT_COUNTERS = (
@@ -204,5 +214,11 @@ class ChunkResult:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held in memory (a piece already in a file holds none)."""
         own = sum(len(p.data) for p in self.parts) + (self.checks.nbytes if self.checks else 0)
         return own + (len(self.rejects.data) if self.rejects else 0)
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of the parts and dead letters, in memory or in files."""
+        return sum(p.nbytes for p in self.parts) + (self.rejects.nbytes if self.rejects else 0)

@@ -165,7 +165,10 @@ class Run:
         writer = open_writer(cfg.output, self.opts.run_id, adopt=adopt)
         self.commits.begin(writer)
         self.gate = Gate(cfg, self.opts.run_id, sources)
-        spec = WorkerSpec(cfg.transform, cfg.output, cfg.read, cfg.checks)
+        # Workers on this machine write their pieces into the writer's folder themselves: the
+        # rows skip the pipe and the parent's memory. A Dask worker may be on another machine.
+        spool = None if cfg.transform.executor == "dask" else str(writer.incoming())
+        spec = WorkerSpec(cfg.transform, cfg.output, cfg.read, cfg.checks, spool=spool)
         executor = make_executor(cfg.transform, spec, workers, plan.budget)
         self.files_q: BoundedQueue[StagedFile] = BoundedQueue("files", FILES_QUEUE_ITEMS, 1 << 62)
         self.chunks_q: BoundedQueue[Chunk] = BoundedQueue("chunks", plan.chunks_queue_items, plan.chunks_queue_bytes)

@@ -36,6 +36,7 @@ a whole chunk set aside.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -254,7 +255,7 @@ def whole_chunk_rejects(chunk: Chunk, reason: str, read: ReadConfig) -> tuple[in
 def rename_for_split(result: ChunkResult, path: str) -> ChunkResult:
     """Give a half's parts the ``-h<path>`` suffix so halves never collide and sort in order."""
     if path:
-        result.parts = [Part(split_name(p.relpath, path), p.data, p.rows) for p in result.parts]
+        result.parts = [dataclasses.replace(p, relpath=split_name(p.relpath, path)) for p in result.parts]
     return result
 
 

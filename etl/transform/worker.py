@@ -4,7 +4,9 @@ Only plain, picklable data crosses the process boundary: the ``WorkerSpec`` (the
 transform, output and read config) once per worker, through the pool's initializer
 (``init_worker``); then a ``Chunk`` in and a ``ChunkResult`` (the rows per partition
 folder as Arrow IPC pieces, which the write stage cuts into right-sized Parquet or CSV
-files, ``etl.write.files``; rejected rows; timings) out of ``run_chunk``. The serial and thread executors call the same
+files, ``etl.write.files``; rejected rows; timings) out of ``run_chunk``. With
+``WorkerSpec.spool`` the pieces are files the worker wrote there, and the result carries
+only their names and row counts. The serial and thread executors call the same
 functions in the parent, so every executor runs one code path.
 
 ``serve`` is a process worker's whole life (``etl.transform.executors.ProcessExecutor``):
@@ -23,6 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -46,6 +49,9 @@ class WorkerSpec:
     """How to parse raw CSV chunks (``read.parse = "worker"``)."""
     checks: ChecksConfig | None = None
     """Row checks run on every chunk's output (``[checks]``; ``etl.transform.checks``)."""
+    spool: str | None = None
+    """The writer's ``incoming`` folder when workers share this machine's disk: pieces are
+    written there as files (``etl.core.parts.encode_parts``); None sends their bytes."""
 
 
 _SPEC: WorkerSpec | None = None
@@ -86,7 +92,12 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
         checks = check_chunk(result, spec.checks, chunk.source_name, chunk.unit, chunk.label)
     stepped = time.perf_counter()
     parts = encode_parts(
-        result, spec.output, source_index=chunk.source_index, chunk_index=chunk.index, label=chunk.label
+        result,
+        spec.output,
+        source_index=chunk.source_index,
+        chunk_index=chunk.index,
+        label=chunk.label,
+        spool=None if spec.spool is None else Path(spec.spool),
     )
     if malformed is not None:
         rejects = malformed if rejects is None else pd.concat([malformed, rejects], ignore_index=True)

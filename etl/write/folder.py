@@ -44,7 +44,16 @@ import pyarrow.parquet as pq
 from etl.core import durable
 from etl.core.config import OutputConfig
 from etl.core.errors import OutputError
-from etl.core.parts import APPEND_LIST, PIECE_EXT, REJECTS_DIR, SPOOL_DIR, ipc_to_table, piece_key, with_run_id
+from etl.core.parts import (
+    APPEND_LIST,
+    INCOMING_DIR,
+    PIECE_EXT,
+    REJECTS_DIR,
+    SPOOL_DIR,
+    ipc_to_table,
+    piece_key,
+    with_run_id,
+)
 from etl.core.records import Part
 from etl.write.files import FileCutter, Load
 
@@ -68,6 +77,8 @@ class OutputWriter:
         self.run_id = run_id
         self.target = Path(out.path)
         self.tmp = adopt if adopt is not None else _sibling(self.target, "tmp", run_id)
+        if adopt is not None:  # pieces the dead run's writer never took: their chunks run again
+            shutil.rmtree(adopt / SPOOL_DIR / INCOMING_DIR, ignore_errors=True)
         self._written: set[str] = set() if adopt is None else _files_under(adopt)
         self._lock = threading.Lock()
         self._rows: dict[str, int] = {}  # rows of each piece spooled by ``write``: not mapped again to count them
@@ -94,6 +105,11 @@ class OutputWriter:
         for (source, chunk), relpaths in sorted(chunks.items()):
             self.cutter.chunk_ready(source, chunk, [self._spooled(r) for r in relpaths])
 
+    def incoming(self) -> Path:
+        """The folder where workers on this machine write their pieces (``Part.file``,
+        ``etl.core.parts.encode_parts``); ``write`` moves each into the spool."""
+        return _made(self.local / SPOOL_DIR / INCOMING_DIR)
+
     def write(self, part: Part) -> str:
         """Write one part into the temp folder; returns its relpath there. A worker's piece
         (``.arrow``) goes to the spool, to be cut into output files once ``chunk_done``
@@ -102,7 +118,10 @@ class OutputWriter:
         if part.relpath.endswith(f".{PIECE_EXT}"):
             piece_key(part.relpath)  # a ValueError for a name that is not a piece's
             relpath = f"{SPOOL_DIR}/{self._final_relpath(part.relpath, run_id=False)}"
-            self._store(relpath, part.data)
+            if part.file:
+                self._move_from_worker(relpath, part.file)
+            else:
+                self._store(relpath, part.data)
             with self._lock:
                 self._rows[relpath] = part.rows
             return relpath
@@ -299,6 +318,18 @@ class OutputWriter:
         with self._lock:
             self._written.add(relpath)
 
+    def _move_from_worker(self, relpath: str, file: str) -> None:
+        """Spool a piece a worker wrote (and fsynced) in ``incoming``: a rename."""
+        if self._finished:
+            raise OutputError("write after publish or discard", item=relpath)
+        try:
+            (self.tmp / relpath).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, self.tmp / relpath)
+        except OSError as e:
+            raise OutputError(f"cannot spool a chunk: {e}", item=file) from e
+        with self._lock:
+            self._written.add(relpath)
+
     def _finish(self, action: str) -> None:
         if self._finished:
             raise OutputError(f"{action} after publish or discard", item=str(self.target))
@@ -350,6 +381,14 @@ class OutputWriter:
 
 def _sibling(target: Path, kind: str, run_id: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{run_id}"
+
+
+def _made(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create a folder: {e}", item=str(folder)) from e
+    return folder
 
 
 def _files_under(folder: Path) -> set[str]:

@@ -85,7 +85,10 @@ class ObjectOutputWriter(OutputWriter):
             spooled = f"{SPOOL_DIR}/{relpath}"
             try:  # no fsync: an object-store run is never resumed from its spool
                 (self.local / spooled).parent.mkdir(parents=True, exist_ok=True)
-                (self.local / spooled).write_bytes(part.data)
+                if part.file:
+                    os.replace(part.file, self.local / spooled)
+                else:
+                    (self.local / spooled).write_bytes(part.data)
             except OSError as e:
                 raise OutputError(f"cannot spool a chunk: {e}", item=str(self.local / spooled)) from e
             with self._lock:

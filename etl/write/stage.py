@@ -11,8 +11,9 @@ Queues and flow::
                                             ──► output files ──► publish()
 
 * **In**: ``ChunkResult`` records from the results queue: each holds a chunk's rows per
-  partition folder as Arrow IPC pieces (``Part``, see ``etl.core.parts``) and at most one
-  dead-letter file.
+  partition folder as Arrow IPC pieces (``Part``, see ``etl.core.parts``): a file a local
+  worker wrote into ``writer.incoming()``, which ``writer.write`` renames into the spool,
+  or the bytes (Dask); and at most one dead-letter file.
 * **Out**: output files in the run's private temp folder (``etl.write.folder``) or run
   prefix (``etl.write.objects``), cut in serial row order by ``etl.write.files``:
   ``output.row_group_size`` rows per row group, a file closed once it reaches
@@ -110,14 +111,14 @@ async def write_stage(
     stats = WriteStats()
 
     def write(result: ChunkResult) -> None:
-        meter.count_in(1, result.nbytes)
+        meter.count_in(1, result.output_bytes)
         files: Written = []
         with meter.working():
             for part in result.parts:
-                files.append((relpath := writer.write(part), part.rows, len(part.data)))
-                progress.update(items=1, nbytes=len(part.data))
+                files.append((relpath := writer.write(part), part.rows, part.nbytes))
+                progress.update(items=1, nbytes=part.nbytes)
                 # items out are files: a piece's file is counted when the cutter closes it
-                meter.count_out(0 if relpath.startswith(f"{SPOOL_DIR}/") else 1, len(part.data), part.rows)
+                meter.count_out(0 if relpath.startswith(f"{SPOOL_DIR}/") else 1, part.nbytes, part.rows)
             if (rej := result.rejects) is not None:
                 files.append((writer.write_rejects(rej), rej.rows, len(rej.data)))
         written(result, files)

@@ -186,3 +186,36 @@ def test_partition_columns_with_dots_inside_their_names_group_by_value(tmp_path:
     parts = {p.relpath: p for p in encode_parts(df, out, source_index=0, chunk_index=0)}
     paris = table(parts["c.ity=Paris/a.b=k/part-00000-000000.arrow"])
     assert paris.column("id").to_pylist() == [0, 5, 6, 11]
+
+
+def test_pieces_spooled_by_the_worker_hold_the_bytes_it_would_have_sent_and_publish_the_same(tmp_path: Path) -> None:
+    out = OutputConfig(path=tmp_path / "sent", partition_by=["city"])
+    sent = encode_parts(frame(), out, source_index=3, chunk_index=12)
+    spool = tmp_path / "incoming"
+    spool.mkdir()
+
+    spooled = encode_parts(frame(), out, source_index=3, chunk_index=12, spool=spool)
+
+    assert [(p.relpath, p.rows) for p in spooled] == [(p.relpath, p.rows) for p in sent]
+    for by_file, by_bytes in zip(spooled, sent):
+        assert by_file.data == b"" and Path(by_file.file).parent == spool
+        assert Path(by_file.file).read_bytes() == by_bytes.data and by_file.nbytes == len(by_bytes.data)
+    assert len({p.file for p in spooled}) == len(spooled)  # one file per piece, never shared
+
+    writer = OutputWriter(OutputConfig(path=tmp_path / "filed", partition_by=["city"]), "t")
+    writer.chunk_done(3, 12, [writer.write(p) for p in spooled])
+    assert list(spool.iterdir()) == []  # the writer moved each file into its spool
+    for folder in writer.finish_files():
+        writer.close_files(folder)
+    files = writer.publish()
+    assert files == publish(sent, out)
+    for f in files:
+        assert (tmp_path / "filed" / f).read_bytes() == (tmp_path / "sent" / f).read_bytes()
+    assert not any(p.name.startswith("_") for p in (tmp_path / "filed").rglob("*"))  # no spool, no incoming
+
+
+def test_a_worker_that_cannot_write_its_piece_fails_the_chunk_naming_the_file(tmp_path: Path) -> None:
+    out = OutputConfig(path=tmp_path / "out")
+    with pytest.raises(OutputError, match="cannot spool a chunk's rows") as e:
+        encode_parts(frame(), out, source_index=0, chunk_index=0, spool=tmp_path / "missing")
+    assert str(tmp_path / "missing") in str(e.value)

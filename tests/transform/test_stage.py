@@ -399,7 +399,9 @@ def test_ipc_bytes_are_counted_exactly(trips_dir: Path) -> None:
     sent = sum(c.nbytes for f in sorted(trips_dir.glob("trips-*.csv")) for c in chunks_of(f, 60))
     written = summary.stats["stages"]["write"]["bytes_out"]  # the workers' pieces, as the writer took them
     t = summary.transform
-    assert (t["ipc_bytes_sent"], t["ipc_bytes_received"]) == (sent, written)
+    # Rows come back as files the workers wrote into the writer's folder, not through the pipe.
+    assert (t["ipc_bytes_sent"], t["ipc_bytes_received"]) == (sent, 0)
+    assert written > sent // 2
     assert 0 <= t["ipc_share"] <= 1 and t["ipc_seconds"] >= 0
     assert set(t) >= {"decode_seconds", "steps_seconds", "encode_seconds", "worker_seconds"}
 

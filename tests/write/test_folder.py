@@ -266,3 +266,17 @@ def test_clean_leftovers_removes_temp_folder_of_a_run_that_died_writing(tmp_path
 
     assert [p.name for p in handled] == [".out.tmp-dead"]
     assert snapshot(target) == before and siblings(target) == []
+
+
+def test_a_resumed_run_drops_pieces_workers_wrote_that_the_dead_run_never_spooled(tmp_path: Path) -> None:
+    out = OutputConfig(path=tmp_path / "out")
+    dead = OutputWriter(out, "dead")
+    orphan = dead.incoming() / "0123abcd.arrow"  # a worker wrote it; the parent died before taking it
+    orphan.write_bytes(b"half a chunk")
+
+    resumed = OutputWriter(out, "next", adopt=dead.tmp)
+
+    assert not orphan.exists() and list(resumed.incoming().iterdir()) == []
+    for folder in resumed.finish_files():
+        resumed.close_files(folder)
+    assert resumed.publish() == []
