@@ -367,6 +367,9 @@ def frozen_runs(
     return procs, before
 
 
+# Each round may wait up to twice the worker TTL (~40 s quiet): three of them pass the suite's
+# 120 s on a loaded machine. FROZEN_GUARD per round bounds a real hang instead.
+@pytest.mark.timeout(ROUNDS * FROZEN_GUARD + 60)
 @pytest.mark.parametrize(
     "settings",
     [
