@@ -74,6 +74,7 @@ def engines(workers: int, job: str = "taxi") -> list[Engine]:
             Engine("polars (lazy)", "wide_polars.py", needs=("polars",)),
         ]
     return [
+        Engine("etl process (defaults)", "etl"),  # issue #15: no --set (the README's settings are --set)
         Engine(f"etl process ({workers} workers)", "etl", ('transform.executor="process"', w)),
         Engine("etl process (1 worker)", "etl", ('transform.executor="process"', "transform.workers=1")),
         Engine(f"etl thread ({workers} workers)", "etl", ('transform.executor="thread"', w)),

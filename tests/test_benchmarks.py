@@ -206,7 +206,7 @@ def test_the_wide_job_runs_on_every_engine_and_they_agree(tmp_path: Path) -> Non
         assert r["check"]["rows"] == kept, r["engine"]
         assert r["check"]["months"] == 6 and r["cpu_per_mrows"] > 0, r["engine"]
     md = (tmp_path / "results" / "wide.md").read_text()
-    assert "CPU s / M rows" in md and "etl CPU-s per M rows / duckdb's" in md
+    assert "CPU s / M rows" in md and "etl (defaults) CPU-s per M rows / duckdb's" in md
 
 
 def test_a_wrong_engine_output_is_a_mismatch(tmp_path: Path) -> None:
