@@ -317,7 +317,9 @@ class Run:
     async def _transform(self, executor: Any, in_flight: int) -> None:
         bar = self.transform_bar
         meter = self.stats.meters["transform"]
-        results_in = MeteredPut(self.results_q, meter, from_work=False, rows=lambda r: r.rows_out)
+        results_in = MeteredPut(
+            self.results_q, meter, from_work=False, size=lambda r: r.output_bytes, rows=lambda r: r.rows_out
+        )
         stats = await transform_stage(
             GatedChunks(self.chunks_q, self.results_q, self.guard),
             ReleasingPut(results_in, self.guard),
