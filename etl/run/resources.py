@@ -54,6 +54,10 @@ IN_PARENT_SLACK = 1.5  # thread executors are measured in the parent, whose allo
 # the sample read left behind: measured 1.3x under the run's own peak over HTTP at 300 MiB, so scaled up
 SOLO_CHUNK_FACTOR = 2.0  # a chunk this many times the planned size runs alone (etl.run.memguard): a long
 # record; lower sends more chunks alone (slower), higher lets a big one run beside workers at their peak
+# Results queue items when workers write their pieces to files (every executor but Dask): a
+# result is then a few hundred bytes, so a longer queue costs no memory and lets the workers go
+# on while the writer threads encode a burst of row groups; it only lets the spool run further ahead.
+FILED_RESULTS_ITEMS = 16
 CHUNK_SIZE_SLACK = 1.25  # chunks of the same row count differ in bytes (wide text rows); queue bytes allow this
 ENCODE_FACTOR = 3.0  # a writer thread encoding a Parquet row group holds ~3x its Arrow bytes (its rows
 # mapped from the spool, their concatenated copy, the encoder's dictionaries and pages): measured +34 MiB
@@ -303,7 +307,7 @@ def plan_for(cfg: JobConfig, box: Machine, budget: int, probe: Probe) -> Resourc
         read_threads=chosen.readers,
         chunks_queue_items=chosen.queue,
         chunks_queue_bytes=max(int(chosen.queue * chunk * CHUNK_SIZE_SLACK), 1),
-        results_queue_items=max(2, chosen.in_flight),
+        results_queue_items=max(2, chosen.in_flight, 0 if cfg.transform.executor == "dask" else FILED_RESULTS_ITEMS),
         results_queue_bytes=max(int(max(2, chosen.in_flight) * model.result(chosen.chunk_rows) * CHUNK_SIZE_SLACK), 1),
         budget=budget,
         estimated_peak=peak,

@@ -318,22 +318,39 @@ class FileCutter:
         return _Job(head, sources)
 
     def _encode(self, touched: list[_Partition]) -> None:
-        seen: set[str] = set()
-        for p in touched:
-            if p.folder not in seen:
-                seen.add(p.folder)
-                self._run_jobs(p)
+        """Run queued row-group jobs: the partitions this thread fed first, then any other
+        partition's, skipping a partition another thread is encoding (it drains that
+        partition's jobs, new ones included, and then looks again). So a burst, such as a
+        source's chunks that waited for the one before it and arrive all at once, is
+        encoded on every writer thread instead of the one that fed it; a job waits as
+        segments (its rows on disk), not in memory."""
+        first = list({p.folder: p for p in touched}.values())
+        while True:
+            ran = False
+            for p in first + list(self._every.values()):
+                if p.jobs and p.lock.acquire(blocking=False):
+                    try:
+                        self._drain(p)
+                    finally:
+                        p.lock.release()
+                    ran = True
+            if not ran:
+                return
 
     def _run_jobs(self, p: _Partition | None) -> None:
         if p is None:
             return
         with p.lock:
-            while p.jobs:
-                job = p.jobs.popleft()
-                if job.segments is None:
-                    self._close_file(p)
-                else:
-                    self._write(p, job)
+            self._drain(p)
+
+    def _drain(self, p: _Partition) -> None:
+        """Caller holds ``p.lock``: run the partition's jobs, in order, until none is left."""
+        while p.jobs:
+            job = p.jobs.popleft()
+            if job.segments is None:
+                self._close_file(p)
+            else:
+                self._write(p, job)
 
     def _write(self, p: _Partition, job: _Job) -> None:
         assert job.segments is not None

@@ -21,9 +21,9 @@ Queues and flow::
   result's pieces are durable in the spool, with ``(relpath, rows, bytes)`` per piece, for
   the run's manifest (resume re-cuts the files from committed pieces).
 * **Bound**: at most ``output.writer_threads`` results are taken at once; the thread that
-  takes a result also encodes the row groups it completes before taking the next one, so
-  a slow disk or encoder leaves results in the queue, whose bound pushes back on the
-  transform stage. Chunks that arrive ahead of the serial order wait on disk, not in
+  takes a result also encodes the row groups it completes, and helps with other
+  partitions' queued row groups, before taking the next one, so a slow disk or encoder
+  leaves results in the queue, whose bound pushes back on the transform stage. Chunks that arrive ahead of the serial order wait on disk, not in
   memory; open files buffer under a row group each, at most ``files.MAX_OPEN_FILES``.
 * **End of stream**: when the results queue is closed and drained, the stage feeds what
   is left and closes every file (partitions in parallel on the writer threads); it closes
