@@ -27,17 +27,21 @@ PRIVATE_DIR_MODE = 0o700  # the state folder: its files may name sources and hol
 
 
 @contextmanager
-def replacing(path: Path, *, mode: int | None = None, sync_folder: bool = False) -> Iterator[IO[bytes]]:
+def replacing(
+    path: Path, *, mode: int | None = None, sync_folder: bool = False, sync: bool = True
+) -> Iterator[IO[bytes]]:
     """A binary file to write ``path``'s new content to; it replaces ``path`` when the block
     ends without an error, and is removed otherwise. ``mode``: permission bits for the new
-    file (default: the umask's); ``sync_folder``: also fsync the folder after the rename."""
+    file (default: the umask's); ``sync_folder``: also fsync the folder after the rename;
+    ``sync=False``: atomic but not fsynced (a file that only has to outlive the process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode if mode is not None else 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
@@ -47,9 +51,12 @@ def replacing(path: Path, *, mode: int | None = None, sync_folder: bool = False)
         fsync_dir(path.parent)
 
 
-def write_bytes(path: Path, data: bytes, *, mode: int | None = None, sync_folder: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically and durably (see the module docstring)."""
-    with replacing(path, mode=mode, sync_folder=sync_folder) as f:
+def write_bytes(
+    path: Path, data: bytes, *, mode: int | None = None, sync_folder: bool = False, sync: bool = True
+) -> None:
+    """Write ``data`` to ``path`` atomically and durably (see the module docstring);
+    ``sync=False``: atomically only."""
+    with replacing(path, mode=mode, sync_folder=sync_folder, sync=sync) as f:
         f.write(data)
 
 

@@ -28,7 +28,6 @@ left out of the files, as pyarrow and Spark do.
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -158,18 +157,30 @@ def _piece(relpath: str, table: pa.Table, spool: Path | None) -> Part:
 
 
 def write_ipc_file(table: pa.Table, path: Path) -> int:
-    """``table`` written to ``path`` as ``table_to_ipc`` would encode it, and fsynced (the
-    writer commits a chunk only once its pieces are durable); returns the bytes written."""
+    """``table`` written to ``path`` as ``table_to_ipc`` would encode it; returns the bytes
+    written. Not fsynced: a spooled piece only has to outlive this process (the page cache
+    keeps it through a kill -9), and one fsync per piece kept the disk busy with rows that
+    are deleted at publish (16M rows: ~2,000 fsyncs, 5 s of the workers' time, 12% of the
+    run's wall). After an OS crash, a resumed run checks each piece against the manifest
+    (``piece_is_whole``) and runs the source again when one did not reach the disk."""
     with pa.OSFile(str(path), "wb") as sink:
         with pa.ipc.new_stream(sink, table.schema) as stream:
             stream.write_table(table)
-        size = cast(int, sink.tell())
-    fd = os.open(path, os.O_RDONLY)
+        return cast(int, sink.tell())
+
+
+def piece_is_whole(path: Path, rows: int, size: int) -> bool:
+    """Whether a spooled piece is the one the manifest committed: ``size`` bytes of a
+    readable Arrow IPC stream of ``rows`` rows (a piece lost or cut short by an OS crash is
+    missing, shorter, or zeros, which do not read as a stream). Reads the message headers
+    over a memory map, not the rows."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return size
+        if path.stat().st_size != size:
+            return False
+        with pa.memory_map(str(path)) as m:
+            return cast(int, ipc_to_table(m.read_buffer()).num_rows) == rows
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def table_to_ipc(table: pa.Table) -> bytes:

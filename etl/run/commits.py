@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.core.config import JobConfig
-from etl.core.parts import APPEND_LIST, SPOOL_DIR, renumbered
+from etl.core.parts import APPEND_LIST, PIECE_EXT, SPOOL_DIR, piece_is_whole, renumbered
 from etl.core.records import Source, StagedFile
 from etl.run.state import (
     Manifest,
@@ -402,15 +402,20 @@ class Commits:
         self.manifest.save()
 
 
+def _whole(path: Path, part: dict[str, Any]) -> bool:
+    """A committed part is there as committed; a spooled piece (written without fsync) is
+    also read back as an Arrow stream of its rows (``etl.core.parts.piece_is_whole``)."""
+    if path.name.endswith(f".{PIECE_EXT}") and part["path"].startswith(f"{SPOOL_DIR}/"):
+        return piece_is_whole(path, part["rows"], part["bytes"])
+    return path.is_file() and path.stat().st_size == part["bytes"]
+
+
 def _keep_intact(tmp: Path, sources: dict[str, dict[str, Any]], index_of: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Of an adopted temp folder, keep the committed sources that are still listed at the
     same index and whose parts are all there; delete every other file."""
     kept: dict[str, dict[str, Any]] = {}
     for url, e in sources.items():
-        intact = all(
-            "start" not in p and (tmp / p["path"]).is_file() and (tmp / p["path"]).stat().st_size == p["bytes"]
-            for p in e["parts"]
-        )
+        intact = all("start" not in p and _whole(tmp / p["path"], p) for p in e["parts"])
         if intact and index_of.get(url) == e["index"]:
             kept[url] = e
     listed = {p["path"] for e in kept.values() for p in e["parts"]}

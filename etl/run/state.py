@@ -35,13 +35,15 @@ outlives the run until a later run publishes it::
   older versions, which named such URLs in clear, are re-keyed when loaded.
 
 * **Commit**: a source is committed once its reader has finished (so its chunk count is
-  known) and every one of its chunks has been written (each part is fsynced before its
-  rename). Only then is it added to ``pending.sources`` and the manifest saved (atomic
-  replace). So every listed part is complete; files not listed are a killed run's
-  half-work.
+  known) and every one of its chunks has been written (each part is written whole
+  before its rename; a spooled piece is not fsynced, so it outlives a killed process but
+  maybe not an OS crash). Only then is it added to ``pending.sources`` and the manifest
+  saved (atomic replace, fsynced). So every listed part is complete, unless the OS
+  crashed; files not listed are a killed run's half-work.
 * **Resume** (next run, under the lock, before ``OutputWriter.clean_leftovers``): a
   pending temp folder is *adopted*: files not listed are deleted, listed sources whose
-  parts are missing or whose index moved are dropped, and the rest are skipped if their
+  parts are missing (or, for a spooled piece, not a whole Arrow stream of its committed
+  size and rows: lost in an OS crash) or whose index moved are dropped, and the rest are skipped if their
   source is unchanged. ``clean_leftovers(keep=tmp)`` removes every other leftover.
 * **Unchanged**: 304 with the recorded size, or a local file with the recorded size,
   mtime and inode, or failing those the same sha256. In ``overwrite`` mode an unchanged

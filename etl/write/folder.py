@@ -120,8 +120,8 @@ class OutputWriter:
             relpath = f"{SPOOL_DIR}/{self._final_relpath(part.relpath, run_id=False)}"
             if part.file:
                 self._move_from_worker(relpath, part.file)
-            else:
-                self._store(relpath, part.data)
+            else:  # not fsynced, as the pieces workers write (etl.core.parts.write_ipc_file)
+                self._store(relpath, part.data, sync=False)
             with self._lock:
                 self._rows[relpath] = part.rows
             return relpath
@@ -311,15 +311,15 @@ class OutputWriter:
             return with_run_id(str(path), self.run_id)
         return str(path)
 
-    def _store(self, relpath: str, data: bytes) -> None:
+    def _store(self, relpath: str, data: bytes, sync: bool = True) -> None:
         if self._finished:
             raise OutputError("write after publish or discard", item=relpath)
-        _write_file(self.tmp / relpath, data)
+        _write_file(self.tmp / relpath, data, sync)
         with self._lock:
             self._written.add(relpath)
 
     def _move_from_worker(self, relpath: str, file: str) -> None:
-        """Spool a piece a worker wrote (and fsynced) in ``incoming``: a rename."""
+        """Spool a piece a worker wrote in ``incoming``: a rename."""
         if self._finished:
             raise OutputError("write after publish or discard", item=relpath)
         try:
@@ -430,9 +430,9 @@ def _prune_empty_dirs(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
     try:
-        durable.write_bytes(path, data)
+        durable.write_bytes(path, data, sync=sync)
     except OSError as e:
         raise OutputError(f"cannot write file: {e}", item=str(path)) from e
 

@@ -18,7 +18,7 @@ Queues and flow::
   prefix (``etl.write.objects``), cut in serial row order by ``etl.write.files``:
   ``output.row_group_size`` rows per row group, a file closed once it reaches
   ``output.target_file_size``. ``written(result, files)`` is called once all of a
-  result's pieces are durable in the spool, with ``(relpath, rows, bytes)`` per piece, for
+  result's pieces are in the spool (whole, not fsynced: see ``etl.core.parts.write_ipc_file``), with ``(relpath, rows, bytes)`` per piece, for
   the run's manifest (resume re-cuts the files from committed pieces).
 * **Bound**: at most ``output.writer_threads`` results are taken at once; the thread that
   takes a result also encodes the row groups it completes, and helps with other

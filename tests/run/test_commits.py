@@ -14,10 +14,12 @@ import os
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from etl.core.config import JobConfig, load_job
 from etl.core.durable import write_json
+from etl.core.parts import encode_parts
 from etl.core.records import ChunkResult, Part, Source, StagedFile
 from etl.run.commits import Commits
 from etl.run.state import Manifest
@@ -195,6 +197,56 @@ def test_a_crashed_run_is_resumed_without_processing_committed_sources_again(tmp
     assert nxt.publish() == [f"part-{i:05d}-{c:06d}.parquet" for i in range(3) for c in range(2)]
     assert (tmp_path / "out" / "part-00000-000000.parquet").read_bytes() == b"a.csv#0"
     assert set(manifest(cfg).published) == {s.url for s in srcs} and manifest(cfg).pending is None
+
+
+@pytest.mark.parametrize("loss", ["zeros", "cut short", "missing"])
+def test_a_spooled_piece_an_os_crash_lost_sends_its_source_through_again(tmp_path: Path, loss: str) -> None:
+    """Pieces are spooled without fsync: a kill -9 keeps them (page cache), an OS crash may
+    not. Resume reads each piece back against the manifest and redoes a source that lost one."""
+    cfg = job(tmp_path)
+    srcs = sources(tmp_path)
+    dead = Run(cfg, "dead", srcs)
+    assert dead.commits.check(staged(srcs[0]))
+    for i in range(2):  # real pieces, written by a worker into the writer's folder
+        (part,) = encode_parts(
+            pd.DataFrame({"x": [1, 2]}), cfg.output, source_index=0, chunk_index=i, spool=dead.writer.incoming()
+        )
+        rel = dead.writer.write(part)
+        dead.commits.written(ChunkResult(0, i, rows_in=2, rows_out=2, rows_rejected=0), [(rel, part.rows, part.nbytes)])
+    dead.commits.read_done(srcs[0], 2)  # committed, and saved at once (the first commit)
+    tmp, piece = dead.writer.tmp, dead.writer.tmp / rel
+    del dead  # the machine went down
+    if loss == "zeros":  # the size reached the disk, the data did not
+        piece.write_bytes(bytes(piece.stat().st_size))
+    elif loss == "cut short":
+        piece.write_bytes(piece.read_bytes()[:-100])
+    else:
+        piece.unlink()
+
+    nxt = Run(cfg, "next", srcs)
+
+    assert nxt.adopted == tmp and files(tmp) == []  # the source's other piece went with it
+    assert [nxt.process(s) for s in srcs] == [True, True, True]
+    assert statuses(nxt)[0] == ("a.csv", "processed")
+
+
+def test_whole_spooled_pieces_are_adopted_as_committed(tmp_path: Path) -> None:
+    cfg = job(tmp_path)
+    srcs = sources(tmp_path)
+    dead = Run(cfg, "dead", srcs)
+    assert dead.commits.check(staged(srcs[0]))
+    (part,) = encode_parts(
+        pd.DataFrame({"x": [1, 2]}), cfg.output, source_index=0, chunk_index=0, spool=dead.writer.incoming()
+    )
+    rel = dead.writer.write(part)
+    dead.commits.written(ChunkResult(0, 0, rows_in=2, rows_out=2, rows_rejected=0), [(rel, part.rows, part.nbytes)])
+    dead.commits.read_done(srcs[0], 1)
+    del dead  # kill -9: the page cache keeps the piece
+
+    nxt = Run(cfg, "next", srcs)
+
+    assert [nxt.process(s) for s in srcs] == [False, True, True]
+    assert statuses(nxt)[0] == ("a.csv", "resumed")
 
 
 def test_an_adopted_source_that_changed_since_is_processed_again(tmp_path: Path) -> None:
