@@ -213,7 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         load_and_check(args.job, [])  # as written, it passes validate
         print(f"wrote {args.job}; check the suggested steps, then: run.py validate --config {args.job}")
         return ExitCode.OK
-    cfg = load_and_check(args.config, args.overrides)
+    cfg = load_and_check(args.config, args.overrides, for_run=args.command == "run" and not args.dry_run)
     if args.command == "validate":
         print(f"{args.config}: OK ({cfg.job.name})")
         print_checks(cfg)
@@ -317,11 +317,20 @@ def ask_servers(cfg: JobConfig, sources: list[Source], plan: list[str]) -> list[
     return out
 
 
-def load_and_check(path: Path, overrides: list[str]) -> JobConfig:
-    """Validate everything that can be checked before work starts: keys, steps, sources."""
-    from etl.api import load_and_check as check
+def load_and_check(path: Path, overrides: list[str], *, for_run: bool = False) -> JobConfig:
+    """Validate everything that can be checked before work starts: keys, steps, sources.
+    ``for_run``: a run follows; the process workers' fork server starts as soon as the job
+    file says it will be needed, and imports beside the checks (``etl.core.forkserver``)."""
+    from etl.core.config import load_job
 
-    return check(path, overrides)
+    cfg = load_job(path, overrides)  # light: the job file and its typed model
+    if for_run and cfg.transform.executor == "process":
+        from etl.core.forkserver import start_early
+
+        start_early()
+    from etl.run.pipeline import validate_job  # pandas, pyarrow, the steps
+
+    return validate_job(cfg)
 
 
 def run_command(cfg: JobConfig, args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from etl.core import forkserver
 from etl.core.errors import ChunkTimeout, ETLError, RemoteTraceback, WorkerCrashed
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult
 from etl.transform.worker import READY, WorkerSpec, init_worker, recv_message, run_chunk, serve
@@ -297,10 +298,9 @@ class _ChunkThread(threading.Thread):
 
 
 def mp_context() -> multiprocessing.context.BaseContext:
-    """forkserver: never fork the threaded parent; workers come from a clean server process."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["etl.transform.worker"])  # pandas, pyarrow, steps: imported once
-    return ctx
+    """forkserver: never fork the threaded parent; workers come from a clean server process
+    that imported pandas, pyarrow and the steps once (``etl.core.forkserver``)."""
+    return forkserver.context()
 
 
 class _Slot(threading.Thread):
