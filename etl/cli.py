@@ -324,10 +324,13 @@ def load_and_check(path: Path, overrides: list[str], *, for_run: bool = False) -
     from etl.core.config import load_job
 
     cfg = load_job(path, overrides)  # light: the job file and its typed model
-    if for_run and cfg.transform.executor == "process":
-        from etl.core.forkserver import start_early
+    if for_run:
+        from etl.run.resources import keeps_workers
 
-        start_early()
+        if keeps_workers(cfg):
+            from etl.core.forkserver import start_early
+
+            start_early()
     from etl.run.pipeline import validate_job  # pandas, pyarrow, the steps
 
     return validate_job(cfg)

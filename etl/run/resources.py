@@ -37,7 +37,6 @@ import psutil
 
 from etl.core.config import JobConfig
 from etl.core.machine import Machine, machine
-from etl.core.parts import ROW_GROUP_MAX_BYTES
 from etl.core.units import parse_size
 
 log = logging.getLogger("etl.resources")
@@ -67,6 +66,9 @@ ENCODE_FACTOR = 3.0  # a writer thread encoding a Parquet row group holds ~3x it
 PLAN_SHARE = 0.80  # share of the budget the plan fills: the rest below HIGH_WATERMARK absorbs what the
 # estimate misses (reader buffers creeping over long files, allocator retention), so the guard stays idle
 MAX_WORKERS_REPORTED = 256  # "budget allows N workers" is counted up to this
+# The parent's RSS guessed before it has loaded anything (~150-200 MiB once it has): higher only
+# means a run whose budget is near the process floor starts its fork server when it needs it.
+EARLY_PARENT_RSS = 256 << 20
 PROCESS_FLOOR = 3  # parent + fork server + one worker, each ~ the parent's RSS (pandas, pyarrow): below
 # this many parents' worth of budget, worker processes cannot fit and the transform runs in the parent
 
@@ -228,6 +230,8 @@ class CostModel:
         plan has at least ``PROCESS_FLOOR`` parents' worth of budget, whose headroom (above
         100 MiB) has so far held the encode (1 GiB: 906 MiB against a worst case of 818);
         counting it there too would shrink the default plans of every job."""
+        from etl.core.parts import ROW_GROUP_MAX_BYTES  # pandas: this module stays light for keeps_workers
+
         group = min(self.probe.per_row("result_bytes") * self.row_group_rows, ROW_GROUP_MAX_BYTES)
         return int(self.writers * ENCODE_FACTOR * group)
 
@@ -261,6 +265,22 @@ def plan_resources(cfg: JobConfig, measure: Callable[[JobConfig], Probe], root: 
         extra={"stage": "plan"},
     )
     return plan
+
+
+def keeps_workers(cfg: JobConfig, root: Path = Path("/")) -> bool:
+    """Whether the run will use worker processes, judged before anything is loaded or
+    measured (the command line then starts their fork server early, ``etl.core.forkserver``).
+    Conservative: the parent is taken at ``EARLY_PARENT_RSS``, so a budget near the line
+    gets no early server, whose memory it could not afford (``in_process_if_small``)."""
+    t = cfg.transform
+    if t.executor != "process":
+        return False
+    if "executor" in t.model_fields_set or t.workers != "auto":
+        return True
+    box = machine(root)
+    return (
+        memory_budget(cfg.resources.memory_limit, box.memory, box.cpus) * PLAN_SHARE >= PROCESS_FLOOR * EARLY_PARENT_RSS
+    )
 
 
 def in_process_if_small(cfg: JobConfig, budget: int) -> tuple[JobConfig, str]:

@@ -32,14 +32,15 @@ def test_start_early_starts_the_server_the_workers_then_come_from() -> None:
 
 def test_a_run_of_a_process_job_starts_the_server_before_importing_pandas(tmp_path: Path) -> None:
     """``load_and_check(for_run=True)`` starts the server right after reading the job file,
-    so its preload overlaps the parent's own imports; a thread job gets no server."""
+    so its preload overlaps the parent's own imports; a thread job, or one whose budget
+    leaves no room for worker processes, gets none."""
     code = """
 import multiprocessing.forkserver as fs, sys
 from pathlib import Path
 from etl.cli import load_and_check
 job = Path(sys.argv[1])
 (job.parent / "x.csv").write_text("a\\n1\\n")
-job.write_text('[job]\\nname = "s"\\n[sources]\\nurls = ["x.csv"]\\n[transform]\\nexecutor = "EXEC"\\n[output]\\npath = "out"\\n')
+job.write_text('[job]\\nname = "s"\\n[sources]\\nurls = ["x.csv"]\\n[transform]\\nexecutor = "EXEC"\\n[resources]\\nmemory_limit = "LIMIT"\\n[output]\\npath = "out"\\n')
 import etl.core.config
 real = etl.core.config.load_job
 def load_job(*a, **k):
@@ -50,9 +51,20 @@ etl.core.config.load_job = load_job
 load_and_check(job, [], for_run=True)
 print("server:", fs._forkserver._forkserver_pid is not None)
 """
-    for executor, server in (("process", "True"), ("thread", "False")):
+    # 300 MiB: the planner will run the steps in threads (no room for worker processes), so
+    # no server is started whose memory the budget could not afford.
+    for executor, limit, server in (
+        ("process", "2GiB", "True"),
+        ("thread", "2GiB", "False"),
+        ("process", "300MiB", "False"),
+    ):
         done = subprocess.run(
-            [sys.executable, "-c", code.replace("EXEC", executor), str(tmp_path / f"{executor}.toml")],
+            [
+                sys.executable,
+                "-c",
+                code.replace("EXEC", executor).replace("LIMIT", limit),
+                str(tmp_path / f"{executor}-{limit}.toml"),
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -60,4 +72,4 @@ print("server:", fs._forkserver._forkserver_pid is not None)
         )
         assert done.returncode == 0, done.stderr
         assert "pandas loaded before the server: False" in done.stdout
-        assert f"server: {server}" in done.stdout, (executor, done.stdout)
+        assert f"server: {server}" in done.stdout, (executor, limit, done.stdout)
