@@ -42,7 +42,7 @@ WORKER = (
     ("casts (trim, checked cast, masks)", "cast_column"),
     ("filter / derive expressions", r"etl/transform/expr\.py"),
     ("lookup", "_lookup"),
-    ("Parquet encode", "encode_parts|encode_rejects"),
+    ("output pieces (split by partition, Arrow IPC to the spool)", "encode_parts|encode_rejects"),
     ("other steps", "apply_steps"),
 )
 PARENT = (
