@@ -199,6 +199,16 @@ def test_a_crashed_run_is_resumed_without_processing_committed_sources_again(tmp
     assert set(manifest(cfg).published) == {s.url for s in srcs} and manifest(cfg).pending is None
 
 
+def spooled_chunk(run: Run, i: int) -> str:
+    """Chunk ``i`` of source 0 as a real piece, written by a worker into the writer's folder
+    and committed by the writer; returns its relpath in the temp folder."""
+    frame = pd.DataFrame({"x": [1, 2]})
+    (part,) = encode_parts(frame, run.cfg.output, source_index=0, chunk_index=i, spool=run.writer.incoming())
+    rel = run.writer.write(part)
+    run.commits.written(ChunkResult(0, i, rows_in=2, rows_out=2, rows_rejected=0), [(rel, part.rows, part.nbytes)])
+    return rel
+
+
 @pytest.mark.parametrize("loss", ["zeros", "cut short", "missing"])
 def test_a_spooled_piece_an_os_crash_lost_sends_its_source_through_again(tmp_path: Path, loss: str) -> None:
     """Pieces are spooled without fsync: a kill -9 keeps them (page cache), an OS crash may
@@ -207,12 +217,7 @@ def test_a_spooled_piece_an_os_crash_lost_sends_its_source_through_again(tmp_pat
     srcs = sources(tmp_path)
     dead = Run(cfg, "dead", srcs)
     assert dead.commits.check(staged(srcs[0]))
-    for i in range(2):  # real pieces, written by a worker into the writer's folder
-        (part,) = encode_parts(
-            pd.DataFrame({"x": [1, 2]}), cfg.output, source_index=0, chunk_index=i, spool=dead.writer.incoming()
-        )
-        rel = dead.writer.write(part)
-        dead.commits.written(ChunkResult(0, i, rows_in=2, rows_out=2, rows_rejected=0), [(rel, part.rows, part.nbytes)])
+    rel = [spooled_chunk(dead, i) for i in range(2)][-1]
     dead.commits.read_done(srcs[0], 2)  # committed, and saved at once (the first commit)
     tmp, piece = dead.writer.tmp, dead.writer.tmp / rel
     del dead  # the machine went down
@@ -235,11 +240,7 @@ def test_whole_spooled_pieces_are_adopted_as_committed(tmp_path: Path) -> None:
     srcs = sources(tmp_path)
     dead = Run(cfg, "dead", srcs)
     assert dead.commits.check(staged(srcs[0]))
-    (part,) = encode_parts(
-        pd.DataFrame({"x": [1, 2]}), cfg.output, source_index=0, chunk_index=0, spool=dead.writer.incoming()
-    )
-    rel = dead.writer.write(part)
-    dead.commits.written(ChunkResult(0, 0, rows_in=2, rows_out=2, rows_rejected=0), [(rel, part.rows, part.nbytes)])
+    spooled_chunk(dead, 0)
     dead.commits.read_done(srcs[0], 1)
     del dead  # kill -9: the page cache keeps the piece
 
