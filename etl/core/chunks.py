@@ -104,11 +104,15 @@ def count_byte(buf: bytes | bytearray, byte: bytes, start: int = 0, end: int | N
     """How many times ``byte`` occurs in ``buf[start:end]``, counted by numpy in blocks."""
     view = np.frombuffer(buf, dtype=np.uint8)
     end = len(buf) if end is None else end
-    code = byte[0]
-    return sum(
-        int(np.count_nonzero(view[i : min(i + COUNT_BLOCK_BYTES, end)] == code))
-        for i in range(start, end, COUNT_BLOCK_BYTES)
-    )
+    code, total = byte[0], 0
+    try:
+        for i in range(start, end, COUNT_BLOCK_BYTES):
+            total += int(np.count_nonzero(view[i : min(i + COUNT_BLOCK_BYTES, end)] == code))
+    finally:
+        # ``buf`` may be a bytearray its owner resizes next: drop the export now, not
+        # whenever a frame someone still holds (a debugger, a sampler) lets it go
+        del view
+    return total
 
 
 def record_end(buf: bytes | bytearray, target: int) -> int:
