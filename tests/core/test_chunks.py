@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,26 @@ def test_count_byte_agrees_with_bytes_count_across_blocks(piece: bytes, blocks: 
     end = data.draw(st.integers(start, len(buf)))
     for byte in (b'"', b"\n"):
         assert count_byte(buf, byte, start, end) == buf.count(byte, start, end)
+
+
+def test_count_byte_leaves_no_export_in_a_frame_someone_holds() -> None:
+    """A profiler or debugger keeps frames (and their locals) after they return; the CSV
+    cutter then resizes the bytearray it counted in, which any live export forbids."""
+    held = []
+
+    def keep_frames(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "return":
+            held.append(frame)
+
+    buf = bytearray(b'a,"b"\n' * 1000)
+    sys.setprofile(keep_frames)
+    try:
+        assert count_byte(buf, b"\n") == 1000
+    finally:
+        sys.setprofile(None)
+    assert held, "the profile hook saw no frame"
+    del buf[:6]  # BufferError while a held frame still exported buf
+    assert len(buf) == 5994
 
 
 def test_record_end_never_cuts_inside_quotes() -> None:
