@@ -141,8 +141,17 @@ def encode_parts(
     _check_partition_columns(table, out.partition_by, label)
     parts = []
     for folder, rows in _partitions(table, out.partition_by, label):
-        parts.append(_piece(f"{folder}/{name}", table.take(rows).drop_columns(out.partition_by), spool))
+        parts.append(_piece(f"{folder}/{name}", _rows(table, rows).drop_columns(out.partition_by), spool))
     return parts
+
+
+def _rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table``'s rows ``rows`` (ascending): a zero-copy slice when they are one run, as
+    they mostly are when the input is ordered by what it is partitioned by (a date), else
+    a copy (``take``)."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
+        return table.slice(int(rows[0]), len(rows))
+    return table.take(rows)
 
 
 def _piece(relpath: str, table: pa.Table, spool: Path | None) -> Part:

@@ -55,6 +55,11 @@ def table(part: Part) -> pa.Table:
     return ipc_to_table(part.data)
 
 
+def read_piece(part: Part) -> pa.Table:
+    """A piece's rows, sent as bytes or spooled as a file."""
+    return ipc_to_table(Path(part.file).read_bytes() if part.file else part.data)
+
+
 # ---------------------------------------------------------------------------- names
 
 
@@ -114,6 +119,34 @@ def test_partition_columns_are_not_inside_the_files_and_rows_keep_order() -> Non
     default = parts[f"city={HIVE_NULL}/part-00003-000012.arrow"]
     assert table(default).column("id").to_pylist() == [3, 4, 9, 10]
     assert default.rows == 4
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["bytes", "spooled"])
+def test_rows_in_runs_and_scattered_rows_give_the_same_pieces(tmp_path: Path, spooled: bool) -> None:
+    """Input ordered by the partition key (a run per folder: sliced, not copied) and the
+    same rows interleaved (copied with take) give each folder the same rows, in order."""
+    months = ["01"] * 5 + ["02"] * 3 + ["03"] * 4
+    ordered = pd.DataFrame({"m": months, "id": range(12), "note": [f"n{i}" * (i % 3) for i in range(12)]})
+    mixed = ordered.iloc[[0, 5, 8, 1, 6, 9, 2, 7, 10, 3, 11, 4]].reset_index(drop=True)
+    out = OutputConfig(path=tmp_path / "out", partition_by=["m"])
+
+    def pieces(df: pd.DataFrame, spool: Path | None) -> dict[str, list[dict[str, Any]]]:
+        got = encode_parts(df, out, source_index=0, chunk_index=0, spool=spool)
+        return {p.relpath: read_piece(p).to_pylist() for p in got}
+
+    def spool(name: str) -> Path | None:
+        if not spooled:
+            return None
+        (tmp_path / name).mkdir()
+        return tmp_path / name
+
+    runs, scattered = pieces(ordered, spool("a")), pieces(mixed, spool("b"))
+    assert runs["m=02/part-00000-000000.arrow"] == [
+        {"id": 5, "note": "n5n5"},
+        {"id": 6, "note": ""},
+        {"id": 7, "note": "n7"},
+    ]
+    assert {k: sorted(v, key=lambda r: r["id"]) for k, v in scattered.items()} == runs
 
 
 def test_nested_partitions_follow_the_configured_order(tmp_path: Path) -> None:
