@@ -440,8 +440,11 @@ def dictionary_columns(first: pa.Table) -> bool | list[str]:
     dictionary-typed columns keep the writer's default (a dictionary).
 
     Counting is hashing, about what the dictionary would have cost on that row group, so a
-    column whose first ``DISTINCT_PROBE_ROWS`` rows are nearly all distinct is judged on
-    them: drawn from few values, that many rows would repeat some."""
+    column is judged on its first ``DISTINCT_PROBE_ROWS`` rows when they settle it: nearly
+    all distinct (drawn from few values, that many rows would repeat some), or already
+    at most ``DICTIONARY_MAX_DISTINCT`` (a longer run of rows has no larger share of new
+    values, unless the column changes character after its head). Only the columns in
+    between are counted over the whole row group: on the taxi job's output, one of 14."""
     if first.num_rows == 0 or any(pa.types.is_nested(f.type) for f in first.schema):
         return True
     names = []
@@ -453,8 +456,12 @@ def dictionary_columns(first: pa.Table) -> bool | list[str]:
 
 def _few_distinct(column: pa.ChunkedArray) -> bool:
     head = column.slice(0, DISTINCT_PROBE_ROWS)
-    if len(head) < len(column) and _distinct(head) > DISTINCT_PROBE_SHARE * len(head):
-        return False
+    if len(head) < len(column):
+        seen = _distinct(head)
+        if seen > DISTINCT_PROBE_SHARE * len(head):
+            return False
+        if seen <= DICTIONARY_MAX_DISTINCT * len(head):
+            return True  # more rows mostly repeat what the head holds: the share only falls
     return _distinct(column) <= DICTIONARY_MAX_DISTINCT * len(column)
 
 
