@@ -62,7 +62,7 @@ def encode_ipc(table: pa.Table | pa.RecordBatch) -> bytes:
     return cast(bytes, sink.getvalue().to_pybytes())
 
 
-def decode_ipc(data: bytes) -> pa.Table:
+def decode_ipc(data: bytes | bytearray) -> pa.Table:
     """The table in ``encode_ipc`` bytes; zero-copy, the table points into ``data``."""
     with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
         return reader.read_all()
@@ -230,7 +230,7 @@ def _typed_parse(
     return _frame(chunk, table, bad)
 
 
-def has_hex_prefix(data: bytes) -> bool:
+def has_hex_prefix(data: bytes | bytearray) -> bool:
     """Whether ``data`` holds ``0x`` or ``0X``. Searched by its rare byte (``x``, by memchr)
     rather than by ``in``, which stops at every ``0`` (18 ms per 10 MB chunk of numbers,
     against 0.3 ms); numpy takes over when ``x`` is frequent (free text)."""
@@ -263,7 +263,7 @@ def _frame(chunk: Chunk, table: pa.Table, bad: list[tuple[int, str, str]]) -> tu
     return df, _malformed(starts, bad) if bad else None
 
 
-def undecodable(data: bytes, encoding: str, first_line: int) -> str | None:
+def undecodable(data: bytes | bytearray, encoding: str, first_line: int) -> str | None:
     """Where ``data`` (text starting at file line ``first_line``) is not valid in
     ``encoding``, said for the user; None when it decodes (error path only)."""
     try:
@@ -271,7 +271,7 @@ def undecodable(data: bytes, encoding: str, first_line: int) -> str | None:
     except UnicodeError as e:
         start = getattr(e, "start", 0)
         line = first_line + data.count(b"\n", 0, start)
-        found, column = data[start : start + 4], start - data.rfind(b"\n", 0, start)
+        found, column = bytes(data[start : start + 4]), start - data.rfind(b"\n", 0, start)
         return (
             f"line {line}: bytes {found!r} are not valid {encoding} text (byte {column} of the line); "
             'set read.encoding to the file\'s encoding (e.g. "latin-1" or "cp1252")'

@@ -74,7 +74,7 @@ class Chunk:
     """0-based chunk number within the source."""
     row_start: int
     rows: int
-    data: bytes = field(repr=False)
+    data: bytes | bytearray = field(repr=False)
     kind: ChunkKind = "arrow"
     columns: tuple[str, ...] = ()
     """``csv`` chunks: the column names from the file's header."""

@@ -48,7 +48,7 @@ from typing import Any, Protocol, cast
 from etl.core import forkserver
 from etl.core.errors import ChunkTimeout, ETLError, RemoteTraceback, WorkerCrashed
 from etl.core.records import RESULT_COUNTERS, Chunk, ChunkResult
-from etl.transform.worker import READY, WorkerSpec, init_worker, recv_message, run_chunk, serve
+from etl.transform.worker import READY, WorkerSpec, init_worker, recv_message, run_chunk, send_chunk, serve
 
 log = logging.getLogger("etl.transform")
 
@@ -355,7 +355,7 @@ class _Slot(threading.Thread):
         owner = self.owner
         conn = self._ready_worker(chunk)
         try:
-            conn.send(chunk)
+            send_chunk(conn, chunk)
         except (OSError, ValueError):  # EPIPE: it died while receiving; ValueError: closed by close()
             raise self._crashed(chunk) from None
         owner._ipc.bytes_sent += chunk.nbytes

@@ -369,6 +369,9 @@ class DyingConn:
             os.kill(os.getpid(), signal.SIGKILL)
         return self.conn.recv()
 
+    def fileno(self) -> int:  # a chunk's data is read from the pipe itself
+        return self.conn.fileno()
+
 
 def serve_dying(conn: Connection, spec: WorkerSpec, *, marker: str, moment: str) -> None:
     """``serve``, but the first worker to claim ``marker`` dies at ``moment`` of its first chunk."""
