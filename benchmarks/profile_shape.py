@@ -48,8 +48,9 @@ WORKER = (
 PARENT = (
     ("imports", "_find_and_load"),
     ("gunzip", r"zlib|gzip|decompress"),
-    ("cutting", r"record_end|count_byte|_cut|etl/read/"),
+    # before cutting: a reader thread that hands a chunk to the writer encodes row groups too
     ("writing", r"etl/write/"),
+    ("cutting", r"record_end|count_byte|_cut|etl/read/"),
 )
 
 
