@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Entry point: ``python run.py --config job.toml`` (see ``python run.py --help``)."""
 
-import sys
 
-from etl.cli import main
+from etl.cli import run_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

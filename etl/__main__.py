@@ -1,8 +1,7 @@
 """``python -m etl …``: the same command line as ``python run.py …``."""
 
-import sys
 
-from etl.cli import main
+from etl.cli import run_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m etl"))
+    run_and_exit(prog="python -m etl")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -147,6 +149,32 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     b.add_argument("--auto", action="store_true", help="search workers, chunk rows, download concurrency")
     b.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def run_and_exit(prog: str | None = None) -> NoReturn:
+    """``main()``, then leave the process: the entry point of ``run.py``, ``python -m etl``
+    and the ``etl`` script."""
+    exit_now(main(prog=prog))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once the exit handlers have run, skipping Python's
+    own teardown: it frees every object of pandas, pyarrow and the run one at a time,
+    0.15 s after the imports alone and 0.2-0.3 s after a run (measured on the 8M-row
+    taxi job: 2-3% of its wall), which the OS does at once. Everything that could still
+    matter runs first: the ``atexit`` handlers (logging's flush, multiprocessing's
+    children) and the standard streams' flush. With a thread other than a daemon still
+    alive, Python's way is kept: it waits for that thread."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head) or a closed stream: nothing left to say
+            pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

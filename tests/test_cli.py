@@ -462,3 +462,49 @@ def test_an_unexpected_error_is_one_line_and_exit_1(
     assert "internal error: RuntimeError: planted" in err and "Traceback" not in err
     assert cli.main(["validate", "--config", "job.toml", "--log-level", "DEBUG"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- leaving the process
+
+
+def exit_script(body: str) -> subprocess.CompletedProcess[str]:
+    code = f"import atexit, sys, threading, time\nfrom etl.cli import exit_now\n{body}"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+
+
+def test_exit_now_flushes_the_streams_and_runs_the_exit_handlers_first(tmp_path: Path) -> None:
+    mark = tmp_path / "handler-ran"
+    done = exit_script(
+        f"atexit.register(lambda: open({str(mark)!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('buffered, no newline'); sys.stderr.write('said')\n"
+        "exit_now(3)"
+    )
+    assert done.returncode == 3
+    assert done.stdout == "buffered, no newline" and done.stderr == "said"
+    assert mark.read_text() == "ran"
+
+
+def test_exit_now_waits_for_a_thread_still_working(tmp_path: Path) -> None:
+    """A non-daemon thread (a pool someone did not join) is waited for, as Python does."""
+    out = tmp_path / "late"
+    done = exit_script(
+        f"t = threading.Thread(target=lambda: (time.sleep(0.3), open({str(out)!r}, 'w').write('done')))\n"
+        "t.start()\nexit_now(0)"
+    )
+    assert done.returncode == 0 and out.read_text() == "done"
+
+
+def test_a_run_log_file_is_whole_when_the_process_has_left(tmp_path: Path, data: Path) -> None:
+    (tmp_path / "job.toml").write_text(job_toml([str(data / "*.csv")]))
+    log = tmp_path / "run.log"
+    done = subprocess.run(
+        [sys.executable, RUN_PY, "--config", "job.toml", "--log-format", "json", "--log-file", str(log)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode in (0, 3), done.stderr
+    lines = log.read_text().splitlines()
+    assert lines and all(json.loads(line) for line in lines)  # every record whole, none cut by the exit
+    assert any("published" in json.loads(line).get("message", "") for line in lines), lines[-3:]
