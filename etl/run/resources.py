@@ -192,6 +192,7 @@ class CostModel:
     def __init__(self, cfg: JobConfig, probe: Probe) -> None:
         self.probe = probe
         self.threads = cfg.transform.executor in ("thread", "serial")
+        self.dask = cfg.transform.executor == "dask"
         self.writers = cfg.output.writer_threads
         self.row_group_rows = cfg.output.row_group_size
 
@@ -239,8 +240,10 @@ class CostModel:
         c, r = self.chunk(lay.chunk_rows), self.result(lay.chunk_rows)
         readers = lay.readers * (self.probe.reader_bytes + 2 * c)  # pending table + its IPC copy
         queued = int(lay.queue * c * CHUNK_SIZE_SLACK)
-        # The dispatcher keeps each in-flight chunk for retries; the pool pickles a copy to send.
-        in_flight = (lay.in_flight + lay.workers) * c + (lay.in_flight + lay.workers + self.writers) * r
+        if self.dask:  # each in-flight chunk kept for retries and a serialized copy sent; rows come back
+            in_flight = (lay.in_flight + lay.workers) * c + (lay.in_flight + lay.workers + self.writers) * r
+        else:  # kept for retries, sent without a copy (send_chunk); a result names its spooled pieces
+            in_flight = lay.in_flight * c
         parent = self.probe.parent_base + readers + queued + in_flight
         if self.threads:  # the encode beside the chunks in the parent: see ``encode``
             return parent + self.encode() + lay.workers * self.work(lay.chunk_rows)
