@@ -1,6 +1,5 @@
 """``python -m etl …``: the same command line as ``python run.py …``."""
 
-
 from etl.cli import run_and_exit
 
 if __name__ == "__main__":
