@@ -11,7 +11,8 @@ functions in the parent, so every executor runs one code path.
 
 ``serve`` is a process worker's whole life (``etl.transform.executors.ProcessExecutor``):
 one pipe of its own to the parent, ``READY`` once the spec is installed, then one chunk in
-and one reply out at a time, until the parent closes the pipe.
+and one reply out at a time, until the parent closes the pipe. A chunk is two messages
+(``send_chunk``): its fields pickled, then its text as raw bytes; a reply is one pickle.
 """
 
 from __future__ import annotations
