@@ -118,11 +118,21 @@ class RunSummary:
     """``[checks]``: rows to publish and every check's result (etl/run/checks.py)."""
 
 
+def new_run_id() -> str:
+    """``20261129T105448.123-462c15``: the UTC start to the millisecond, then 6 random hex
+    digits. The newest report, the last successful run (``checks.max_drop``, metrics) and
+    the reports kept are found by sorting ids, so runs of one job must sort in start order,
+    also two that start in the same second (a short job's next run often does)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}.{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex[:6]}"
+
+
 @dataclass
 class RunOptions:
     full_refresh: bool = False
     progress: Mode = "off"
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+    run_id: str = field(default_factory=new_run_id)
 
 
 class Run:

@@ -294,3 +294,16 @@ path = "out"
     summary = asyncio.run(run_job(load_job(tmp_path / "job.toml"), RunOptions(run_id="hog")))
     assert (tmp_path / "marker").exists() and summary.rows_out == 200
     assert summary.stats["peak_rss_bytes"] > hog_mib << 20
+
+
+def test_run_ids_sort_in_start_order_within_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest report, the last successful run and the reports kept are found by sorting
+    run ids: runs started in the same second must still sort in start order."""
+    from etl.run import pipeline
+
+    starts = iter([1_800_000_000.0 + k / 1000 for k in (0, 1, 2, 3, 10, 250, 999)] + [1_800_000_001.0])
+    monkeypatch.setattr(pipeline.time, "time", lambda: next(starts))
+    ids = [pipeline.new_run_id() for _ in range(8)]
+    assert sorted(ids) == ids
+    assert ids[0].startswith("20270115T080000.000-") and ids[-1].startswith("20270115T080001.000-")
+    assert sorted(["20270115T080000-abcdef", ids[0]]) == ["20270115T080000-abcdef", ids[0]]  # ids before this format
