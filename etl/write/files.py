@@ -376,7 +376,6 @@ class FileCutter:
                 else:
                     spans.append({"path": p.relpath, "start": p.rows_in_file, "rows": n})
                 p.rows_in_file += n
-        assert p.file is not None
         if p.file.tell() >= self.out.target_file_size:
             self._close_file(p)
 
